@@ -1,0 +1,1 @@
+"""Entry points for `ray job submit -- python -m jobs.X --config FILE` (thin: parse, then call a stage)."""

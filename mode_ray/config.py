@@ -1,0 +1,231 @@
+"""Typed configuration: one YAML file drives every stage.
+
+Every section forbids unknown keys, so a typo fails loudly with the dotted key
+named, instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    """Where Ray runs: an embedded local instance (address null) or a cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = Field(default=None, ge=75)
+    include_dashboard: bool = False
+
+
+class S3Config(Section):
+    """Connection settings for s3:// URLs; credentials come from the usual AWS env/profile chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class DemoDataConfig(Section):
+    """The built-in multi-domain demo dataset, generated into data.shards / eval.shards."""
+
+    samples: int = Field(default=2000, ge=1)
+    shards: int = Field(default=8, ge=1)
+    eval_samples: int = Field(default=500, ge=1)
+    eval_shards: int = Field(default=2, ge=1)
+    seed: int = 0
+    faults: bool = False
+
+
+class DataConfig(Section):
+    shards: str | list[str] = Field(
+        description="Shard location: a directory, a glob, a brace pattern or a list of tar URLs (any fsspec URL)."
+    )
+    caption_field: Literal["caption", "texts", "txt"] = "caption"
+    max_image_bytes: int = Field(default=10_000_000, ge=1)
+    max_image_pixels: int = Field(default=4_000_000, ge=1)
+    seed: int = 0
+    s3: S3Config = S3Config()
+    demo: DemoDataConfig | None = None
+
+
+class EmbeddingConfig(Section):
+    encoder: str = Field(
+        default="minilm",
+        description="'minilm' (offline default), 'hf:ID_OR_PATH' (pooler output) or 'open_clip:ARCH[:PRETRAINED]'.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(default=256, ge=1)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_cpus_per_actor: float = Field(default=0.5, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+
+
+class ClusteringConfig(Section):
+    n_fine: int = Field(default=1024, ge=2)
+    n_coarse: int = Field(default=4, ge=1)
+    balanced: bool = True
+    sample_fraction: float = Field(default=0.05, gt=0, le=1)
+    max_sample: int | None = Field(default=None, ge=1)
+    iterations: int = Field(default=50, ge=1)
+    coarse_iterations: int = Field(default=100, ge=1)
+    tol: float = Field(default=1e-3, ge=0)
+    seed: int = 0
+    use_gpu: bool = False
+
+
+class TrainingConfig(Section):
+    model: str = Field(default="mode-tiny", description="open_clip model name (built-in or registered config).")
+    epochs: float = Field(default=32, gt=0)
+    seed_fraction: float = Field(default=27 / 32, ge=0, lt=1, description="Share of the schedule for the seed.")
+    batch_size: int = Field(default=256, ge=2)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    warmup_steps: int = Field(default=2000, ge=0)
+    ooc_ratio: float = Field(default=0.02, ge=0, le=1)
+    precision: Literal["fp32", "amp", "amp_bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+    seed: int = 0
+
+
+class MoEConfig(Section):
+    stages: int = Field(default=4, ge=1, description="Experts = MCL stages (stage 0 is the base model).")
+    image_clusters: int = Field(default=3, ge=1)
+    text_clusters: int = Field(default=3, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    lr: float = Field(default=1e-5, gt=0)
+    router_lr: float = Field(default=1e-6, gt=0)
+    balance_coef: float = Field(default=0.01, ge=0)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_labels: int = Field(default=100, ge=2)
+    max_label_chars: int = Field(default=200, ge=1)
+    max_request_bytes: int = Field(default=8_000_000, ge=1)
+
+
+class EvalConfig(Section):
+    shards: str | list[str] | None = None
+    routing: Literal["reference", "calibrated"] = "reference"
+    templates: list[str] = ["a photo of {}."]
+
+
+class Config(Section):
+    run_root: str
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    training: TrainingConfig = TrainingConfig()
+    moe: MoEConfig = MoEConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("run_root")
+    @classmethod
+    def _run_root_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("run_root must not be empty")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _expand_run_root(self) -> Config:
+        """`{run_root}` in shard locations follows the run root, so one --set moves a whole demo run."""
+        for section in (self.data, self.eval):
+            shards = section.shards
+            if isinstance(shards, str):
+                section.shards = shards.replace("{run_root}", self.run_root)
+            elif isinstance(shards, list):
+                section.shards = [s.replace("{run_root}", self.run_root) for s in shards]
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, used in stage completion markers."""
+        payload = {name: _dump(getattr(self, name)) for name in sections}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    key, text = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r} names no key")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[: depth + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {item['msg']}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw = json.loads(json.dumps(raw))  # deep copy; YAML gives only JSON-able types
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config and apply `--set` overrides, failing with the offending keys named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return config_from_dict(raw, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

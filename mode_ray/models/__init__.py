@@ -1,0 +1,1 @@
+"""Model definitions (plain torch/open_clip; nothing here knows about Ray)."""

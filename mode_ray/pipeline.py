@@ -1,0 +1,39 @@
+"""`mode-ray run`: every stage in order; each skips itself when its outputs are complete."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mode_ray.config import Config, dump_config
+from mode_ray.progress import console
+from mode_ray.stages.demo import run_demo_data
+from mode_ray.storage import get_fs, join
+
+StageFn = Callable[[Config, bool], object]
+
+# Later stages (prep, train, eval, serve) append themselves here in flow order.
+STAGES: list[tuple[str, StageFn]] = [
+    ("demo-data", run_demo_data),
+]
+
+
+def save_resolved_config(cfg: Config) -> str:
+    """Keep the resolved config with the run, so a run root says how it was made."""
+    url = join(cfg.run_root, "config.yaml")
+    fs, path = get_fs(url, cfg.data.s3)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(dump_config(cfg))
+    return url
+
+
+def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> None:
+    names = [name for name, _ in STAGES]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {names}")
+    console.print(f"run root: {save_resolved_config(cfg)}")
+    for name, fn in STAGES:
+        if only and name not in only:
+            continue
+        fn(cfg, force)

@@ -1,0 +1,93 @@
+"""File systems for URLs (local, s3://, any fsspec protocol), run-root paths and stage completion markers.
+
+The same code reads and writes local paths and object stores; only the URL changes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from mode_ray.config import S3Config
+
+
+def storage_options(url: str, s3: S3Config | None = None) -> dict[str, Any]:
+    """fsspec options for a URL: the configured endpoint/region for s3://, nothing otherwise."""
+    if not url.startswith(("s3://", "s3a://")) or s3 is None:
+        return {}
+    opts: dict[str, Any] = {"anon": s3.anon}
+    client_kwargs: dict[str, Any] = {}
+    if s3.endpoint_url:
+        opts["endpoint_url"] = s3.endpoint_url
+    if s3.region:
+        client_kwargs["region_name"] = s3.region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def get_fs(url: str, s3: S3Config | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system for a URL and the path inside it."""
+    fs, path = url_to_fs(url, **storage_options(url, s3))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the scheme (os.path.join would break s3://)."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def write_json(url: str, payload: Any, s3: S3Config | None = None) -> None:
+    fs, path = get_fs(url, s3)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+
+
+def read_json(url: str, s3: S3Config | None = None) -> Any:
+    fs, path = get_fs(url, s3)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def exists(url: str, s3: S3Config | None = None) -> bool:
+    fs, path = get_fs(url, s3)
+    return fs.exists(path)
+
+
+MARKER = "_SUCCESS"
+
+
+def stage_done(stage_dir: str, config_hash: str, s3: S3Config | None = None) -> bool:
+    """True when the stage wrote its completion marker with the same inputs and settings hash."""
+    url = join(stage_dir, MARKER)
+    if not exists(url, s3):
+        return False
+    try:
+        return read_json(url, s3).get("config_hash") == config_hash
+    except (OSError, ValueError):
+        return False
+
+
+def mark_done(stage_dir: str, config_hash: str, s3: S3Config | None = None, **info: Any) -> None:
+    """Write the completion marker last, so a killed stage never looks complete."""
+    write_json(join(stage_dir, MARKER), {"config_hash": config_hash, "finished_at": time.time(), **info}, s3)
+
+
+def clear_marker(stage_dir: str, s3: S3Config | None = None) -> None:
+    fs, path = get_fs(join(stage_dir, MARKER), s3)
+    if fs.exists(path):
+        fs.rm(path)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _mode_ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mode_ray.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_demo_data_command(tmp_path):
+    out = tmp_path / "shards"
+    proc = _mode_ray("demo-data", "--out", str(out), "--samples", "200", "--shards", "2", "--faults")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["clean_samples"] == 200 and len(record["faults"]) == 7
+    assert (out / "0/0.tar").is_file() and (out / "2/2.tar").is_file()
+    bad = _mode_ray("demo-data", "--out", str(tmp_path / "x"), "--samples", "2", "--shards", "5")
+    assert bad.returncode == 2 and "empty shards" in bad.stderr
+
+
+def test_run_generates_then_skips(tmp_path):
+    args = (
+        "run",
+        "--config",
+        "configs/demo.yaml",
+        "--set",
+        f"run_root={tmp_path}",
+        "--set",
+        "data.demo.samples=150",
+        "--set",
+        "data.demo.eval_samples=40",
+    )
+    first = _mode_ray(*args, "--only", "demo-data")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "config.yaml").is_file()
+    assert json.loads((tmp_path / "data/train/dataset.json").read_text())["clean_samples"] == 150
+    assert json.loads((tmp_path / "data/eval/dataset.json").read_text())["split"] == "eval"
+    second = _mode_ray(*args, "--only", "demo-data")
+    assert second.returncode == 0 and second.stderr.count("skipped") == 2
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    proc = _mode_ray("run", "--config", "configs/demo.yaml", "--set", "training.lr=fast")
+    assert proc.returncode == 2
+    assert "training.lr" in proc.stderr

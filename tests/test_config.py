@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from mode_ray.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def test_demo_and_cloud_configs_load():
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert demo.run_root == "runs/demo"
+    assert demo.data.shards == "runs/demo/data/train"  # {run_root} expanded
+    assert demo.data.demo is not None and demo.embedding.encoder == "minilm"
+    cloud = load_config(REPO / "configs/cloud.yaml")
+    assert cloud.run_root.startswith("s3://") and str(cloud.data.shards).startswith("s3://")
+    assert cloud.embedding.encoder == "hf:princeton-nlp/sup-simcse-bert-base-uncased"
+    assert (cloud.clustering.n_fine, cloud.clustering.n_coarse) == (1024, 4)
+    assert cloud.training.betas == (0.9, 0.98) and cloud.training.model.startswith("ViT-B-16")
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            "run_root=/tmp/x",
+            "clustering.n_fine=8",
+            "data.shards=[a.tar, b.tar]",
+            "clustering.balanced=false",
+            "ray.address=null",
+        ],
+    )
+    assert cfg.run_root == "/tmp/x"
+    assert cfg.eval.shards == "/tmp/x/data/eval"  # follows the new run root
+    assert cfg.clustering.n_fine == 8 and cfg.clustering.balanced is False
+    assert cfg.data.shards == ["a.tar", "b.tar"]
+    assert cfg.ray.address is None
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.no_such_key=1", "data.no_such_key"),
+        ("nosection.key=1", "nosection"),
+        ("training.lr=fast", "training.lr"),
+        ("clustering.n_fine=1", "clustering.n_fine"),
+        ("embedding.device=tpu", "embedding.device"),
+        ("data.caption_field=title", "data.caption_field"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/demo.yaml", [override])
+    assert named in str(err.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(REPO / "configs/demo.yaml", ["clustering.n_fine"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_root: x\n")
+    with pytest.raises(ConfigError, match="data"):
+        load_config(bad)
