@@ -10,7 +10,7 @@ import typer
 from mode_ray.config import Config, ConfigError, load_config
 from mode_ray.progress import console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
@@ -41,6 +41,22 @@ def run(
     cfg = _load(config, set_)
     try:
         run_all(cfg, force=force, only=only)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def prep(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """MoDE data prep: embed captions, two-step clustering, assignment → manifest/, rejects/, centroids."""
+    from mode_ray.stages.prep import run_prep
+
+    _run_stage(run_prep, _load(config, set_), force)
+
+
+def _run_stage(fn, cfg: Config, force: bool) -> None:
+    try:
+        fn(cfg, force)
     except ValueError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class RayConfig(Section):
@@ -153,14 +154,16 @@ class Config(Section):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _expand_run_root(self) -> Config:
-        """`{run_root}` in shard locations follows the run root, so one --set moves a whole demo run."""
+    def _resolve_paths(self) -> Config:
+        """Local paths become absolute (Ray workers do not share the driver's working directory), and
+        `{run_root}` in shard locations follows the run root, so one --set moves a whole demo run."""
+        self.run_root = _absolute(self.run_root)
         for section in (self.data, self.eval):
             shards = section.shards
             if isinstance(shards, str):
-                section.shards = shards.replace("{run_root}", self.run_root)
+                section.shards = _absolute(shards.replace("{run_root}", self.run_root))
             elif isinstance(shards, list):
-                section.shards = [s.replace("{run_root}", self.run_root) for s in shards]
+                section.shards = [_absolute(s.replace("{run_root}", self.run_root)) for s in shards]
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -168,6 +171,12 @@ class Config(Section):
         payload = {name: _dump(getattr(self, name)) for name in sections}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _absolute(url: str) -> str:
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def _dump(value: Any) -> Any:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from mode_ray.config import Config, dump_config
 from mode_ray.progress import console
 from mode_ray.stages.demo import run_demo_data
+from mode_ray.stages.prep import run_prep
 from mode_ray.storage import get_fs, join
 
 StageFn = Callable[[Config, bool], object]
@@ -14,6 +15,7 @@ StageFn = Callable[[Config, bool], object]
 # Later stages (prep, train, eval, serve) append themselves here in flow order.
 STAGES: list[tuple[str, StageFn]] = [
     ("demo-data", run_demo_data),
+    ("prep", run_prep),
 ]
 
 

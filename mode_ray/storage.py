@@ -91,3 +91,20 @@ def clear_marker(stage_dir: str, s3: S3Config | None = None) -> None:
     fs, path = get_fs(join(stage_dir, MARKER), s3)
     if fs.exists(path):
         fs.rm(path)
+
+
+def arrow_filesystem(url: str, s3: S3Config | None = None) -> Any:
+    """A pyarrow file system for Ray Data I/O: None for local paths (Ray's default), else fsspec wrapped."""
+    if is_local(url):
+        return None
+    import pyarrow.fs as pafs
+
+    fs, _ = get_fs(url, s3)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def remove_tree(url: str, s3: S3Config | None = None) -> None:
+    """Delete a stage's output before redoing it, so a rerun never mixes old and new files."""
+    fs, path = get_fs(url, s3)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

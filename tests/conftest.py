@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Credentials for the moto S3 server on 127.0.0.1; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,3 +48,42 @@ def demo_shards(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
     record = demo_data.generate(str(out), samples=300, shards=3, seed=7, faults=True, max_image_pixels=250_000)
     return out, record
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1, with one bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="mode-test")
+    yield endpoint
+    server.stop()
+
+
+def demo_config(run_root, shards, *overrides: str):
+    """The demo config pointed at a test's own run root and shards, with small clusters."""
+    from mode_ray.config import load_config
+
+    return load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"run_root={run_root}",
+            f"data.shards={shards}",
+            "data.demo=null",
+            "clustering.n_fine=16",
+            "clustering.n_coarse=4",
+            "embedding.batch_size=128",
+            *overrides,
+        ],
+    )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mode_ray.config import ConfigError, load_config
@@ -8,8 +10,8 @@ from tests.conftest import REPO
 
 def test_demo_and_cloud_configs_load():
     demo = load_config(REPO / "configs/demo.yaml")
-    assert demo.run_root == "runs/demo"
-    assert demo.data.shards == "runs/demo/data/train"  # {run_root} expanded
+    assert demo.run_root == os.path.abspath("runs/demo")  # local paths made absolute for Ray workers
+    assert demo.data.shards == os.path.join(demo.run_root, "data/train")  # {run_root} expanded
     assert demo.data.demo is not None and demo.embedding.encoder == "minilm"
     cloud = load_config(REPO / "configs/cloud.yaml")
     assert cloud.run_root.startswith("s3://") and str(cloud.data.shards).startswith("s3://")

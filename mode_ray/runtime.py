@@ -1,0 +1,45 @@
+"""Starting (or joining) Ray from the config: an embedded local instance, or a cluster address."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mode_ray.config import Config
+
+# Passed to every worker, so the offline encoder and the s3 settings behave the same on a cluster.
+_FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+)
+
+
+@contextmanager
+def ray_runtime(cfg: Config) -> Iterator[None]:
+    """Use the running Ray if there is one (tests, `ray job submit`); else start one and shut it down after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if cfg.ray.address:
+        kwargs["address"] = cfg.ray.address
+    else:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+        kwargs["include_dashboard"] = cfg.ray.include_dashboard
+        if cfg.ray.object_store_memory_mb:
+            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,450 @@
+"""MoDE data preparation (steps 0–3) as Ray Data stages: embed captions, cluster, assign, summarise.
+
+    shards ─read─▶ validate ─▶ embed (actor pool) ─▶ embeddings/   (+ rejects/)
+    embeddings/ (sample) ─▶ two-step clustering (one Ray task) ─▶ clusters/centroids.npz
+    embeddings/ ─▶ assign (actor pool, faiss) ─▶ manifest/coarse_id=E/
+
+embeddings/ keeps the validated image bytes next to each embedding, so assignment never re-reads the
+tars; clustering reads only the columns it needs. Each stage writes a `_SUCCESS` marker holding a hash
+of its settings and of the upstream run it consumed: a rerun skips complete stages, a changed setting
+or a redone upstream stage redoes everything downstream, and `--force` redoes all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mode_ray import cluster
+from mode_ray.config import Config
+from mode_ray.encoders import build_encoder
+from mode_ray.progress import console, stage_log
+from mode_ray.samples import Limits, validate_batch
+from mode_ray.shards import list_shards
+from mode_ray.storage import (
+    arrow_filesystem,
+    exists,
+    get_fs,
+    join,
+    mark_done,
+    read_json,
+    remove_tree,
+    stage_done,
+    write_json,
+)
+
+REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
+MANIFEST_COLUMNS = ["key", "shard", "caption", "fine_id", "coarse_id", "score", "image", "width", "height"]
+
+
+@dataclass(frozen=True)
+class PrepPaths:
+    root: str
+
+    @property
+    def embeddings(self) -> str:
+        return join(self.root, "embeddings")
+
+    @property
+    def rejects(self) -> str:
+        return join(self.root, "rejects")
+
+    @property
+    def clusters(self) -> str:
+        return join(self.root, "clusters")
+
+    @property
+    def centroids(self) -> str:
+        return join(self.root, "clusters", "centroids.npz")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, "manifest")
+
+    @property
+    def summary(self) -> str:
+        return join(self.root, "prep", "summary.json")
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _marker_run_id(stage_dir: str, cfg: Config) -> str:
+    return read_json(join(stage_dir, "_SUCCESS"), cfg.data.s3).get("run_id", "")
+
+
+def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list float32 column as an [n, d] array (zero-copy where Arrow allows)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim = arr.type.list_size
+    return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, dim)
+
+
+def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), type=pa.float32())
+    mask = None if valid is None else pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
+
+
+# --------------------------------------------------------------------------- Ray Data callables
+
+
+class CaptionEmbedder:
+    """Actor: loads the text encoder once, embeds the captions of valid rows (rejects pass through)."""
+
+    def __init__(self, encoder: str, device: str, dtype: str, batch_size: int) -> None:
+        self.encoder = build_encoder(encoder, device=device, dtype=dtype, batch_size=batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = batch["reason"].is_null().to_numpy(zero_copy_only=False)
+        vectors = np.zeros((len(batch), self.encoder.dim), dtype=np.float32)
+        captions = [c for c, ok in zip(batch["caption"].to_pylist(), valid, strict=True) if ok]
+        if captions:
+            vectors[valid] = self.encoder.encode(captions)
+        return batch.append_column("embedding", embeddings_to_arrow(vectors, valid))
+
+
+class CentroidAssigner:
+    """Actor: builds a faiss inner-product index of the fine centroids once, assigns every row."""
+
+    def __init__(self, fine: np.ndarray, fine_to_coarse: np.ndarray, use_gpu: bool) -> None:
+        self.index = cluster._index(fine, use_gpu)
+        self.fine_to_coarse = fine_to_coarse
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores, ids = self.index.search(embeddings_to_numpy(batch["embedding"]), 1)
+        fine = ids[:, 0].astype(np.int32)
+        out = batch.select(["key", "shard", "caption", "image", "width", "height"])
+        out = out.append_column("fine_id", pa.array(fine))
+        out = out.append_column("coarse_id", pa.array(self.fine_to_coarse[fine].astype(np.int32)))
+        return out.append_column("score", pa.array(scores[:, 0].astype(np.float32)))
+
+
+def _only_valid(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reason"]))
+
+
+def _only_rejects(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["reason"])).select(REJECT_COLUMNS)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
+    """Read + validate + embed → embeddings/ and rejects/. Returns the stage's run id."""
+    import ray
+
+    with stage_log("prep: embed") as log:
+        shards, missing = list_shards(cfg.data.shards, cfg.data.s3)
+        settings = _hash(cfg.data.model_dump(mode="json"), cfg.embedding.model_dump(mode="json"), shards, missing)
+        if not force and stage_done(paths.embeddings, settings, cfg.data.s3):
+            log.skip("embeddings/ complete")
+            return _marker_run_id(paths.embeddings, cfg)
+        for url in (paths.embeddings, paths.rejects):
+            remove_tree(url, cfg.data.s3)
+        if not shards:
+            raise ValueError(f"no readable shards in data.shards={cfg.data.shards!r}: {missing}")
+        log.info(f"{len(shards)} shards ({len(missing)} missing or unreadable)")
+        emb = cfg.embedding
+        limits = Limits(cfg.data.caption_field, cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.seed)
+        from mode_ray.stages.reader import ShardDatasource
+
+        source = ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], cfg.data.s3))
+        ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
+        ds = ds.map_batches(validate_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(
+            CaptionEmbedder,
+            fn_constructor_kwargs={
+                "encoder": emb.encoder,
+                "device": emb.device,
+                "dtype": emb.dtype,
+                "batch_size": emb.batch_size,
+            },
+            batch_size=emb.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
+            num_cpus=emb.num_cpus_per_actor,
+            num_gpus=emb.num_gpus_per_actor or None,
+        )
+        out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+        ds.write_parquet(paths.embeddings, filesystem=out_fs)
+
+        rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
+            _only_rejects, batch_format="pyarrow"
+        )
+        rejects.write_parquet(paths.rejects, filesystem=out_fs)
+        if missing:
+            _write_table(
+                join(paths.rejects, "listing.parquet"),
+                pa.Table.from_pylist(
+                    [
+                        {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why}
+                        for u, why in missing
+                    ],
+                    schema=pa.schema([(c, pa.string()) for c in REJECT_COLUMNS]),
+                ),
+                cfg,
+            )
+        run_id = uuid.uuid4().hex
+        mark_done(paths.embeddings, settings, cfg.data.s3, run_id=run_id, shards=len(shards))
+        log.done("embeddings/ and rejects/ written")
+        return run_id
+
+
+def _write_table(url: str, table: pa.Table, cfg: Config) -> None:
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(url, cfg.data.s3)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def _in_sample(keys: list[str], seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform sample decided by a seeded hash of each key: the same rows however Ray splits blocks."""
+    hashes = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little") for k in keys],
+        dtype=np.uint64,
+    )
+    u = hashes.astype(np.float64) / float(2**64)
+    return u < fraction, u
+
+
+def load_cluster_sample(cfg: Config, paths: PrepPaths) -> np.ndarray:
+    import ray
+
+    ccfg = cfg.clustering
+    ds = ray.data.read_parquet(
+        paths.embeddings,
+        columns=["key", "embedding", "reason"],
+        filesystem=arrow_filesystem(paths.embeddings, cfg.data.s3),
+    ).map_batches(_only_valid, batch_format="pyarrow")
+    keys: list[str] = []
+    chunks: list[np.ndarray] = []
+    order_keys: list[np.ndarray] = []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+        batch_keys = batch["key"].to_pylist()
+        take, u = _in_sample(batch_keys, ccfg.seed, ccfg.sample_fraction)
+        vectors = embeddings_to_numpy(batch["embedding"])
+        keys += [k for k, t in zip(batch_keys, take, strict=True) if t]
+        chunks.append(vectors[take])
+        order_keys.append(u[take])
+    if not chunks:
+        raise ValueError("no valid samples to cluster: every sample was rejected (see rejects/)")
+    x = np.concatenate(chunks)
+    u = np.concatenate(order_keys)
+    order = np.lexsort((np.array(keys), u))  # deterministic order, independent of block layout
+    if ccfg.max_sample is not None:
+        order = order[: ccfg.max_sample]
+    return x[order]
+
+
+def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> str:
+    import ray
+
+    with stage_log("prep: cluster") as log:
+        ccfg = cfg.clustering
+        settings = _hash(ccfg.model_dump(mode="json"), upstream)
+        if not force and stage_done(paths.clusters, settings, cfg.data.s3):
+            log.skip("clusters/centroids.npz complete")
+            return _marker_run_id(paths.clusters, cfg)
+        remove_tree(paths.clusters, cfg.data.s3)
+        sample = load_cluster_sample(cfg, paths)
+        log.info(f"fitting {ccfg.n_fine} fine / {ccfg.n_coarse} coarse clusters on {len(sample)} samples")
+        fit = ray.remote(num_cpus=1, num_gpus=1 if ccfg.use_gpu else 0)(cluster.two_step)
+        result: cluster.TwoStepClusters = ray.get(
+            fit.remote(
+                ray.put(sample),
+                ccfg.n_fine,
+                ccfg.n_coarse,
+                ccfg.iterations,
+                ccfg.coarse_iterations,
+                ccfg.tol,
+                ccfg.seed,
+                ccfg.balanced,
+                ccfg.use_gpu,
+            )
+        )
+        encoder_id = build_encoder_id(cfg)
+        settings_blob = json.dumps({"clustering": ccfg.model_dump(mode="json"), **result.info}, sort_keys=True)
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            fine=result.fine,
+            coarse=result.coarse,
+            fine_to_coarse=result.fine_to_coarse,
+            fine_sizes=result.fine_sizes,
+            encoder_id=np.array(encoder_id),
+            settings=np.array(settings_blob),
+        )
+        fs, path = get_fs(paths.centroids, cfg.data.s3)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(buf.getvalue())
+        run_id = uuid.uuid4().hex
+        mark_done(paths.clusters, settings, cfg.data.s3, run_id=run_id, **result.info)
+        log.done(
+            f"{ccfg.n_fine} fine clusters (max/mean size {result.info['fine_size_max_over_mean']:.3f}), "
+            f"{ccfg.n_coarse} experts, {result.info['fine_iterations']} iterations"
+        )
+        return run_id
+
+
+def build_encoder_id(cfg: Config) -> str:
+    """The id the encoder reports, without loading model weights where the spec already says it."""
+    spec = cfg.embedding.encoder
+    if spec == "minilm":
+        from mode_ray.encoders import MiniLMEncoder
+
+        return MiniLMEncoder.encoder_id
+    return spec
+
+
+def load_centroids(url: str, cfg: Config) -> dict[str, Any]:
+    fs, path = get_fs(url, cfg.data.s3)
+    with fs.open(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        return {name: data[name] for name in data.files}
+
+
+def assign_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> str:
+    import ray
+
+    with stage_log("prep: assign") as log:
+        settings = _hash(upstream)
+        if not force and stage_done(paths.manifest, settings, cfg.data.s3):
+            log.skip("manifest/ complete")
+            return _marker_run_id(paths.manifest, cfg)
+        remove_tree(paths.manifest, cfg.data.s3)
+        cents = load_centroids(paths.centroids, cfg)
+        fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+        emb = cfg.embedding
+        ds = ray.data.read_parquet(paths.embeddings, filesystem=fs).map_batches(_only_valid, batch_format="pyarrow")
+        ds = ds.map_batches(
+            CentroidAssigner,
+            fn_constructor_kwargs={
+                "fine": cents["fine"],
+                "fine_to_coarse": cents["fine_to_coarse"],
+                "use_gpu": cfg.clustering.use_gpu,
+            },
+            batch_size=4096,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
+            num_cpus=emb.num_cpus_per_actor,
+        )
+        ds.write_parquet(paths.manifest, partition_cols=["coarse_id"], filesystem=fs)
+        run_id = uuid.uuid4().hex
+        mark_done(paths.manifest, settings, cfg.data.s3, run_id=run_id)
+        log.done("manifest/ written, partitioned by coarse_id")
+        return run_id
+
+
+def _value_counts(ds: Any, label: Any) -> dict[str, int]:
+    """Counts per label (`label(batch) -> array`), per block then summed on the driver: no shuffle."""
+
+    def count_block(batch: pa.Table) -> pa.Table:
+        counts = pc.value_counts(label(batch))
+        return pa.table({"value": counts.field("values").cast(pa.string()), "count": counts.field("counts")})
+
+    totals: dict[str, int] = {}
+    for batch in ds.map_batches(count_block, batch_format="pyarrow").iter_batches(batch_format="pyarrow"):
+        for value, count in zip(batch["value"].to_pylist(), batch["count"].to_pylist(), strict=True):
+            totals[str(value)] = totals.get(str(value), 0) + int(count)
+    return totals
+
+
+def _reject_label(batch: pa.Table) -> pa.Array:
+    """'reason' for a sample reject, 'reason/shard' for a shard-level one (no sample key)."""
+    suffix = pc.if_else(pc.is_null(batch["key"]), "/shard", "")
+    return pc.binary_join_element_wise(batch["reason"], suffix, "")
+
+
+def summarise(cfg: Config, paths: PrepPaths) -> dict[str, Any]:
+    """Samples in, rejects by reason, cluster size histogram, per-expert counts → prep/summary.json."""
+    import ray
+
+    fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+    rejects = ray.data.read_parquet(paths.rejects, columns=["key", "reason"], filesystem=fs)
+    manifest = ray.data.read_parquet(paths.manifest, columns=["fine_id"], filesystem=fs)
+    labels = _value_counts(rejects, _reject_label)
+    by_reason: dict[str, int] = {}
+    for label, count in labels.items():
+        reason = label.removesuffix("/shard")
+        by_reason[reason] = by_reason.get(reason, 0) + count
+    shard_level = sum(c for label, c in labels.items() if label.endswith("/shard"))
+    sample_rejects = sum(labels.values()) - shard_level
+    cents = load_centroids(paths.centroids, cfg)
+    n_fine, f2c = len(cents["fine"]), cents["fine_to_coarse"]
+    fine_counts = np.zeros(n_fine, dtype=np.int64)
+    for fine_id, count in _value_counts(manifest, lambda b: b["fine_id"]).items():
+        fine_counts[int(fine_id)] = count
+    per_expert = np.bincount(f2c, weights=fine_counts, minlength=len(cents["coarse"])).astype(np.int64)
+    used = fine_counts[fine_counts > 0]
+    hist, edges = np.histogram(used, bins=min(10, max(1, len(used))))
+    summary = {
+        "samples_in": int(fine_counts.sum()) + sample_rejects,
+        "in_manifest": int(fine_counts.sum()),
+        "rejected_samples": sample_rejects,
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "shard_level_rejects": shard_level,
+        "per_expert": {str(e): int(c) for e, c in enumerate(per_expert)},
+        "fine_clusters": n_fine,
+        "fine_clusters_used": int(len(used)),
+        "fine_sizes": fine_counts.tolist(),
+        "fine_size_histogram": {"counts": hist.tolist(), "edges": [float(e) for e in edges]},
+        "fine_sizes_on_sample": cents["fine_sizes"].tolist(),
+        "encoder_id": str(cents["encoder_id"]),
+        "clustering": json.loads(str(cents["settings"])),
+    }
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"samples in: {summary['samples_in']}  manifest: {summary['in_manifest']}  "
+        f"rejected: {summary['rejected_samples']}  shard-level rejects: {summary['shard_level_rejects']}"
+    )
+    if summary["rejects_by_reason"]:
+        console.print("rejects by reason: " + ", ".join(f"{k}={v}" for k, v in summary["rejects_by_reason"].items()))
+    table = Table(title="samples per data expert (coarse cluster)")
+    table.add_column("expert")
+    table.add_column("samples", justify="right")
+    for expert, count in summary["per_expert"].items():
+        table.add_row(expert, str(count))
+    console.print(table)
+    hist = summary["fine_size_histogram"]
+    console.print(f"fine cluster sizes (histogram): {hist['counts']} over edges {[round(e) for e in hist['edges']]}")
+
+
+def run_prep(cfg: Config, force: bool = False) -> dict[str, Any]:
+    """MoDE steps 0–3 end to end; complete stages are skipped."""
+    from mode_ray.runtime import ray_runtime
+
+    paths = PrepPaths(cfg.run_root)
+    with ray_runtime(cfg):
+        embedded = embed_stage(cfg, paths, force)
+        clustered = cluster_stage(cfg, paths, embedded, force)
+        assigned = assign_stage(cfg, paths, clustered, force)
+        with stage_log("prep: summary") as log:
+            summary = read_json(paths.summary, cfg.data.s3) if exists(paths.summary, cfg.data.s3) else {}
+            if force or summary.get("manifest_run_id") != assigned:
+                summary = {**summarise(cfg, paths), "manifest_run_id": assigned}
+                write_json(paths.summary, summary, cfg.data.s3)
+            print_summary(summary)
+            log.done(f"at {paths.summary}")
+    return summary
