@@ -153,13 +153,13 @@ def spherical_kmeans(
     centroids = kmeans_plus_plus(x, k, rng)
     history: list[float] = []
     labels = np.zeros(n, dtype=np.int64)
-    for it in range(1, iterations + 1):
+    for _ in range(iterations):
         labels, scores = balanced_assign(x, centroids, use_gpu=use_gpu)
         history.append(float(scores.mean()))
         centroids = _update_centroids(x, labels, centroids, rng)
         if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-2]):
             break
-    return KMeansResult(centroids, labels, it, history[-1], history)
+    return KMeansResult(centroids, labels, len(history), history[-1], history)
 
 
 @dataclass
