@@ -38,6 +38,26 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1, use_gpu: bool = Fa
     return _index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), k)
 
 
+def top_candidates(
+    x: np.ndarray, centroids: np.ndarray, m: int, use_gpu: bool = False, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """The m most similar centroids per point, best first: chunked matmul + torch.topk on CPU (multi-threaded,
+    faster than faiss's heap selection for m > 1), faiss on GPU."""
+    if use_gpu:
+        return nearest(x, centroids, m, use_gpu=True)
+    import torch
+
+    cents = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
+    scores = np.empty((len(x), m), dtype=np.float32)
+    ids = np.empty((len(x), m), dtype=np.int64)
+    for start in range(0, len(x), chunk):
+        sims = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk], dtype=np.float32)) @ cents.T
+        top = torch.topk(sims, m, dim=1, sorted=True)
+        scores[start : start + chunk] = top.values.numpy()
+        ids[start : start + chunk] = top.indices.numpy()
+    return scores, ids
+
+
 def balanced_assign(
     x: np.ndarray, centroids: np.ndarray, capacity: int | None = None, use_gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +72,7 @@ def balanced_assign(
     sizes = np.zeros(k, dtype=np.int64)
     free = np.arange(n)
     m = min(CANDIDATES, k)
-    scores, cands = nearest(x, centroids, m, use_gpu)
+    scores, cands = top_candidates(x, centroids, m, use_gpu)
     while len(free):
         full = sizes >= capacity
         ok = ~full[cands[free]]
@@ -61,7 +81,7 @@ def balanced_assign(
             # Every candidate of these points is full: search again among the clusters with room.
             stuck = free[~has]
             open_ids = np.flatnonzero(~full)
-            s2, c2 = nearest(x[stuck], centroids[open_ids], min(m, len(open_ids)), use_gpu)
+            s2, c2 = top_candidates(x[stuck], centroids[open_ids], min(m, len(open_ids)), use_gpu)
             scores[stuck, : c2.shape[1]] = s2
             cands[stuck, : c2.shape[1]] = open_ids[c2]
             cands[stuck, c2.shape[1] :] = open_ids[c2[:, :1]]

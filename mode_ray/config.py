@@ -76,6 +76,9 @@ class EmbeddingConfig(Section):
     max_actors: int = Field(default=1, ge=1)
     num_cpus_per_actor: float = Field(default=0.5, gt=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per actor; Ray's default is the actor's whole CPUs (min 1)."
+    )
 
 
 class ClusteringConfig(Section):

@@ -104,7 +104,11 @@ def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) ->
 class CaptionEmbedder:
     """Actor: loads the text encoder once, embeds the captions of valid rows (rejects pass through)."""
 
-    def __init__(self, encoder: str, device: str, dtype: str, batch_size: int) -> None:
+    def __init__(self, encoder: str, device: str, dtype: str, batch_size: int, num_threads: int | None) -> None:
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.encoder = build_encoder(encoder, device=device, dtype=dtype, batch_size=batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -172,6 +176,7 @@ def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
                 "device": emb.device,
                 "dtype": emb.dtype,
                 "batch_size": emb.batch_size,
+                "num_threads": emb.num_threads,
             },
             batch_size=emb.batch_size,
             batch_format="pyarrow",
@@ -181,6 +186,7 @@ def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
         )
         out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
         ds.write_parquet(paths.embeddings, filesystem=out_fs)
+        log.info(f"embeddings/ written after {log.elapsed():.1f}s")
 
         rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
             _only_rejects, batch_format="pyarrow"
