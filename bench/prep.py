@@ -91,9 +91,8 @@ def bench_kmeans(x: np.ndarray, k: int, iters: int) -> None:
         return float(res.sizes.max() / res.sizes.mean())
 
     print(f"\n(b) fine clustering: {len(x)} x {x.shape[1]} into {k} clusters, {iters} iterations")
-    print(
-        f"  ours, balanced         {bal_s:7.2f}s   max/mean size {ratio(balanced):.3f}   objective {balanced.objective:.4f}"
-    )
+    print(f"  ours, balanced         {bal_s:7.2f}s   max/mean size {ratio(balanced):.3f}", end="")
+    print(f"   objective {balanced.objective:.4f}")
     print(
         f"  faiss spherical, plain {plain_s:7.2f}s   max/mean size {ratio(plain):.3f}   objective {plain.objective:.4f}"
     )
