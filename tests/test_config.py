@@ -34,7 +34,7 @@ def test_overrides_apply_with_yaml_types():
     assert cfg.run_root == "/tmp/x"
     assert cfg.eval.shards == "/tmp/x/data/eval"  # follows the new run root
     assert cfg.clustering.n_fine == 8 and cfg.clustering.balanced is False
-    assert cfg.data.shards == ["a.tar", "b.tar"]
+    assert cfg.data.shards == [os.path.abspath("a.tar"), os.path.abspath("b.tar")]
     assert cfg.ray.address is None
 
 
