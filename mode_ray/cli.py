@@ -54,6 +54,14 @@ def prep(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> Non
     _run_stage(run_prep, _load(config, set_), force)
 
 
+@app.command()
+def train(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Train the seed, one data expert per coarse cluster and the generalist, as parallel Ray Tune trials."""
+    from mode_ray.stages.train import run_train
+
+    _run_stage(run_train, _load(config, set_), force)
+
+
 def _run_stage(fn, cfg: Config, force: bool) -> None:
     try:
         fn(cfg, force)

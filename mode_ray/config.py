@@ -110,8 +110,16 @@ class TrainingConfig(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    data_cpus_per_trial: float = Field(default=1.0, ge=0, description="CPUs kept for each trial's data pipeline.")
     max_failures: int = Field(default=2, ge=0)
     seed: int = 0
+    use_seed: bool = Field(default=True, description="Experts continue a seed model; off: from scratch.")
+    shuffle: bool = Field(default=True, description="Randomise block order and shuffle in a local buffer.")
+    shuffle_buffer: int = Field(default=1024, ge=1)
+    log_every_steps: int = Field(default=10, ge=1)
+    fail_once_at_step: dict[str, int] | None = Field(
+        default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
+    )
 
 
 class MoEConfig(Section):

@@ -8,6 +8,7 @@ from mode_ray.config import Config, dump_config
 from mode_ray.progress import console
 from mode_ray.stages.demo import run_demo_data
 from mode_ray.stages.prep import run_prep
+from mode_ray.stages.train import run_train
 from mode_ray.storage import get_fs, join
 
 StageFn = Callable[[Config, bool], object]
@@ -16,6 +17,7 @@ StageFn = Callable[[Config, bool], object]
 STAGES: list[tuple[str, StageFn]] = [
     ("demo-data", run_demo_data),
     ("prep", run_prep),
+    ("train", run_train),
 ]
 
 

@@ -192,18 +192,14 @@ def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
             _only_rejects, batch_format="pyarrow"
         )
         rejects.write_parquet(paths.rejects, filesystem=out_fs)
-        if missing:
-            _write_table(
-                join(paths.rejects, "listing.parquet"),
-                pa.Table.from_pylist(
-                    [
-                        {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why}
-                        for u, why in missing
-                    ],
-                    schema=pa.schema([(c, pa.string()) for c in REJECT_COLUMNS]),
-                ),
-                cfg,
-            )
+        listing = [
+            {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why}
+            for u, why in missing
+        ]
+        if listing or not exists(paths.rejects, cfg.data.s3):
+            # Shard-level listing rejects, or an empty table: rejects/ always exists and always reads back.
+            schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+            _write_table(join(paths.rejects, "listing.parquet"), pa.Table.from_pylist(listing, schema=schema), cfg)
         run_id = uuid.uuid4().hex
         mark_done(paths.embeddings, settings, cfg.data.s3, run_id=run_id, shards=len(shards))
         log.done("embeddings/ and rejects/ written")

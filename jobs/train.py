@@ -1,0 +1,13 @@
+"""Training (seed, data experts, generalist) as a Ray job:
+
+ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train --config configs/cloud.yaml
+"""
+
+from __future__ import annotations
+
+from jobs._args import parse
+from mode_ray.stages.train import run_train
+
+if __name__ == "__main__":
+    cfg, force = parse(__doc__)
+    run_train(cfg, force)

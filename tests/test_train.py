@@ -1,0 +1,140 @@
+"""Training on real Ray Train + Tune with tiny open_clip models: seed, experts, generalist."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mode_ray import demo_data
+from mode_ray.stages.prep import run_prep
+from mode_ray.stages.train import experts_dir, failure_marker_path, run_train
+from mode_ray.storage import read_json
+from mode_ray.train.loop import lr_at
+from mode_ray.train.transforms import clip_inputs
+from tests.conftest import demo_config
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    shards = tmp_path_factory.mktemp("train-shards")
+    demo_data.generate(str(shards), samples=500, shards=2, seed=5)
+    run_root = tmp_path_factory.mktemp("train-run")
+    base = (
+        "clustering.n_coarse=2",
+        "training.epochs=4",
+        "training.seed_fraction=0.5",
+        f"training.batch_size={BATCH}",
+        "training.warmup_steps=5",
+        "training.log_every_steps=5",
+    )
+    prep = run_prep(demo_config(run_root, shards, *base))
+    rows = prep["in_manifest"]
+    steps_per_pass = math.ceil(rows / BATCH)
+    # The generalist raises once in its second pass: it must resume from its first-pass checkpoint.
+    fail_at = 2 * steps_per_pass + steps_per_pass + 3
+    cfg = demo_config(run_root, shards, *base, f"training.fail_once_at_step={{generalist: {fail_at}}}")
+    marker = failure_marker_path(cfg, "generalist")
+    if os.path.exists(marker):
+        os.remove(marker)
+    summary = run_train(cfg)
+    return cfg, prep, summary
+
+
+def test_all_models_trained_on_what_they_should_see(trained):
+    cfg, prep, summary = trained
+    per_expert = prep["per_expert"]
+    models = summary["models"]
+    assert set(models) == {"seed", "expert-0", "expert-1", "generalist"}
+    seed = models["seed"]
+    assert seed["passes"] == 2 and seed["samples_seen"] == 2 * prep["in_manifest"]
+    for e in (0, 1):
+        m = models[f"expert-{e}"]
+        seen = {int(k): v for k, v in m["samples_seen_by_cluster"].items()}
+        assert m["passes"] == 2
+        assert seen[e] == 2 * per_expert[str(e)]  # its whole partition, every pass
+        others = sum(v for k, v in seen.items() if k != e)
+        expected = 2 * cfg.training.ooc_ratio * (prep["in_manifest"] - per_expert[str(e)])
+        assert 0 < others <= 4 * expected + 5  # the out-of-cluster share, redrawn each pass, and nothing more
+        assert m["start_step"] == seed["end_step"]  # continues the seed's schedule position
+    generalist = models["generalist"]
+    assert generalist["samples_seen"] == 2 * prep["in_manifest"]
+    compute = summary["compute_samples"]
+    assert compute["mode_total"] == seed["samples_seen"] + sum(models[f"expert-{e}"]["samples_seen"] for e in (0, 1))
+
+
+def test_loss_goes_down_for_every_model(trained):
+    _, _, summary = trained
+    for name, m in summary["models"].items():
+        assert m["loss_history"][-1] < m["loss_history"][0], (name, m["loss_history"])
+
+
+def test_experts_resume_seed_optimizer_state(trained):
+    cfg, _, summary = trained
+    seed_end = summary["models"]["seed"]["end_step"]
+    blob = torch.load(Path(experts_dir(cfg, "expert-0")) / "state.pt", weights_only=False)
+    adam_steps = {int(s["step"]) for s in blob["optimizer"]["state"].values()}
+    # AdamW's per-parameter step counts carry on from the seed's, not from zero.
+    assert adam_steps == {blob["state"]["step"]} and blob["state"]["step"] > seed_end
+
+
+def test_export_loads_in_stock_open_clip_with_same_embeddings(trained):
+    import open_clip
+
+    from mode_ray.models.clip import build_clip
+
+    cfg, _, _ = trained
+    export = Path(experts_dir(cfg, "expert-1")) / "export"
+    open_clip.add_model_config(export / "mode-tiny.json")
+    stock, _, preprocess = open_clip.create_model_and_transforms(
+        "mode-tiny", pretrained=str(export / "open_clip_model.pt")
+    )
+    ours, _, _, tokenizer = build_clip("mode-tiny")
+    ours.load_state_dict(torch.load(Path(experts_dir(cfg, "expert-1")) / "state.pt", weights_only=False)["model"])
+    stock.eval(), ours.eval()
+    images = torch.randn(3, 3, 32, 32)
+    texts = tokenizer(["a handwritten digit", "a red circle", "the letter K"])
+    with torch.no_grad():
+        torch.testing.assert_close(stock.encode_image(images), ours.encode_image(images))
+        torch.testing.assert_close(stock.encode_text(texts), ours.encode_text(texts))
+
+
+def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
+    cfg, _, summary = trained
+    assert os.path.exists(failure_marker_path(cfg, "generalist"))  # the injected failure did fire ...
+    assert summary["models"]["generalist"]["passes"] == 2  # ... and the trial still finished its schedule
+    markers = sorted(Path(experts_dir(cfg)).rglob("_SUCCESS"))
+    before = [m.read_text() for m in markers]
+    again = run_train(cfg)
+    assert [m.read_text() for m in markers] == before
+    assert again["models"] == summary["models"]
+    assert "all models complete" in capsys.readouterr().err
+    assert read_json(str(Path(experts_dir(cfg)) / "summary.json")) == again
+
+
+def test_lr_schedule_continues_across_the_seed_boundary():
+    base, warmup, total = 1e-3, 10, 4.0
+    assert lr_at(0, 0.0, base, warmup, total) == pytest.approx(base / warmup)
+    assert lr_at(10, 0.0, base, warmup, total) == pytest.approx(base)
+    mid = lr_at(100, 2.0, base, warmup, total)
+    assert mid == pytest.approx(base / 2)  # half way through the cosine, whoever continues it
+    assert lr_at(200, 4.0, base, warmup, total) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_undecodable_training_image_is_flagged_not_fatal():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(buf, format="JPEG")
+    out = clip_inputs([buf.getvalue(), b"not an image", None], ["a", "b", "c"], [0, 1, 1], "mode-tiny")
+    assert out["ok"].tolist() == [True, False, False]
+    assert out["image"].shape == (3, 3, 32, 32) and np.abs(out["image"][0]).sum() > 0
+    assert out["text"].shape == (3, 32) and out["coarse_id"].tolist() == [0, 1, 1]
