@@ -119,7 +119,7 @@ def bench_assignment(n: int, k: int, d: int = 384, repeats: int = 3) -> None:
     rng = np.random.default_rng(0)
     x = cluster.l2_normalize(rng.normal(size=(n, d)).astype(np.float32))
     cents = cluster.l2_normalize(rng.normal(size=(k, d)).astype(np.float32))
-    index = cluster._index(cents)
+    index = cluster.ip_index(cents)
 
     def numpy_assign():
         sims = x @ cents.T

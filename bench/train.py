@@ -1,13 +1,13 @@
-"""Training benchmark: Ray Train vs a bare torch loop, and parallel vs sequential expert trials.
+"""Training benchmark: the shared loop inside Ray Train vs a bare torch loop.
 
     python bench/train.py [--samples 2048] [--passes 3] [--batch 64]
 
-(1) samples/s of the shared training loop inside a 1-worker Ray Train TorchTrainer vs a bare torch loop of the
-    same model, batch and (in-memory, pre-transformed) data, in the same run (goal: >= 0.9x). The first pass of
-    each is warm-up and not counted.
-(2) the wall time of 4 expert trials run as parallel Tune trials vs one after another, on the same resources
-    (`--skip-trials` leaves it out). On a 2-core machine the data pipelines' file listing needs a whole CPU per
-    trial, so "parallel" there can only be 1 at a time; the figure is meaningful on a bigger machine.
+Samples/s of the training loop inside a 1-worker Ray Train TorchTrainer (data streamed by Ray Data) vs a bare
+torch loop of the same model, batch and in-memory, pre-transformed data, in the same run (goal: >= 0.9x). The
+first pass of each is warm-up and not counted; both run torch on one thread (the worker's one CPU).
+
+Not here yet: parallel vs sequential expert trials. On a 2-core machine each trial's data pipeline needs a
+whole CPU for its file listing, so trials can only run one at a time; that figure needs a bigger machine.
 """
 
 from __future__ import annotations

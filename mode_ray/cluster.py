@@ -25,7 +25,7 @@ CANDIDATES = 8
 COARSE_RESTARTS = 10  # clusters a point may propose to before falling back to an exact search
 
 
-def _index(centroids: np.ndarray, use_gpu: bool = False) -> faiss.Index:
+def ip_index(centroids: np.ndarray, use_gpu: bool = False) -> faiss.Index:
     index = faiss.IndexFlatIP(centroids.shape[1])
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
@@ -35,7 +35,7 @@ def _index(centroids: np.ndarray, use_gpu: bool = False) -> faiss.Index:
 
 def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k centroids by inner product: (scores [n,k], ids [n,k])."""
-    return _index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), k)
+    return ip_index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), k)
 
 
 def top_candidates(

@@ -6,7 +6,6 @@ named, instead of silently falling back to a default.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -177,21 +176,11 @@ class Config(Section):
                 section.shards = [_absolute(s.replace("{run_root}", self.run_root)) for s in shards]
         return self
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of some sections, used in stage completion markers."""
-        payload = {name: _dump(getattr(self, name)) for name in sections}
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
 
 def _absolute(url: str) -> str:
     if "://" in url:
         return url
     return os.path.abspath(os.path.expanduser(url))
-
-
-def _dump(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

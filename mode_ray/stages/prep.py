@@ -124,7 +124,7 @@ class CentroidAssigner:
     """Actor: builds a faiss inner-product index of the fine centroids once, assigns every row."""
 
     def __init__(self, fine: np.ndarray, fine_to_coarse: np.ndarray, use_gpu: bool) -> None:
-        self.index = cluster._index(fine, use_gpu)
+        self.index = cluster.ip_index(fine, use_gpu)
         self.fine_to_coarse = fine_to_coarse
 
     def __call__(self, batch: pa.Table) -> pa.Table:
