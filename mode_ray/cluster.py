@@ -17,11 +17,12 @@ from typing import Any
 
 import faiss
 import numpy as np
-from scipy import sparse
+import torch
 
 from mode_ray.encoders import l2_normalize
 
 CANDIDATES = 8
+FULL_SIMS_LIMIT = 1 << 25  # N×K floats (128 MB) up to which the similarity matrix is kept whole
 COARSE_RESTARTS = 10  # clusters a point may propose to before falling back to an exact search
 
 
@@ -45,8 +46,6 @@ def top_candidates(
     faster than faiss's heap selection for m > 1), faiss on GPU."""
     if use_gpu:
         return nearest(x, centroids, m, use_gpu=True)
-    import torch
-
     cents = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     scores = np.empty((len(x), m), dtype=np.float32)
     ids = np.empty((len(x), m), dtype=np.int64)
@@ -72,7 +71,13 @@ def balanced_assign(
     sizes = np.zeros(k, dtype=np.int64)
     free = np.arange(n)
     m = min(CANDIDATES, k)
-    scores, cands = top_candidates(x, centroids, m, use_gpu)
+    # Small enough: keep the whole N×K similarity matrix, so re-proposals need no new matmul.
+    sims = None if use_gpu or n * k > FULL_SIMS_LIMIT else torch.from_numpy(x) @ torch.from_numpy(centroids).T
+    if sims is None:
+        scores, cands = top_candidates(x, centroids, m, use_gpu)
+    else:
+        top = torch.topk(sims, m, dim=1)
+        scores, cands = top.values.numpy().copy(), top.indices.numpy().copy()
     while len(free):
         full = sizes >= capacity
         ok = ~full[cands[free]]
@@ -81,7 +86,11 @@ def balanced_assign(
             # Every candidate of these points is full: search again among the clusters with room.
             stuck = free[~has]
             open_ids = np.flatnonzero(~full)
-            s2, c2 = top_candidates(x[stuck], centroids[open_ids], min(m, len(open_ids)), use_gpu)
+            if sims is None:
+                s2, c2 = top_candidates(x[stuck], centroids[open_ids], min(m, len(open_ids)), use_gpu)
+            else:
+                top = torch.topk(sims[torch.from_numpy(stuck)][:, torch.from_numpy(open_ids)], min(m, len(open_ids)))
+                s2, c2 = top.values.numpy(), top.indices.numpy()
             scores[stuck, : c2.shape[1]] = s2
             cands[stuck, : c2.shape[1]] = open_ids[c2]
             cands[stuck, c2.shape[1] :] = open_ids[c2[:, :1]]
@@ -107,9 +116,8 @@ def balanced_assign(
 def _update_centroids(x: np.ndarray, labels: np.ndarray, old: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Spherical update: the normalised mean of each cluster; an empty cluster gets a random point."""
     k = len(old)
-    # A sparse one-hot matmul: BLAS-speed sums without an N×K dense matrix.
-    onehot = sparse.csr_matrix((np.ones(len(x), dtype=np.float32), (labels, np.arange(len(x)))), shape=(k, len(x)))
-    sums = np.asarray(onehot @ x)
+    sums = torch.zeros(old.shape, dtype=torch.float32).index_add_(0, torch.from_numpy(labels), torch.from_numpy(x))
+    sums = sums.numpy()
     counts = np.bincount(labels, minlength=k)
     empty = np.flatnonzero(counts == 0)
     if len(empty):
