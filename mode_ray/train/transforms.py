@@ -22,8 +22,11 @@ def _transform_and_tokenizer(model_name: str, is_train: bool = True) -> tuple[An
     return transform, open_clip.get_tokenizer(model_name), size
 
 
-def clip_inputs(images: list[bytes | None], captions: list[str], coarse: Any, model_name: str) -> dict[str, np.ndarray]:
-    transform, tokenizer, size = _transform_and_tokenizer(model_name)
+def clip_inputs(
+    images: list[bytes | None], captions: list[str], coarse: Any, model_name: str, is_train: bool = True
+) -> dict[str, np.ndarray]:
+    """Train (augmenting) or eval (resize + centre crop) transform of open_clip, per the flag."""
+    transform, tokenizer, size = _transform_and_tokenizer(model_name, is_train)
     pixels = np.zeros((len(images), 3, size, size), dtype=np.float32)
     ok = np.zeros(len(images), dtype=bool)
     for i, payload in enumerate(images):
