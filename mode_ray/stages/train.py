@@ -154,7 +154,8 @@ def run_job_trial(config: dict[str, Any]) -> None:
         "total_epochs": t.epochs,
         "rows_per_epoch": rows,
         "n_coarse": cfg.clustering.n_coarse,
-        "init_state": _local_copy(join(experts_dir(cfg, "seed"), STATE_FILE), cfg) if job.init_from_seed else None,
+        "init_state": join(experts_dir(cfg, "seed"), STATE_FILE) if job.init_from_seed else None,
+        "s3": cfg.data.s3.model_dump(),
         "failure_marker": failure_marker_path(cfg, job.name),
         "fail_once_at_step": t.fail_once_at_step.get(job.name) if t.fail_once_at_step else None,
     }
@@ -189,16 +190,6 @@ def failure_marker_path(cfg: Config, job_name: str) -> str:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
-
-
-def _local_copy(url: str, cfg: Config) -> str:
-    """A local file for torch.load; remote state files are fetched once into a temp dir."""
-    if "://" not in url:
-        return url
-    fs, path = get_fs(url, cfg.data.s3)
-    local = os.path.join(tempfile.mkdtemp(prefix="mode_ray_"), os.path.basename(path))
-    fs.get(path, local)
-    return local
 
 
 def finalize_job(cfg: Config, job: Job, checkpoint: Any, rows: int, settings: str) -> dict[str, Any]:

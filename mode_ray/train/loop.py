@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from mode_ray.config import S3Config
 from mode_ray.models.clip import build_clip
+from mode_ray.storage import get_fs
 
 STATE_FILE = "state.pt"
 
@@ -116,8 +118,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:  # this job's own latest checkpoint: a restarted worker or a rerun command
         with checkpoint.as_directory() as d:
             state = load_state(os.path.join(d, STATE_FILE), model, opt, scaler)
-    elif cfg.get("init_state"):  # an expert or the generalist continuing the seed
-        seed_state = load_state(cfg["init_state"], model, opt, scaler)
+    elif cfg.get("init_state"):  # an expert or the generalist continuing the seed (a path or any URL)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, STATE_FILE)
+            fs, path = get_fs(cfg["init_state"], S3Config(**cfg.get("s3") or {}))
+            fs.get(path, local)
+            seed_state = load_state(local, model, opt, scaler)
         state["step"] = state["init_step"] = seed_state["step"]
     model = ray.train.torch.prepare_model(model)
     loss_fn = ClipLoss(rank=rank, world_size=world)
