@@ -138,6 +138,11 @@ class OpenClipTextEncoder(TextEncoder):
         return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu().numpy()
 
 
+def encoder_id_for(spec: str) -> str:
+    """The id an encoder built from `spec` reports, without loading it (stored with the centroids)."""
+    return MiniLMEncoder.encoder_id if spec == "minilm" else spec
+
+
 def build_encoder(spec: str, device: str = "auto", dtype: str = "float32", batch_size: int = 256) -> TextEncoder:
     """Build an encoder from its config id: 'minilm', 'hf:ID_OR_PATH' or 'open_clip:ARCH[:PRETRAINED]'."""
     if spec in ("minilm", MiniLMEncoder.encoder_id):

@@ -9,7 +9,7 @@ from mode_ray.progress import console
 from mode_ray.stages.demo import run_demo_data
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.train import run_train
-from mode_ray.storage import get_fs, join
+from mode_ray.storage import join, write_bytes
 
 StageFn = Callable[[Config, bool], object]
 
@@ -24,10 +24,7 @@ STAGES: list[tuple[str, StageFn]] = [
 def save_resolved_config(cfg: Config) -> str:
     """Keep the resolved config with the run, so a run root says how it was made."""
     url = join(cfg.run_root, "config.yaml")
-    fs, path = get_fs(url, cfg.data.s3)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(dump_config(cfg))
+    write_bytes(url, dump_config(cfg).encode(), cfg.data.s3)
     return url
 
 

@@ -61,6 +61,11 @@ class Rejected(Exception):
         self.detail = detail
 
 
+def seeded_key_hash(seed: int, key: str) -> int:
+    """A 64-bit hash of a sample key under a seed: seeded choices that do not depend on read order."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+
+
 def pick_caption(meta: dict[str, Any], txt: bytes | None, key: str, limits: Limits) -> str:
     """The caption by the configured field; from a `texts` list one entry, chosen by a seeded hash of the key."""
     field = limits.caption_field
@@ -71,8 +76,7 @@ def pick_caption(meta: dict[str, Any], txt: bytes | None, key: str, limits: Limi
         texts = [t for t in texts or [] if isinstance(t, str) and t.strip()]
         if not texts:
             return ""
-        digest = hashlib.blake2b(f"{limits.seed}:{key}".encode(), digest_size=8).digest()
-        return texts[int.from_bytes(digest, "little") % len(texts)]
+        return texts[seeded_key_hash(limits.seed, key) % len(texts)]
     if field == "txt" and txt is not None:
         return _utf8(txt)
     value = meta.get(field)

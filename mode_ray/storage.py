@@ -5,6 +5,7 @@ The same code reads and writes local paths and object stores; only the URL chang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -48,13 +49,23 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def write_json(url: str, payload: Any, s3: S3Config | None = None) -> None:
+def settings_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-able settings: what completion markers and run names are keyed on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_bytes(url: str, payload: bytes, s3: S3Config | None = None) -> None:
+    """Write a whole file at any URL, creating its folder (object stores have none to create)."""
     fs, path = get_fs(url, s3)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    with fs.open(path, "wb") as f:
+        f.write(payload)
+
+
+def write_json(url: str, payload: Any, s3: S3Config | None = None) -> None:
+    write_bytes(url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode(), s3)
 
 
 def read_json(url: str, s3: S3Config | None = None) -> Any:
@@ -80,6 +91,11 @@ def stage_done(stage_dir: str, config_hash: str, s3: S3Config | None = None) -> 
         return read_json(url, s3).get("config_hash") == config_hash
     except (OSError, ValueError):
         return False
+
+
+def marker_info(stage_dir: str, s3: S3Config | None = None) -> dict[str, Any]:
+    """What a completed stage recorded in its marker (run id, counts)."""
+    return read_json(join(stage_dir, MARKER), s3)
 
 
 def mark_done(stage_dir: str, config_hash: str, s3: S3Config | None = None, **info: Any) -> None:

@@ -12,7 +12,6 @@ or a redone upstream stage redoes everything downstream, and `--force` redoes al
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import uuid
@@ -25,9 +24,9 @@ import pyarrow.compute as pc
 
 from mode_ray import cluster
 from mode_ray.config import Config
-from mode_ray.encoders import build_encoder
+from mode_ray.encoders import build_encoder, encoder_id_for
 from mode_ray.progress import console, stage_log
-from mode_ray.samples import Limits, validate_batch
+from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
 from mode_ray.storage import (
     arrow_filesystem,
@@ -35,14 +34,16 @@ from mode_ray.storage import (
     get_fs,
     join,
     mark_done,
+    marker_info,
     read_json,
     remove_tree,
+    settings_hash,
     stage_done,
+    write_bytes,
     write_json,
 )
 
 REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
-MANIFEST_COLUMNS = ["key", "shard", "caption", "fine_id", "coarse_id", "score", "image", "width", "height"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,8 @@ class PrepPaths:
         return join(self.root, "prep", "summary.json")
 
 
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _marker_run_id(stage_dir: str, cfg: Config) -> str:
-    return read_json(join(stage_dir, "_SUCCESS"), cfg.data.s3).get("run_id", "")
+    return marker_info(stage_dir, cfg.data.s3).get("run_id", "")
 
 
 def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -153,7 +150,9 @@ def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
 
     with stage_log("prep: embed") as log:
         shards, missing = list_shards(cfg.data.shards, cfg.data.s3)
-        settings = _hash(cfg.data.model_dump(mode="json"), cfg.embedding.model_dump(mode="json"), shards, missing)
+        settings = settings_hash(
+            cfg.data.model_dump(mode="json"), cfg.embedding.model_dump(mode="json"), shards, missing
+        )
         if not force and stage_done(paths.embeddings, settings, cfg.data.s3):
             log.skip("embeddings/ complete")
             return _marker_run_id(paths.embeddings, cfg)
@@ -209,18 +208,14 @@ def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
 def _write_table(url: str, table: pa.Table, cfg: Config) -> None:
     import pyarrow.parquet as pq
 
-    fs, path = get_fs(url, cfg.data.s3)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(url, buf.getvalue(), cfg.data.s3)
 
 
 def _in_sample(keys: list[str], seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """A uniform sample decided by a seeded hash of each key: the same rows however Ray splits blocks."""
-    hashes = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little") for k in keys],
-        dtype=np.uint64,
-    )
+    hashes = np.array([seeded_key_hash(seed, k) for k in keys], dtype=np.uint64)
     u = hashes.astype(np.float64) / float(2**64)
     return u < fraction, u
 
@@ -259,7 +254,7 @@ def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> 
 
     with stage_log("prep: cluster") as log:
         ccfg = cfg.clustering
-        settings = _hash(ccfg.model_dump(mode="json"), upstream)
+        settings = settings_hash(ccfg.model_dump(mode="json"), upstream)
         if not force and stage_done(paths.clusters, settings, cfg.data.s3):
             log.skip("clusters/centroids.npz complete")
             return _marker_run_id(paths.clusters, cfg)
@@ -280,7 +275,7 @@ def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> 
                 ccfg.use_gpu,
             )
         )
-        encoder_id = build_encoder_id(cfg)
+        encoder_id = encoder_id_for(cfg.embedding.encoder)
         settings_blob = json.dumps({"clustering": ccfg.model_dump(mode="json"), **result.info}, sort_keys=True)
         buf = io.BytesIO()
         np.savez(
@@ -292,10 +287,7 @@ def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> 
             encoder_id=np.array(encoder_id),
             settings=np.array(settings_blob),
         )
-        fs, path = get_fs(paths.centroids, cfg.data.s3)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
+        write_bytes(paths.centroids, buf.getvalue(), cfg.data.s3)
         run_id = uuid.uuid4().hex
         mark_done(paths.clusters, settings, cfg.data.s3, run_id=run_id, **result.info)
         log.done(
@@ -303,16 +295,6 @@ def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> 
             f"{ccfg.n_coarse} experts, {result.info['fine_iterations']} iterations"
         )
         return run_id
-
-
-def build_encoder_id(cfg: Config) -> str:
-    """The id the encoder reports, without loading model weights where the spec already says it."""
-    spec = cfg.embedding.encoder
-    if spec == "minilm":
-        from mode_ray.encoders import MiniLMEncoder
-
-        return MiniLMEncoder.encoder_id
-    return spec
 
 
 def load_centroids(url: str, cfg: Config) -> dict[str, Any]:
@@ -326,7 +308,7 @@ def assign_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> s
     import ray
 
     with stage_log("prep: assign") as log:
-        settings = _hash(upstream)
+        settings = settings_hash(upstream)
         if not force and stage_done(paths.manifest, settings, cfg.data.s3):
             log.skip("manifest/ complete")
             return _marker_run_id(paths.manifest, cfg)

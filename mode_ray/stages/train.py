@@ -11,8 +11,6 @@ experiment is restored with `Tuner.restore(..., resume_errored=True)`. Adding an
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,7 +23,17 @@ import pyarrow.compute as pc
 from mode_ray.config import Config
 from mode_ray.progress import console, stage_log
 from mode_ray.stages.prep import PrepPaths
-from mode_ray.storage import arrow_filesystem, exists, get_fs, join, mark_done, read_json, stage_done, write_json
+from mode_ray.storage import (
+    arrow_filesystem,
+    exists,
+    get_fs,
+    join,
+    mark_done,
+    read_json,
+    settings_hash,
+    stage_done,
+    write_json,
+)
 from mode_ray.train.loop import STATE_FILE
 
 
@@ -60,8 +68,7 @@ def plan_jobs(cfg: Config, per_expert: dict[str, int]) -> tuple[Job | None, list
 
 
 def job_hash(cfg: Config, job: Job, manifest_run_id: str) -> str:
-    blob = json.dumps([cfg.training.model_dump(mode="json"), asdict(job), manifest_run_id], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_hash(cfg.training.model_dump(mode="json"), asdict(job), manifest_run_id)
 
 
 # --------------------------------------------------------------------------- data
@@ -185,11 +192,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
 
 def failure_marker_path(cfg: Config, job_name: str) -> str:
     """Where the fail-once test hook records that it fired (a local temp file: it only guards a test aid)."""
-    return os.path.join(tempfile.gettempdir(), "mode_ray_failures", _digest(cfg.run_root, job_name))
-
-
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "mode_ray_failures", settings_hash(cfg.run_root, job_name))
 
 
 def finalize_job(cfg: Config, job: Job, checkpoint: Any, rows: int, settings: str) -> dict[str, Any]:
@@ -246,7 +249,7 @@ def run_phase(cfg: Config, phase: str, jobs: list[Job], per_expert: dict[str, in
     if not jobs:
         return
     tune_root = join(cfg.run_root, "tune")
-    name = f"{phase}-{_digest(*sorted(j.name for j in jobs), *sorted(settings.values()))}"
+    name = f"{phase}-{settings_hash(sorted(j.name for j in jobs), sorted(settings.values()))}"
     # The trial only drives its TorchTrainer; its workers ask for their own CPUs/GPUs.
     trainable = tune.with_resources(run_job_trial, {"CPU": 0.01})
     fs = arrow_filesystem(tune_root, cfg.data.s3)
@@ -297,7 +300,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
         console.print(f"[yellow]expert-{e}: empty partition, skipped[/yellow]")
     settings = {j.name: job_hash(cfg, j, manifest_run) for j in ([seed] if seed else []) + tails}
     if seed is not None:  # the tails continue this very seed: a new seed means new tails
-        settings = {n: s if n == "seed" else _digest(s, settings["seed"]) for n, s in settings.items()}
+        settings = {n: s if n == "seed" else settings_hash(s, settings["seed"]) for n, s in settings.items()}
 
     def pending(jobs: list[Job]) -> list[Job]:
         return [j for j in jobs if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
