@@ -36,7 +36,8 @@ def bench_embedding(cfg, captions: list[str], half_shards: list[str], half_capti
     import ray
 
     from mode_ray.encoders import build_encoder
-    from mode_ray.stages.prep import PrepPaths, embed_stage, load_cluster_sample
+    from mode_ray.layout import RunPaths
+    from mode_ray.stages.prep import embed_stage, load_cluster_sample
 
     emb = cfg.embedding
     encoder, load_s = timed(build_encoder, emb.encoder, emb.device, emb.dtype, emb.batch_size)
@@ -51,11 +52,11 @@ def bench_embedding(cfg, captions: list[str], half_shards: list[str], half_capti
         # A first pass on one shard warms Ray's worker processes, so neither timed pass pays for it.
         warm = cfg.model_copy(deep=True)
         warm.run_root, warm.data.shards = f"{cfg.run_root}-warm", half_shards[:1]
-        embed_stage(warm, PrepPaths(warm.run_root), True)
+        embed_stage(warm, RunPaths(warm.run_root), True)
         half = cfg.model_copy(deep=True)
         half.run_root, half.data.shards = f"{cfg.run_root}-half", half_shards
-        _, half_s = timed(embed_stage, half, PrepPaths(half.run_root), True)
-        paths = PrepPaths(cfg.run_root)
+        _, half_s = timed(embed_stage, half, RunPaths(half.run_root), True)
+        paths = RunPaths(cfg.run_root)
         _, pipe_s = timed(embed_stage, cfg, paths, True)
         pipe_rate = len(captions) / pipe_s
         marginal_rate = (len(captions) - half_captions) / max(pipe_s - half_s, 1e-9)

@@ -62,6 +62,14 @@ def train(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> No
     _run_stage(run_train, _load(config, set_), force)
 
 
+@app.command("eval")
+def evaluate(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Zero-shot tasks and retrieval for every model, the routed ensembles and controls → eval/report.*"""
+    from mode_ray.stages.evaluate import run_eval
+
+    _run_stage(run_eval, _load(config, set_), force)
+
+
 def _run_stage(fn, cfg: Config, force: bool) -> None:
     try:
         fn(cfg, force)

@@ -139,10 +139,56 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(default=8_000_000, ge=1)
 
 
+class RoutingConfig(Section):
+    """How task metadata becomes expert weights (mode_ray.routing); the report shows both methods."""
+
+    method: Literal["reference", "calibrated"] = Field(
+        default="reference", description="The default ensemble for serving; eval reports both."
+    )
+    temperature: float = Field(default=0.05, gt=0, description="calibrated: soft-assignment temperature.")
+    per_class: bool = Field(default=False, description="One weight vector per class name instead of per task.")
+    top_k: int | None = Field(default=None, ge=1, description="Keep only the k heaviest experts.")
+
+
+class EvalTaskConfig(Section):
+    """One zero-shot classification task: labelled images and the class names/templates to prompt with."""
+
+    name: str = Field(min_length=1)
+    source: Literal["webdataset", "folder"] = Field(
+        description="webdataset: tar shards with a label in the json; folder: one sub-folder of images per class."
+    )
+    location: str | list[str] = Field(description="Shards (as data.shards) or the folder (any fsspec URL).")
+    label_field: str | None = Field(
+        default=None, description="webdataset: dotted path in the json to the class name or its index."
+    )
+    class_names: list[str] | None = Field(default=None, description="folder: defaults to the sub-folder names.")
+    templates: list[str] | None = Field(default=None, description="Prompt templates with '{}'; default eval.templates.")
+
+    @model_validator(mode="after")
+    def _needs_labels(self) -> EvalTaskConfig:
+        if self.source == "webdataset" and (not self.label_field or not self.class_names):
+            raise ValueError(f"task {self.name!r}: webdataset tasks need label_field and class_names")
+        if self.class_names is not None and len(self.class_names) < 2:
+            raise ValueError(f"task {self.name!r}: a classification task needs at least 2 class names")
+        for t in self.templates or []:
+            if "{}" not in t:
+                raise ValueError(f"task {self.name!r}: template {t!r} has no '{{}}' for the class name")
+        return self
+
+
 class EvalConfig(Section):
-    shards: str | list[str] | None = None
-    routing: Literal["reference", "calibrated"] = "reference"
+    shards: str | list[str] | None = Field(
+        default=None, description="Held-out image-caption shards: the retrieval corpus (and the demo tasks' images)."
+    )
+    demo_tasks: bool = Field(default=False, description="Derive the demo's five tasks from eval.shards.")
+    tasks: list[EvalTaskConfig] = []
+    retrieval: bool = True
+    routing: RoutingConfig = RoutingConfig()
     templates: list[str] = ["a photo of {}."]
+    batch_size: int = Field(default=256, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs of the image-feature actor (and text task).")
+    use_gpu: bool = False
+    max_retrieval_texts: int = Field(default=5000, ge=1, description="Caps the retrieval corpus (first N images).")
 
 
 class Config(Section):
@@ -168,13 +214,18 @@ class Config(Section):
         """Local paths become absolute (Ray workers do not share the driver's working directory), and
         `{run_root}` in shard locations follows the run root, so one --set moves a whole demo run."""
         self.run_root = _absolute(self.run_root)
-        for section in (self.data, self.eval):
-            shards = section.shards
-            if isinstance(shards, str):
-                section.shards = _absolute(shards.replace("{run_root}", self.run_root))
-            elif isinstance(shards, list):
-                section.shards = [_absolute(s.replace("{run_root}", self.run_root)) for s in shards]
+        self.data.shards = self._locate(self.data.shards)
+        self.eval.shards = self._locate(self.eval.shards)
+        for task in self.eval.tasks:
+            task.location = self._locate(task.location)
         return self
+
+    def _locate(self, where: Any) -> Any:
+        if isinstance(where, str):
+            return _absolute(where.replace("{run_root}", self.run_root))
+        if isinstance(where, list):
+            return [_absolute(s.replace("{run_root}", self.run_root)) for s in where]
+        return where
 
 
 def _absolute(url: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mode_ray.config import S3Config
+from mode_ray.config import EvalTaskConfig, S3Config
 from mode_ray.rejects import Reason
 from mode_ray.storage import get_fs, join
 
@@ -86,6 +86,15 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "texture": TEXTURES,
     "letter": tuple(LETTERS),
+}
+# Prompt templates per task, written for each domain as CLIP benchmark templates are written per dataset
+# (e.g. MNIST's 'a photo of the number: "{}".'); they share words with, but are not, the training captions.
+TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "digit": ("a handwritten digit {}.", "the number {} written by hand."),
+    "shape": ("a {} shape.", "a flat {} icon."),
+    "color": ("a {} shape.", "something {} on a plain background."),
+    "texture": ("a seamless {} pattern.", "{} texture background."),
+    "letter": ("the letter {} in bold type.", "a printed capital {}."),
 }
 
 FAULT_KINDS: dict[str, Reason] = {
@@ -412,3 +421,18 @@ def _write(fs: Any, path: str, payload: bytes) -> None:
 
 def shard_urls(out: str, record: dict[str, Any]) -> list[str]:
     return [join(out, sh["path"]) for sh in record["shards"]]
+
+
+def eval_tasks(shards: str | list[str]) -> list[EvalTaskConfig]:
+    """The demo's zero-shot tasks over its eval split: the label is an attribute in each sample's json."""
+    return [
+        EvalTaskConfig(
+            name=task,
+            source="webdataset",
+            location=shards,
+            label_field=f"attributes.{task}",
+            class_names=list(names),
+            templates=list(TASK_TEMPLATES[task]),
+        )
+        for task, names in CLASS_NAMES.items()
+    ]

@@ -7,17 +7,19 @@ from collections.abc import Callable
 from mode_ray.config import Config, dump_config
 from mode_ray.progress import console
 from mode_ray.stages.demo import run_demo_data
+from mode_ray.stages.evaluate import run_eval
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.train import run_train
 from mode_ray.storage import join, write_bytes
 
 StageFn = Callable[[Config, bool], object]
 
-# Later stages (prep, train, eval, serve) append themselves here in flow order.
+# In flow order; each stage function takes (config, force).
 STAGES: list[tuple[str, StageFn]] = [
     ("demo-data", run_demo_data),
     ("prep", run_prep),
     ("train", run_train),
+    ("eval", run_eval),
 ]
 
 

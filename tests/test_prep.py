@@ -15,7 +15,8 @@ import pytest
 
 from mode_ray import demo_data
 from mode_ray.config import S3Config
-from mode_ray.stages.prep import PrepPaths, load_centroids, run_prep
+from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.stages.prep import run_prep
 from tests.conftest import demo_config
 
 
@@ -108,7 +109,7 @@ def test_clusters_find_the_domains_and_are_balanced(shards, local_run):
     assert purity >= 0.9, per_cluster
     sizes = np.array(summary["fine_sizes_on_sample"])
     assert sizes.max() <= 1.1 * sizes.mean()
-    cents = load_centroids(PrepPaths(cfg.run_root).centroids, cfg)
+    cents = read_centroids(RunPaths(cfg.run_root).centroids)
     assert cents["fine"].shape == (16, 384) and cents["coarse"].shape == (4, 384)
     assert str(cents["encoder_id"]) == "minilm:all-MiniLM-L6-v2"
     # Fine ids, coarse ids and scores are consistent with the centroids.
@@ -142,7 +143,7 @@ def test_rerun_skips_and_interrupted_run_resumes_to_the_same_manifest(ray_sessio
     assert {k: v[:2] for k, v in resumed_manifest.items()} == {k: v[:2] for k, v in first_manifest.items()}
     for key, (_, _, score) in resumed_manifest.items():  # BLAS batching may move the last float bit
         assert score == pytest.approx(first_manifest[key][2], abs=1e-5)
-    first, second = (load_centroids(f"{r}/clusters/centroids.npz", cfg) for r in (cfg.run_root, resumed))
+    first, second = (read_centroids(f"{r}/clusters/centroids.npz") for r in (cfg.run_root, resumed))
     np.testing.assert_array_equal(first["fine"], second["fine"])  # same seed, same centroids
     assert not (resumed / "manifest/coarse_id=0/stale.parquet").exists()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,13 +24,13 @@ import pyarrow.compute as pc
 from mode_ray import cluster
 from mode_ray.config import Config
 from mode_ray.encoders import build_encoder, encoder_id_for
+from mode_ray.layout import RunPaths, read_centroids
 from mode_ray.progress import console, stage_log
 from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
-    get_fs,
     join,
     mark_done,
     marker_info,
@@ -44,35 +43,6 @@ from mode_ray.storage import (
 )
 
 REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
-
-
-@dataclass(frozen=True)
-class PrepPaths:
-    root: str
-
-    @property
-    def embeddings(self) -> str:
-        return join(self.root, "embeddings")
-
-    @property
-    def rejects(self) -> str:
-        return join(self.root, "rejects")
-
-    @property
-    def clusters(self) -> str:
-        return join(self.root, "clusters")
-
-    @property
-    def centroids(self) -> str:
-        return join(self.root, "clusters", "centroids.npz")
-
-    @property
-    def manifest(self) -> str:
-        return join(self.root, "manifest")
-
-    @property
-    def summary(self) -> str:
-        return join(self.root, "prep", "summary.json")
 
 
 def _marker_run_id(stage_dir: str, cfg: Config) -> str:
@@ -144,7 +114,7 @@ def _only_rejects(batch: pa.Table) -> pa.Table:
 # --------------------------------------------------------------------------- stages
 
 
-def embed_stage(cfg: Config, paths: PrepPaths, force: bool) -> str:
+def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
     """Read + validate + embed → embeddings/ and rejects/. Returns the stage's run id."""
     import ray
 
@@ -220,7 +190,7 @@ def _in_sample(keys: list[str], seed: int, fraction: float) -> tuple[np.ndarray,
     return u < fraction, u
 
 
-def load_cluster_sample(cfg: Config, paths: PrepPaths) -> np.ndarray:
+def load_cluster_sample(cfg: Config, paths: RunPaths) -> np.ndarray:
     import ray
 
     ccfg = cfg.clustering
@@ -249,7 +219,7 @@ def load_cluster_sample(cfg: Config, paths: PrepPaths) -> np.ndarray:
     return x[order]
 
 
-def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> str:
+def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> str:
     import ray
 
     with stage_log("prep: cluster") as log:
@@ -297,14 +267,7 @@ def cluster_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> 
         return run_id
 
 
-def load_centroids(url: str, cfg: Config) -> dict[str, Any]:
-    fs, path = get_fs(url, cfg.data.s3)
-    with fs.open(path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-        return {name: data[name] for name in data.files}
-
-
-def assign_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> str:
+def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> str:
     import ray
 
     with stage_log("prep: assign") as log:
@@ -313,7 +276,7 @@ def assign_stage(cfg: Config, paths: PrepPaths, upstream: str, force: bool) -> s
             log.skip("manifest/ complete")
             return _marker_run_id(paths.manifest, cfg)
         remove_tree(paths.manifest, cfg.data.s3)
-        cents = load_centroids(paths.centroids, cfg)
+        cents = read_centroids(paths.centroids, cfg.data.s3)
         fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
         emb = cfg.embedding
         ds = ray.data.read_parquet(paths.embeddings, filesystem=fs).map_batches(_only_valid, batch_format="pyarrow")
@@ -356,7 +319,7 @@ def _reject_label(batch: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(batch["reason"], suffix, "")
 
 
-def summarise(cfg: Config, paths: PrepPaths) -> dict[str, Any]:
+def summarise(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """Samples in, rejects by reason, cluster size histogram, per-expert counts → prep/summary.json."""
     import ray
 
@@ -370,7 +333,7 @@ def summarise(cfg: Config, paths: PrepPaths) -> dict[str, Any]:
         by_reason[reason] = by_reason.get(reason, 0) + count
     shard_level = sum(c for label, c in labels.items() if label.endswith("/shard"))
     sample_rejects = sum(labels.values()) - shard_level
-    cents = load_centroids(paths.centroids, cfg)
+    cents = read_centroids(paths.centroids, cfg.data.s3)
     n_fine, f2c = len(cents["fine"]), cents["fine_to_coarse"]
     fine_counts = np.zeros(n_fine, dtype=np.int64)
     for fine_id, count in _value_counts(manifest, lambda b: b["fine_id"]).items():
@@ -419,16 +382,16 @@ def run_prep(cfg: Config, force: bool = False) -> dict[str, Any]:
     """MoDE steps 0–3 end to end; complete stages are skipped."""
     from mode_ray.runtime import ray_runtime
 
-    paths = PrepPaths(cfg.run_root)
+    paths = RunPaths(cfg.run_root)
     with ray_runtime(cfg):
         embedded = embed_stage(cfg, paths, force)
         clustered = cluster_stage(cfg, paths, embedded, force)
         assigned = assign_stage(cfg, paths, clustered, force)
         with stage_log("prep: summary") as log:
-            summary = read_json(paths.summary, cfg.data.s3) if exists(paths.summary, cfg.data.s3) else {}
+            summary = read_json(paths.prep_summary, cfg.data.s3) if exists(paths.prep_summary, cfg.data.s3) else {}
             if force or summary.get("manifest_run_id") != assigned:
                 summary = {**summarise(cfg, paths), "manifest_run_id": assigned}
-                write_json(paths.summary, summary, cfg.data.s3)
+                write_json(paths.prep_summary, summary, cfg.data.s3)
             print_summary(summary)
-            log.done(f"at {paths.summary}")
+            log.done(f"at {paths.prep_summary}")
     return summary

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mode_ray.config import Config
+from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log
-from mode_ray.stages.prep import PrepPaths
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
@@ -47,7 +47,7 @@ class Job:
 
 
 def experts_dir(cfg: Config, name: str = "") -> str:
-    return join(cfg.run_root, "experts", name) if name else join(cfg.run_root, "experts")
+    return RunPaths(cfg.run_root).experts(name)
 
 
 def plan_jobs(cfg: Config, per_expert: dict[str, int]) -> tuple[Job | None, list[Job], list[int]]:
@@ -94,7 +94,7 @@ def training_dataset(cfg: Config, job: Job, per_expert: dict[str, int]) -> tuple
     """The job's Ray Dataset (decoded, transformed, tokenised) and its expected rows per pass."""
     import ray
 
-    manifest = PrepPaths(cfg.run_root).manifest
+    manifest = RunPaths(cfg.run_root).manifest
     ds = ray.data.read_parquet(
         manifest,
         columns=["image", "caption", "coarse_id"],
@@ -289,10 +289,10 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Seed, then every data expert and the generalist as parallel trials; skips finished models."""
     from mode_ray.runtime import ray_runtime
 
-    paths = PrepPaths(cfg.run_root)
-    if not exists(paths.summary, cfg.data.s3):
+    paths = RunPaths(cfg.run_root)
+    if not exists(paths.prep_summary, cfg.data.s3):
         raise ValueError(f"no prep output under {cfg.run_root}: run `mode-ray prep` first")
-    prep = read_json(paths.summary, cfg.data.s3)
+    prep = read_json(paths.prep_summary, cfg.data.s3)
     per_expert = prep["per_expert"]
     manifest_run = prep.get("manifest_run_id", "")
     seed, tails, empty = plan_jobs(cfg, per_expert)
@@ -324,7 +324,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
                 run_phase(cfg, "tails", todo, per_expert, settings)
                 log.done(f"{len(todo)} models")
     summary = training_summary(cfg, ([seed] if seed else []) + tails, empty)
-    write_json(join(experts_dir(cfg), "summary.json"), summary, cfg.data.s3)
+    write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)
     print_training_summary(summary)
     return summary
 

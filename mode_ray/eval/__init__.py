@@ -1,0 +1,1 @@
+"""Zero-shot classification, retrieval, task routing and the evaluation report (no Ray here)."""

@@ -1,0 +1,164 @@
+"""The evaluation report: report.csv (long form), report.md (readable tables), report.png (plots),
+plus what it was computed from — predictions.parquet, logits.npz and routing.json — so every number can
+be recomputed without the models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mode_ray.config import S3Config
+from mode_ray.eval.scoring import RETRIEVAL, Scores
+from mode_ray.storage import join, write_bytes, write_json
+
+CSV_COLUMNS = ["model", "kind", "task", "metric", "value", "n", "trained_samples", "compute_samples", "note"]
+RETRIEVAL_SHOWN = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5")
+
+
+def with_compute(metrics: list[dict[str, Any]], compute: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    return [{**m, **compute.get(m["model"], {})} for m in metrics]
+
+
+def models_in_order(metrics: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(m["model"] for m in metrics))
+
+
+def accuracy_table(metrics: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """(task names, model → {task: accuracy, 'average': mean over tasks})."""
+    acc = [m for m in metrics if m["metric"] == "accuracy"]
+    tasks = list(dict.fromkeys(m["task"] for m in acc))
+    table: dict[str, dict[str, float]] = {}
+    for m in acc:
+        table.setdefault(m["model"], {})[m["task"]] = m["value"]
+    for row in table.values():
+        row["average"] = float(np.mean([row[t] for t in tasks])) if tasks else math.nan
+    return tasks, table
+
+
+def _csv(metrics: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(metrics)
+    return buf.getvalue().encode()
+
+
+def _fmt(value: float | None, pct: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.1f}" if pct else f"{value:,}"
+
+
+def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    tasks, table = accuracy_table(metrics)
+    retrieval = {(m["model"], m["metric"]): m["value"] for m in metrics if m["task"] == RETRIEVAL}
+    shown = [r for r in RETRIEVAL_SHOWN if any(k[1] == r for k in retrieval)]
+    compute = {m["model"]: (m.get("trained_samples"), m.get("compute_samples")) for m in metrics}
+    notes = {m["model"]: m["note"] for m in metrics if m.get("note") and m["task"] == tasks[-1]} if tasks else {}
+    lines = [f"# Evaluation report — {header['run_root']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
+    lines += ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
+    cols = ["model", *tasks, "average", *shown, "samples seen by the weights", "training compute (samples)"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for model in models_in_order(metrics):
+        row = table.get(model, {})
+        seen, cost = compute.get(model, (None, None))
+        cells = [model + (" (oracle)" if model == "expert-max" else "")]
+        cells += [_fmt(row.get(t)) for t in [*tasks, "average"]]
+        cells += [_fmt(retrieval.get((model, r))) for r in shown]
+        cells += [_fmt(seen, pct=False), _fmt(cost, pct=False)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", f"expert-max picks, per task, the best expert (last task: {notes.get('expert-max')})."]
+    lines += [
+        "",
+        "`all_unit`: uniform average of the experts. `expert-max`: the best single expert per task — an oracle.",
+        "Training compute counts every sample a model's training processed, the seed included once per model "
+        "family (the ensemble pays for the seed and every expert).",
+        "",
+        "## Routing weights per task",
+        "",
+        "Distance from uniform is the total-variation distance (0 = all_unit, 1 − 1/E = one expert). "
+        "d = L2 distance of each label to its nearest fine centre (the reference's input).",
+        "",
+    ]
+    n_experts = len(routing[0]["weights"]) if routing else 0
+    cols = ["task", "method", *[f"e{e}" for e in range(n_experts)], "from uniform", "d mean [min, max]", "labels → e"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in routing:
+        cells = [r["task"], r["method"], *[f"{w:.3f}" for w in r["weights"]], f"{r['distance_from_uniform']:.3f}"]
+        cells += [f"{r['distance_mean']:.3f} [{r['distance_min']:.3f}, {r['distance_max']:.3f}]"]
+        cells += [" ".join(str(c) for c in r["label_expert_counts"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(metrics: list[dict[str, Any]], routing: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, table = accuracy_table(metrics)
+    models = [m for m in models_in_order(metrics) if m in table]
+    fig, (ax_acc, ax_w) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    columns = [*tasks, "average"]
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(columns))
+    cmap = plt.get_cmap("tab20")
+    for i, model in enumerate(models):
+        values = [100 * table[model].get(c, np.nan) for c in columns]
+        ax_acc.bar(x + (i - (len(models) - 1) / 2) * width, values, width, label=model, color=cmap(i % 20))
+    ax_acc.set_xticks(x, columns)
+    ax_acc.set_ylabel("zero-shot accuracy (%)")
+    ax_acc.set_title("accuracy per task and model")
+    ax_acc.legend(fontsize=7, ncol=2)
+    if routing:
+        weights = np.array([r["weights"] for r in routing])
+        image = ax_w.imshow(weights, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax_w.set_yticks(range(len(routing)), [f"{r['task']} / {r['method']}" for r in routing], fontsize=7)
+        ax_w.set_xticks(range(weights.shape[1]), [f"expert-{e}" for e in range(weights.shape[1])], fontsize=7)
+        for (i, j), w in np.ndenumerate(weights):
+            ax_w.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=6, color="w" if w < 0.6 else "k")
+        ax_w.set_title("routing weights")
+        fig.colorbar(image, ax=ax_w, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(
+    out_dir: str,
+    scores: Scores,
+    compute: dict[str, dict[str, int]],
+    header: dict[str, Any],
+    s3: S3Config | None = None,
+) -> dict[str, str]:
+    metrics = with_compute(scores.metrics, compute)
+    files = {
+        "csv": join(out_dir, "report.csv"),
+        "md": join(out_dir, "report.md"),
+        "png": join(out_dir, "report.png"),
+        "predictions": join(out_dir, "predictions.parquet"),
+        "logits": join(out_dir, "logits.npz"),
+        "routing": join(out_dir, "routing.json"),
+    }
+    write_bytes(files["csv"], _csv(metrics), s3)
+    write_bytes(files["md"], markdown(metrics, scores.routing, header).encode(), s3)
+    write_bytes(files["png"], plot(metrics, scores.routing), s3)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(scores.predictions), buf)
+    write_bytes(files["predictions"], buf.getvalue(), s3)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **scores.arrays)
+    write_bytes(files["logits"], buf.getvalue(), s3)
+    write_json(files["routing"], scores.routing, s3)
+    return files

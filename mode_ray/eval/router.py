@@ -1,0 +1,83 @@
+"""Task metadata → expert weights with the clustering encoder: the one router for eval and Serve.
+
+Embeds class names with their prompt templates (each prompt embedded, the class's mean renormalised, as
+the reference does) by the encoder the centroids were fitted with — a different encoder would put the
+labels in another space, so a mismatch is refused — and caches both embeddings and weights per label set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from mode_ray.config import EmbeddingConfig, RoutingConfig, S3Config
+from mode_ray.encoders import TextEncoder, build_encoder, encoder_id_for, l2_normalize
+from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.routing import Routing, route
+
+CACHE_SIZE = 1024
+
+
+class EncoderMismatch(ValueError):
+    """The routing encoder is not the one the centroids were fitted with."""
+
+
+def check_encoder(stored_id: str, encoder_id: str) -> None:
+    if stored_id != encoder_id:
+        raise EncoderMismatch(
+            f"the fine centroids were fitted with encoder {stored_id!r}, but routing would embed labels with "
+            f"{encoder_id!r}: set embedding.encoder to the clustering encoder (or re-run prep)"
+        )
+
+
+class TaskRouter:
+    def __init__(self, centroids: dict[str, Any], encoder: TextEncoder, routing: RoutingConfig) -> None:
+        check_encoder(str(centroids["encoder_id"]), encoder.encoder_id)
+        self.fine = np.asarray(centroids["fine"], dtype=np.float32)
+        self.fine_to_coarse = np.asarray(centroids["fine_to_coarse"], dtype=np.int64)
+        self.n_experts = int(np.asarray(centroids["coarse"]).shape[0])
+        self.encoder_id = encoder.encoder_id
+        self.encoder = encoder
+        self.config = routing
+        self._embed = lru_cache(maxsize=CACHE_SIZE)(self._embed_uncached)
+        self._route = lru_cache(maxsize=CACHE_SIZE)(self._route_uncached)
+
+    @classmethod
+    def from_run(
+        cls, run_root: str, embedding: EmbeddingConfig, routing: RoutingConfig, s3: S3Config | None = None
+    ) -> TaskRouter:
+        centroids = read_centroids(RunPaths(run_root).centroids, s3)
+        check_encoder(str(centroids["encoder_id"]), encoder_id_for(embedding.encoder))  # before loading it
+        encoder = build_encoder(embedding.encoder, embedding.device, embedding.dtype, embedding.batch_size)
+        return cls(centroids, encoder, routing)
+
+    def _embed_uncached(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
+        prompts = [t.format(label) for label in labels for t in templates]
+        per_prompt = self.encoder.encode(prompts).reshape(len(labels), len(templates), -1)
+        return l2_normalize(per_prompt.mean(axis=1))
+
+    def embed_labels(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
+        """[L, d] template-averaged, normalised label embeddings (cached per label set and templates)."""
+        return self._embed(tuple(labels), tuple(templates))
+
+    def _route_uncached(
+        self, labels: tuple[str, ...], templates: tuple[str, ...], method: str, per_class: bool
+    ) -> Routing:
+        c = self.config
+        emb = self._embed(labels, templates)
+        return route(method, emb, self.fine, self.fine_to_coarse, self.n_experts, c.temperature, per_class, c.top_k)  # type: ignore[arg-type]
+
+    def route(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str] = ("{}",),
+        method: str | None = None,
+        per_class: bool | None = None,
+    ) -> Routing:
+        """Expert weights for a label set; method and per_class default to the config's."""
+        method = method or self.config.method
+        per_class = self.config.per_class if per_class is None else per_class
+        return self._route(tuple(labels), tuple(templates), method, per_class)

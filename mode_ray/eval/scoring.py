@@ -1,0 +1,162 @@
+"""Every model on every task, from image and text features: accuracy, recall, predictions, routing.
+
+Models, in report order: each data expert; the routed ensembles (one per routing method); the two
+controls the reference prints — `all_unit` (uniform average of the experts) and `expert-max` (per task,
+the best single expert: an oracle no deployment could pick); then the baselines (generalist, seed).
+Routing weights for experts that were not trained (empty clusters) are dropped and the rest renormalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mode_ray.eval.retrieval import ensemble_retrieval, recall_at_k, unique_texts
+from mode_ray.eval.router import TaskRouter
+from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits
+from mode_ray.routing import Routing, distance_from_uniform
+
+METHODS = ("reference", "calibrated")
+ALL_UNIT = "all_unit"
+EXPERT_MAX = "expert-max"
+RETRIEVAL = "retrieval"
+
+
+def ensemble_name(method: str) -> str:
+    return f"ensemble-{method}"
+
+
+@dataclass
+class TaskData:
+    """One task's labelled images, with each model's image features in the same row order."""
+
+    name: str
+    class_names: list[str]
+    templates: list[str]
+    keys: list[str]
+    labels: np.ndarray
+    image_feats: dict[str, np.ndarray]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Scores:
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # model, kind, task, metric, value, n
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # model, task, key, label, pred
+    routing: list[dict[str, Any]] = field(default_factory=list)  # task, method, weights, distances …
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # saved logits, to recompute anything
+
+
+def kind_of(model: str) -> str:
+    if model.startswith("expert-") and model != EXPERT_MAX:
+        return "expert"
+    if model.startswith("ensemble-"):
+        return "ensemble"
+    if model in (ALL_UNIT, EXPERT_MAX):
+        return "control"
+    return "baseline"
+
+
+def restrict(weights: np.ndarray, present: list[int]) -> np.ndarray:
+    """Weights over the trained experts only, renormalised (per row for per-class weights)."""
+    kept = weights[..., present]
+    total = kept.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, kept / np.maximum(total, 1e-300), 1.0 / len(present))
+
+
+def routing_record(task: str, routing: Routing, present: list[int]) -> dict[str, Any]:
+    return {
+        "task": task,
+        "method": routing.method,
+        "weights": routing.task_weights.tolist(),
+        "used_weights": restrict(routing.task_weights, present).tolist(),
+        "per_class": routing.weights.ndim == 2,
+        "distance_from_uniform": distance_from_uniform(routing.task_weights),
+        "distance_mean": float(routing.distance.mean()),
+        "distance_min": float(routing.distance.min()),
+        "distance_max": float(routing.distance.max()),
+        "label_expert_counts": np.bincount(routing.label_expert, minlength=len(routing.task_weights)).tolist(),
+    }
+
+
+def score_task(
+    task: TaskData,
+    class_feats: dict[str, np.ndarray],
+    router: TaskRouter,
+    present: list[int],
+    baselines: list[str],
+) -> Scores:
+    out = Scores()
+    experts = [f"expert-{e}" for e in present]
+    logits = {m: cosine_logits(task.image_feats[m], class_feats[m]) for m in experts + baselines}
+    stacked = np.stack([logits[m] for m in experts])  # [E, N, C]
+    for method in METHODS:
+        routing = router.route(task.class_names, task.templates, method)
+        out.routing.append(routing_record(task.name, routing, present))
+        logits[ensemble_name(method)] = ensemble_logits(stacked, restrict(routing.weights, present))
+        out.arrays[f"{task.name}/weights_{method}"] = restrict(routing.weights, present)
+    logits[ALL_UNIT] = ensemble_logits(stacked, np.full(len(experts), 1.0 / len(experts), dtype=stacked.dtype))
+    best = max(experts, key=lambda m: accuracy(logits[m], task.labels))
+    logits[EXPERT_MAX] = logits[best]
+    out.arrays[f"{task.name}/expert_logits"] = stacked
+    out.arrays[f"{task.name}/labels"] = task.labels
+    for model in _report_order(experts, baselines):
+        preds = logits[model].argmax(axis=1)
+        row = {"model": model, "kind": kind_of(model), "task": task.name, "metric": "accuracy"}
+        out.metrics.append({**row, "value": accuracy(logits[model], task.labels), "n": len(task.labels)})
+        if model == EXPERT_MAX:
+            out.metrics[-1]["note"] = best
+        out.predictions += [
+            {"model": model, "task": task.name, "key": k, "label": int(y), "pred": int(p)}
+            for k, y, p in zip(task.keys, task.labels, preds, strict=True)
+        ]
+    return out
+
+
+def score_retrieval(
+    captions: list[str],
+    image_feats: dict[str, np.ndarray],
+    text_feats: dict[str, np.ndarray],
+    router: TaskRouter,
+    present: list[int],
+    baselines: list[str],
+) -> Scores:
+    """text_feats are over unique_texts(captions)."""
+    out = Scores()
+    texts, text_of_image = unique_texts(captions)
+    experts = [f"expert-{e}" for e in present]
+    scores = {m: image_feats[m] @ text_feats[m].T for m in experts + baselines}
+    results = {m: recall_at_k(s, s, text_of_image) for m, s in scores.items()}
+    stacked = np.stack([scores[m] for m in experts])
+    for method in METHODS:
+        corpus = router.route(texts, ("{}",), method, per_class=False)
+        per_text = router.route(texts, ("{}",), method, per_class=True)
+        out.routing.append(routing_record(RETRIEVAL, corpus, present))
+        results[ensemble_name(method)] = ensemble_retrieval(
+            stacked, text_of_image, restrict(corpus.weights, present), restrict(per_text.weights, present)
+        )
+    uniform = np.full(len(experts), 1.0 / len(experts))
+    unit = ensemble_logits(stacked, uniform)
+    results[ALL_UNIT] = recall_at_k(unit, unit, text_of_image)
+    results[EXPERT_MAX] = {k: max(results[m][k] for m in experts) for k in results[experts[0]]}
+    for model in _report_order(experts, baselines):
+        for metric, value in results[model].items():
+            row = {"model": model, "kind": kind_of(model), "task": RETRIEVAL, "metric": metric}
+            out.metrics.append({**row, "value": value, "n": len(captions)})
+    return out
+
+
+def _report_order(experts: list[str], baselines: list[str]) -> list[str]:
+    return [*experts, *(ensemble_name(m) for m in METHODS), ALL_UNIT, EXPERT_MAX, *baselines]
+
+
+def merge(parts: list[Scores]) -> Scores:
+    out = Scores()
+    for p in parts:
+        out.metrics += p.metrics
+        out.predictions += p.predictions
+        out.routing += p.routing
+        out.arrays.update(p.arrays)
+    return out

@@ -1,0 +1,67 @@
+"""Zero-shot tasks from config: which images, which label each has, which class names and templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mode_ray.config import Config, EvalTaskConfig
+
+SKIP_NO_LABEL = "no_label"
+SKIP_UNKNOWN_LABEL = "unknown_label"
+
+
+def configured_tasks(cfg: Config) -> list[EvalTaskConfig]:
+    """eval.tasks, plus the demo's five when eval.demo_tasks is on (over eval.shards)."""
+    tasks = list(cfg.eval.tasks)
+    if cfg.eval.demo_tasks:
+        if not cfg.eval.shards:
+            raise ValueError("eval.demo_tasks needs eval.shards (the demo's eval split)")
+        from mode_ray.demo_data import eval_tasks
+
+        tasks += eval_tasks(cfg.eval.shards)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval task names must be unique: {names}")
+    return tasks
+
+
+def templates_of(task: EvalTaskConfig, default: list[str]) -> list[str]:
+    return list(task.templates or default)
+
+
+def _dotted(meta: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(meta, dict) or part not in meta:
+            return None
+        meta = meta[part]
+    return meta
+
+
+def label_index(value: Any, class_names: list[str]) -> tuple[int | None, str | None]:
+    """(class index, None) or (None, skip reason): a label is a class name or an index into class_names."""
+    if value is None:
+        return None, SKIP_NO_LABEL
+    if isinstance(value, bool):
+        return None, SKIP_UNKNOWN_LABEL
+    if isinstance(value, int):
+        return (value, None) if 0 <= value < len(class_names) else (None, SKIP_UNKNOWN_LABEL)
+    text = str(value)
+    if text in class_names:
+        return class_names.index(text), None
+    return None, SKIP_UNKNOWN_LABEL
+
+
+def webdataset_label(meta: dict[str, Any] | None, task: EvalTaskConfig) -> tuple[int | None, str | None]:
+    return label_index(_dotted(meta, task.label_field or ""), task.class_names or [])
+
+
+def folder_classes(class_dirs: list[str], task: EvalTaskConfig) -> list[str]:
+    """Class names of a folder task: the configured names (in sorted sub-folder order) or the folder names."""
+    dirs = sorted(set(class_dirs))
+    if task.class_names is None:
+        return dirs
+    if len(task.class_names) != len(dirs):
+        raise ValueError(
+            f"task {task.name!r}: {len(task.class_names)} class_names for {len(dirs)} sub-folders of {task.location}"
+        )
+    return list(task.class_names)

@@ -1,0 +1,72 @@
+"""Zero-shot CLIP outputs as the reference evaluates them, and their ensemble.
+
+Per model: raw cosine similarity of L2-normalised image features and class-text features (each class's
+prompt templates embedded, normalised, averaged, renormalised) — no logit scale, no softmax. An ensemble
+is a weighted sum of those per-expert cosine logits, with one weight vector per task or one per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.inference_mode()
+def text_features(
+    model: Any, tokenizer: Any, texts: Sequence[str], device: str = "cpu", batch_size: int = 256
+) -> np.ndarray:
+    """[N, D] normalised text features, encoded in batches."""
+    out = [
+        _unit(model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device)).float()).cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.text_projection.shape[-1]), np.float32)
+
+
+def class_text_features(
+    model: Any,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: str = "cpu",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """[C, D]: each class's templates embedded and normalised, averaged, and the mean renormalised."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    feats = text_features(model, tokenizer, prompts, device, batch_size).reshape(len(class_names), len(templates), -1)
+    mean = feats.mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+
+
+@torch.inference_mode()
+def image_features(model: Any, pixels: torch.Tensor, device: str = "cpu") -> np.ndarray:
+    """[N, D] normalised image features of preprocessed pixels [N, 3, H, W]."""
+    return _unit(model.encode_image(pixels.to(device)).float()).cpu().numpy()
+
+
+def cosine_logits(image_feats: np.ndarray, class_feats: np.ndarray) -> np.ndarray:
+    """[N, C] raw cosine similarities (both sides are unit vectors)."""
+    return image_feats @ class_feats.T
+
+
+def ensemble_logits(expert_logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σ_e w_e · logits_e: expert_logits [E, N, C]; weights [E] (per task) or [C, E] (per class)."""
+    weights = np.asarray(weights, dtype=expert_logits.dtype)
+    if weights.ndim == 1:
+        if len(weights) != len(expert_logits):
+            raise ValueError(f"{len(weights)} weights for {len(expert_logits)} experts")
+        return np.tensordot(weights, expert_logits, axes=1)
+    if weights.shape != (expert_logits.shape[2], expert_logits.shape[0]):
+        raise ValueError(f"per-class weights {weights.shape} do not fit logits {expert_logits.shape}")
+    return np.einsum("ce,enc->nc", weights, expert_logits)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")

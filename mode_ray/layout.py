@@ -1,0 +1,70 @@
+"""Where everything lives under a run root, in one place, so every stage and the Serve app agree.
+
+run_root/ embeddings/ rejects/ clusters/centroids.npz manifest/ prep/summary.json
+          experts/{seed,expert-E,generalist}/{state.pt,export/,metrics.json} experts/summary.json
+          eval/{report.csv,report.md,report.png,predictions.parquet,logits/}
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mode_ray.config import S3Config
+from mode_ray.storage import get_fs, join
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: str
+
+    @property
+    def embeddings(self) -> str:
+        return join(self.root, "embeddings")
+
+    @property
+    def rejects(self) -> str:
+        return join(self.root, "rejects")
+
+    @property
+    def clusters(self) -> str:
+        return join(self.root, "clusters")
+
+    @property
+    def centroids(self) -> str:
+        return join(self.root, "clusters", "centroids.npz")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, "manifest")
+
+    @property
+    def prep_summary(self) -> str:
+        return join(self.root, "prep", "summary.json")
+
+    def experts(self, name: str = "") -> str:
+        """experts/ itself, or the folder of one trained model (seed, expert-E, generalist)."""
+        return join(self.root, "experts", name) if name else join(self.root, "experts")
+
+    def export(self, name: str) -> str:
+        """The stock-open_clip export of one trained model."""
+        return join(self.root, "experts", name, "export")
+
+    @property
+    def experts_summary(self) -> str:
+        return join(self.root, "experts", "summary.json")
+
+    @property
+    def eval(self) -> str:
+        return join(self.root, "eval")
+
+
+def read_centroids(url: str, s3: S3Config | None = None) -> dict[str, Any]:
+    """centroids.npz as a dict: fine, coarse, fine_to_coarse, fine_sizes, encoder_id, settings."""
+    fs, path = get_fs(url, s3)
+    with fs.open(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        return {name: data[name] for name in data.files}

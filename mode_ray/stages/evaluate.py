@@ -1,0 +1,350 @@
+"""`mode-ray eval`: every trained model, the routed ensembles and the controls on zero-shot tasks and
+retrieval → eval/report.{csv,md,png} (+ predictions, logits and routing weights to recompute them).
+
+    task images ─read (Ray Data)─▶ decode/check ─▶ image features of every model (actor) ─▶ driver
+    class names × templates, captions ─▶ text features of every model (one Ray task)     ─▶ driver
+    driver: routing (clustering encoder + fine centres) → cosine logits → ensembles → report
+
+Each image is read and decoded once, and all models see it in the same actor, so adding models costs
+forward passes only. Images that cannot be used are counted per task and reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mode_ray.config import Config, EvalTaskConfig, S3Config
+from mode_ray.eval.retrieval import unique_texts
+from mode_ray.eval.router import TaskRouter
+from mode_ray.eval.scoring import TaskData, merge, score_retrieval, score_task
+from mode_ray.eval.tasks import folder_classes, templates_of, webdataset_label
+from mode_ray.layout import RunPaths
+from mode_ray.progress import console, stage_log
+from mode_ray.rejects import Reason
+from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
+from mode_ray.shards import list_shards
+from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
+from mode_ray.storage import (
+    arrow_filesystem,
+    exists,
+    get_fs,
+    join,
+    mark_done,
+    marker_info,
+    read_json,
+    settings_hash,
+    stage_done,
+    write_json,
+)
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("meta", pa.string()),  # the sample's json (webdataset) or {"class_dir": …} (folder)
+        ("caption", pa.string()),
+        ("image", pa.binary()),
+        ("reason", pa.string()),  # why the image cannot be used; null when it can
+    ]
+)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
+    """Raw tar rows → eval rows: the json kept for labels, a caption when there is one, the image checked."""
+    rows = []
+    for row in batch.to_pylist():
+        out = {"key": f"{row['shard']}#{row['key']}", "meta": None, "caption": None, "image": None, "reason": None}
+        raw = row.get("json")
+        if raw is not None:
+            try:
+                out["meta"] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out["meta"] = None
+        try:
+            out["caption"] = parse_caption(raw, row.get("txt"), row["key"] or "", limits) or None
+        except Rejected:
+            out["caption"] = None  # no caption: still a classification image, not a retrieval text
+        try:
+            if row.get("read_error"):
+                raise Rejected(Reason.UNREADABLE_SHARD, row["read_error"])
+            check_image(row.get("image"), limits)
+            out["image"] = row["image"]
+        except Rejected as rej:
+            out["reason"] = str(rej.reason)
+        rows.append(out)
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def folder_rows(batch: pa.Table, limits: Limits, root: str) -> pa.Table:
+    """read_binary_files rows → eval rows; the class is the first folder under the task's root."""
+    rows = []
+    prefix = root.split("://", 1)[-1].rstrip("/") + "/"
+    for payload, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist(), strict=True):
+        rel = path.split("://", 1)[-1]
+        rel = rel[len(prefix) :] if rel.startswith(prefix) else rel
+        out = {"key": path, "meta": json.dumps({"class_dir": rel.split("/", 1)[0]}), "caption": None}
+        try:
+            check_image(payload, limits)
+            rows.append({**out, "image": payload, "reason": None})
+        except Rejected as rej:
+            rows.append({**out, "image": None, "reason": str(rej.reason)})
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+class ImageFeaturizer:
+    """Actor: every model once; each batch decoded once per distinct preprocessing, then every model's
+    normalised image features as fixed-size-list columns `f:{model}`."""
+
+    def __init__(self, exports: dict[str, str], s3: dict[str, Any] | None, device: str) -> None:
+        from mode_ray.models.clip import load_exported
+
+        self.device = device
+        self.models = {name: load_exported(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import io
+
+        import torch
+        from PIL import Image
+
+        from mode_ray.eval.zero_shot import image_features
+
+        ok = batch["reason"].is_null().to_numpy(zero_copy_only=False)
+        images = batch["image"].to_pylist()
+        pixels: dict[str, torch.Tensor] = {}
+        out = batch.drop_columns(["image"])
+        for name, (model, transform) in self.models.items():
+            key = repr(transform)
+            if key not in pixels:
+                decoded = []
+                for i in np.flatnonzero(ok):
+                    with Image.open(io.BytesIO(images[i])) as img:
+                        decoded.append(transform(img.convert("RGB")))
+                pixels[key] = torch.stack(decoded) if decoded else torch.zeros(0)
+            dim = int(model.text_projection.shape[-1])
+            feats = np.zeros((len(batch), dim), dtype=np.float32)
+            if ok.any():
+                feats[ok] = image_features(model, pixels[key], self.device)
+            out = out.append_column(f"f:{name}", embeddings_to_arrow(feats, ok))
+        return out
+
+
+# --------------------------------------------------------------------------- Ray pieces
+
+
+def featurize(cfg: Config, source: str, location: str | list[str], exports: dict[str, str]) -> pa.Table:
+    """Read one image source and return its rows with every model's image features, sorted by key."""
+    import ray
+
+    limits = Limits(cfg.data.caption_field, cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.seed)
+    s3 = cfg.data.s3
+    if source == "webdataset":
+        from mode_ray.stages.reader import ShardDatasource
+
+        shards, missing = list_shards(location, s3)
+        if missing:
+            console.print(f"[yellow]eval: {len(missing)} unreadable shard(s) in {location}: {missing[:3]}[/yellow]")
+        if not shards:
+            raise ValueError(f"no readable eval shards in {location!r}")
+        ds = ray.data.read_datasource(
+            ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], s3)), override_num_blocks=len(shards)
+        )
+        ds = ds.map_batches(webdataset_rows, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
+    else:
+        assert isinstance(location, str), "a folder task has one location"
+        fs, root = get_fs(location, s3)
+        files = sorted(p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {location!r}")
+        prefix = location.split("://", 1)[0] + "://" if "://" in location else ""
+        ds = ray.data.read_binary_files(
+            [prefix + p for p in files], include_paths=True, filesystem=arrow_filesystem(location, s3)
+        )
+        ds = ds.map_batches(
+            folder_rows, fn_kwargs={"limits": limits, "root": location}, batch_format="pyarrow", num_cpus=0.5
+        )
+    ds = ds.map_batches(
+        ImageFeaturizer,
+        fn_constructor_kwargs={
+            "exports": exports,
+            "s3": s3.model_dump(),
+            "device": "cuda" if cfg.eval.use_gpu else "cpu",
+        },
+        batch_size=cfg.eval.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=cfg.eval.num_cpus,
+        num_gpus=1 if cfg.eval.use_gpu else None,
+    )
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    return table.sort_by("key")
+
+
+def text_features(
+    cfg: Config, exports: dict[str, str], prompts: dict[str, tuple[list[str], list[str]]], corpus: list[str]
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Per model: class-text features per task, and features of the retrieval captions — in one Ray task."""
+    import ray
+
+    def encode(exports, s3, prompts, corpus, device):
+        from mode_ray.eval.zero_shot import class_text_features
+        from mode_ray.eval.zero_shot import text_features as encode_texts
+        from mode_ray.models.clip import load_exported
+
+        per_task, per_caption = {}, {}
+        for name, url in exports.items():
+            model, _, tokenizer = load_exported(url, S3Config(**s3), device)
+            per_task[name] = {
+                task: class_text_features(model, tokenizer, names, templates, device)
+                for task, (names, templates) in prompts.items()
+            }
+            per_caption[name] = encode_texts(model, tokenizer, corpus, device)
+        return per_task, per_caption
+
+    remote = ray.remote(num_cpus=cfg.eval.num_cpus, num_gpus=1 if cfg.eval.use_gpu else 0)(encode)
+    device = "cuda" if cfg.eval.use_gpu else "cpu"
+    return ray.get(remote.remote(exports, cfg.data.s3.model_dump(), prompts, corpus, device))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_templates: list[str]) -> TaskData:
+    metas = [json.loads(m) if m else None for m in rows["meta"].to_pylist()]
+    reasons = rows["reason"].to_pylist()
+    if task.source == "folder":
+        class_dirs = sorted({m["class_dir"] for m in metas})
+        class_names = folder_classes(class_dirs, task)
+        labels = [(class_dirs.index(m["class_dir"]), None) for m in metas]
+    else:
+        class_names = list(task.class_names or [])
+        labels = [webdataset_label(m, task) for m in metas]
+    skipped: Counter[str] = Counter()
+    keep = []
+    for i, ((_, why), reason) in enumerate(zip(labels, reasons, strict=True)):
+        if why == "no_label":
+            continue  # not a sample of this task (shards shared by several tasks)
+        if why or reason:
+            skipped[why or reason] += 1
+        else:
+            keep.append(i)
+    idx = np.array(keep, dtype=np.int64)
+    return TaskData(
+        name=task.name,
+        class_names=class_names,
+        templates=templates_of(task, default_templates),
+        keys=[rows["key"][int(i)].as_py() for i in idx],
+        labels=np.array([labels[i][0] for i in idx], dtype=np.int64),
+        image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
+        skipped=dict(skipped),
+    )
+
+
+def _compute(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Samples each model's weights saw, and the training compute it took to make it (in samples)."""
+    models, total = summary["models"], summary["compute_samples"]
+    seed = total.get("seed", 0)
+    out = {}
+    for name, m in models.items():
+        seen = m["samples_seen"] + (seed if m["job"].get("init_from_seed") else 0)
+        out[name] = {"trained_samples": seen, "compute_samples": seen}
+    for name in ("ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max"):
+        out[name] = {"trained_samples": None, "compute_samples": total["mode_total"]}
+    return out
+
+
+def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
+    from mode_ray.eval.report import accuracy_table, write_report
+    from mode_ray.eval.tasks import configured_tasks
+    from mode_ray.runtime import ray_runtime
+
+    paths = RunPaths(cfg.run_root)
+    s3 = cfg.data.s3
+    if not exists(paths.experts_summary, s3):
+        raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
+    summary = read_json(paths.experts_summary, s3)
+    tasks = configured_tasks(cfg)
+    retrieval = bool(cfg.eval.retrieval and cfg.eval.shards)
+    if not tasks and not retrieval:
+        raise ValueError("nothing to evaluate: set eval.tasks, eval.demo_tasks or eval.retrieval with eval.shards")
+    models = list(summary["models"])
+    present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
+    if not present:
+        raise ValueError(f"no data experts under {paths.experts()}: nothing to ensemble")
+    baselines = [m for m in ("generalist", "seed") if m in models]
+    settings = settings_hash(
+        cfg.eval.model_dump(mode="json"),
+        [t.model_dump(mode="json") for t in tasks],
+        cfg.embedding.encoder,
+        summary,
+        marker_info(paths.clusters, s3).get("run_id", ""),
+    )
+    with stage_log("eval") as log:
+        if not force and stage_done(paths.eval, settings, s3):
+            log.skip("eval/ complete")
+            return read_json(join(paths.eval, "summary.json"), s3)
+        exports = {m: paths.export(m) for m in models}
+        router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, s3)
+        with ray_runtime(cfg):
+            sources: dict[str, pa.Table] = {}
+            wanted = [(t.source, t.location) for t in tasks] + ([("webdataset", cfg.eval.shards)] if retrieval else [])
+            for source, location in wanted:
+                key = json.dumps([source, location])
+                if key not in sources:
+                    log.info(f"image features of {len(models)} models over {source} {location}")
+                    sources[key] = featurize(cfg, source, location, exports)
+            data = [
+                _task_data(t, sources[json.dumps([t.source, t.location])], models, cfg.eval.templates) for t in tasks
+            ]
+            corpus_rows = None
+            if retrieval:
+                rows = sources[json.dumps(["webdataset", cfg.eval.shards])]
+                pairs = zip(rows["caption"].to_pylist(), rows["reason"].to_pylist(), strict=True)
+                usable = [i for i, (caption, reason) in enumerate(pairs) if caption and not reason]
+                corpus_rows = rows.take(usable[: cfg.eval.max_retrieval_texts])
+            captions = corpus_rows["caption"].to_pylist() if corpus_rows is not None else []
+            texts, _ = unique_texts(captions)
+            log.info(f"text features: {len(data)} tasks, {len(texts)} distinct captions")
+            per_task, per_caption = text_features(
+                cfg, exports, {d.name: (d.class_names, d.templates) for d in data}, texts
+            )
+        parts = [score_task(d, {m: per_task[m][d.name] for m in models}, router, present, baselines) for d in data]
+        if corpus_rows is not None:
+            image_feats = {m: embeddings_to_numpy(corpus_rows[f"f:{m}"]) for m in models}
+            parts.append(score_retrieval(captions, image_feats, per_caption, router, present, baselines))
+        scores = merge(parts)
+        header = {
+            "run_root": cfg.run_root,
+            "tasks": ", ".join(f"{d.name} ({len(d.labels)} images, {len(d.class_names)} classes)" for d in data),
+            "skipped images": {d.name: d.skipped for d in data if d.skipped} or "none",
+            "retrieval corpus": f"{len(captions)} images, {len(texts)} distinct captions" if captions else "off",
+            "routing": cfg.eval.routing.model_dump(),
+            "routing encoder": router.encoder_id,
+        }
+        files = write_report(paths.eval, scores, _compute(summary), header, s3)
+        tasks_order, table = accuracy_table(scores.metrics)
+        result = {"files": files, "accuracy": table, "tasks": tasks_order, "header": header}
+        write_json(join(paths.eval, "summary.json"), result, s3)
+        mark_done(paths.eval, settings, s3)
+        print_accuracy(result)
+        log.done(f"report: {files['md']}")
+    return result
+
+
+def print_accuracy(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    tasks = result["tasks"]
+    table = Table(title="zero-shot accuracy (%)")
+    for col in ("model", *tasks, "average"):
+        table.add_column(col)
+    for model, row in result["accuracy"].items():
+        table.add_row(model, *(f"{100 * row[t]:.1f}" for t in [*tasks, "average"]))
+    console.print(table)
