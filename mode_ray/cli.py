@@ -70,6 +70,19 @@ def evaluate(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) ->
     _run_stage(run_eval, _load(config, set_), force)
 
 
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    keep: Annotated[bool, typer.Option("--keep/--no-keep", help="Keep serving after the self-check.")] = True,
+) -> None:
+    """Deploy the Ray Serve zero-shot endpoint from the run root, self-check it over HTTP, and serve."""
+    from mode_ray.stages.serve import run_serve
+
+    cfg = _load(config, set_)
+    _run_stage(lambda c, _: run_serve(c, keep_running=keep), cfg, False)
+
+
 def _run_stage(fn, cfg: Config, force: bool) -> None:
     try:
         fn(cfg, force)

@@ -131,12 +131,43 @@ class MoEConfig(Section):
     balance_coef: float = Field(default=0.01, ge=0)
 
 
+class DeploymentConfig(Section):
+    """Resources and autoscaling of one Serve deployment (passed to ray_actor_options/autoscaling_config)."""
+
+    num_cpus: float = Field(default=0.25, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=4, gt=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    app_name: str = "mode-ray"
+    layout: Literal["per_expert", "single"] = Field(
+        default="per_expert",
+        description="per_expert: one deployment per model, called concurrently; single: one holds them all.",
+    )
+    models: list[str] | None = Field(
+        default=None, description="Trained models to serve; null: every one in experts/ (and the MoE when built)."
+    )
     max_labels: int = Field(default=100, ge=2)
     max_label_chars: int = Field(default=200, ge=1)
     max_request_bytes: int = Field(default=8_000_000, ge=1)
+    max_image_bytes: int = Field(default=5_000_000, ge=1)
+    max_image_pixels: int = Field(default=4_000_000, ge=1, description="Decompression bombs are refused.")
+    max_batch_images: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=16, ge=1, description="@serve.batch: requests fused per forward pass.")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    request_timeout_s: float = Field(default=30, gt=0, description="An expert call past this fails with 503.")
+    torch_threads: int = Field(default=1, ge=1)
+    keep_running: bool = Field(
+        default=False, description="mode-ray run: keep serving after the self-check (mode-ray serve always does)."
+    )
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.25)
+    experts: DeploymentConfig = DeploymentConfig(num_cpus=0.25)
 
 
 class RoutingConfig(Section):

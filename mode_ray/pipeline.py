@@ -9,6 +9,7 @@ from mode_ray.progress import console
 from mode_ray.stages.demo import run_demo_data
 from mode_ray.stages.evaluate import run_eval
 from mode_ray.stages.prep import run_prep
+from mode_ray.stages.serve import run_serve
 from mode_ray.stages.train import run_train
 from mode_ray.storage import join, write_bytes
 
@@ -20,6 +21,7 @@ STAGES: list[tuple[str, StageFn]] = [
     ("prep", run_prep),
     ("train", run_train),
     ("eval", run_eval),
+    ("serve", run_serve),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -87,3 +88,38 @@ def demo_config(run_root, shards, *overrides: str):
             *overrides,
         ],
     )
+
+
+TRAIN_BATCH = 32
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, tmp_path_factory):
+    """A small demo run, prepped and trained once per session (seed, 2 experts, generalist); the
+    generalist fails once on purpose, to exercise recovery. Eval and Serve tests reuse it."""
+    from mode_ray import demo_data
+    from mode_ray.stages.prep import run_prep
+    from mode_ray.stages.train import failure_marker_path, run_train
+
+    shards = tmp_path_factory.mktemp("train-shards")
+    demo_data.generate(str(shards), samples=500, shards=2, seed=5)
+    run_root = tmp_path_factory.mktemp("train-run")
+    base = (
+        "clustering.n_coarse=2",
+        "training.epochs=4",
+        "training.seed_fraction=0.5",
+        f"training.batch_size={TRAIN_BATCH}",
+        "training.warmup_steps=5",
+        "training.log_every_steps=5",
+    )
+    prep = run_prep(demo_config(run_root, shards, *base))
+    rows = prep["in_manifest"]
+    steps_per_pass = math.ceil(rows / TRAIN_BATCH)
+    # The generalist raises once in its second pass: it must resume from its first-pass checkpoint.
+    fail_at = 2 * steps_per_pass + steps_per_pass + 3
+    cfg = demo_config(run_root, shards, *base, f"training.fail_once_at_step={{generalist: {fail_at}}}")
+    marker = failure_marker_path(cfg, "generalist")
+    if os.path.exists(marker):
+        os.remove(marker)
+    summary = run_train(cfg)
+    return cfg, prep, summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -10,41 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from mode_ray import demo_data
-from mode_ray.stages.prep import run_prep
 from mode_ray.stages.train import experts_dir, failure_marker_path, run_train
 from mode_ray.storage import read_json
 from mode_ray.train.loop import lr_at
 from mode_ray.train.transforms import clip_inputs
-from tests.conftest import demo_config
-
-BATCH = 32
+from tests.conftest import TRAIN_BATCH as BATCH
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    shards = tmp_path_factory.mktemp("train-shards")
-    demo_data.generate(str(shards), samples=500, shards=2, seed=5)
-    run_root = tmp_path_factory.mktemp("train-run")
-    base = (
-        "clustering.n_coarse=2",
-        "training.epochs=4",
-        "training.seed_fraction=0.5",
-        f"training.batch_size={BATCH}",
-        "training.warmup_steps=5",
-        "training.log_every_steps=5",
-    )
-    prep = run_prep(demo_config(run_root, shards, *base))
-    rows = prep["in_manifest"]
-    steps_per_pass = math.ceil(rows / BATCH)
-    # The generalist raises once in its second pass: it must resume from its first-pass checkpoint.
-    fail_at = 2 * steps_per_pass + steps_per_pass + 3
-    cfg = demo_config(run_root, shards, *base, f"training.fail_once_at_step={{generalist: {fail_at}}}")
-    marker = failure_marker_path(cfg, "generalist")
-    if os.path.exists(marker):
-        os.remove(marker)
-    summary = run_train(cfg)
-    return cfg, prep, summary
+def trained(trained_run):
+    return trained_run
 
 
 def test_all_models_trained_on_what_they_should_see(trained):

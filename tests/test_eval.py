@@ -1,0 +1,145 @@
+"""`mode-ray eval` on a real trained run: every model × task, recomputable numbers, routing that finds
+the domain's expert, folder tasks, skips counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from mode_ray import demo_data
+from mode_ray.eval.router import TaskRouter
+from mode_ray.eval.zero_shot import ensemble_logits
+from mode_ray.stages.evaluate import run_eval
+from tests.conftest import demo_config
+
+TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]
+EXPERTS = ["expert-0", "expert-1"]
+MODELS = [*EXPERTS, "ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max", "generalist", "seed"]
+
+
+def _shape_folder(root: Path) -> Path:
+    """An ImageFolder-style task: circle/ and square/ images, plus one file that is not an image."""
+    rng = np.random.default_rng(3)
+    counts = Counter()
+    while min(counts["circle"], counts["square"]) < 6:
+        img, attrs = demo_data.DRAW["shapes"](rng, "eval")
+        if attrs["shape"] in ("circle", "square") and counts[attrs["shape"]] < 6:
+            (root / attrs["shape"]).mkdir(parents=True, exist_ok=True)
+            img.save(root / attrs["shape"] / f"{counts[attrs['shape']]}.jpg")
+            counts[attrs["shape"]] += 1
+    (root / "circle" / "broken.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    cfg, _, _ = trained_run
+    eval_shards = tmp_path_factory.mktemp("eval-shards")
+    demo_data.generate(str(eval_shards), samples=150, shards=1, seed=9, split="eval")
+    folder = _shape_folder(tmp_path_factory.mktemp("folder-task"))
+    task = (
+        f"[{{name: folder-shapes, source: folder, location: '{folder}', "
+        "class_names: [circle, square], templates: ['a {} shape.']}]"
+    )
+    cfg = demo_config(
+        cfg.run_root,
+        cfg.data.shards,
+        "clustering.n_coarse=2",
+        f"eval.shards={eval_shards}",
+        "eval.demo_tasks=true",
+        f"eval.tasks={task}",
+    )
+    return cfg, run_eval(cfg)
+
+
+def _csv(cfg) -> pd.DataFrame:
+    return pd.read_csv(Path(cfg.run_root) / "eval" / "report.csv")
+
+
+def test_report_lists_every_model_and_task(evaluated):
+    cfg, result = evaluated
+    report = _csv(cfg)
+    acc = report[report.metric == "accuracy"]
+    assert set(zip(acc.model, acc.task, strict=True)) == {(m, t) for m in MODELS for t in TASKS}
+    retrieval = report[report.task == "retrieval"]
+    assert set(retrieval.metric) == {"i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5"}
+    assert set(retrieval.model) == set(MODELS)
+    assert (retrieval.value >= 0).all() and (retrieval.value <= 1).all()
+    compute = report.drop_duplicates("model").set_index("model")["compute_samples"]
+    assert compute["ensemble-reference"] > compute["expert-0"] > compute["seed"] > 0
+    md = (Path(cfg.run_root) / "eval" / "report.md").read_text()
+    assert all(f"| {m}" in md for m in MODELS) and "Routing weights per task" in md
+    assert (Path(cfg.run_root) / "eval" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["accuracy"]["seed"]["average"] == pytest.approx(acc[acc.model == "seed"].value.mean())
+
+
+def test_numbers_recompute_from_saved_predictions_and_logits(evaluated):
+    cfg, _ = evaluated
+    out = Path(cfg.run_root) / "eval"
+    report = _csv(cfg)
+    preds = pd.read_parquet(out / "predictions.parquet")
+    recomputed = preds.assign(hit=preds.label == preds.pred).groupby(["model", "task"]).hit.mean()
+    for row in report[report.metric == "accuracy"].itertuples():
+        assert recomputed[(row.model, row.task)] == pytest.approx(row.value, abs=1e-12)
+        assert row.n == len(preds[(preds.model == row.model) & (preds.task == row.task)])
+    arrays = np.load(out / "logits.npz")
+    for task in TASKS:
+        logits, labels = arrays[f"{task}/expert_logits"], arrays[f"{task}/labels"]
+        task_preds = preds[preds.task == task]
+        for method in ("reference", "calibrated"):
+            ensemble = ensemble_logits(logits, arrays[f"{task}/weights_{method}"]).argmax(1)
+            assert ensemble.tolist() == task_preds[task_preds.model == f"ensemble-{method}"].pred.tolist()
+        uniform = ensemble_logits(logits, np.full(len(logits), 1 / len(logits), dtype=logits.dtype)).argmax(1)
+        assert uniform.tolist() == task_preds[task_preds.model == "all_unit"].pred.tolist()
+        best = max((logits[e].argmax(1) == labels).mean() for e in range(len(logits)))
+        expert_max = report[(report.model == "expert-max") & (report.task == task)].value.item()
+        assert expert_max == pytest.approx(best)
+
+
+def _domain_experts(cfg) -> dict[str, int]:
+    """The expert that holds most of each demo domain's training pairs."""
+    domains = {}
+    for tar_path in Path(cfg.data.shards).rglob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    domains[member.name.split(".")[0]] = json.load(io.BytesIO(tar.extractfile(member).read()))
+    manifest = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive")
+    counts: dict[str, Counter] = {}
+    for row in manifest.to_table(columns=["key", "coarse_id"]).to_pylist():
+        counts.setdefault(domains[row["key"]]["domain"], Counter())[int(row["coarse_id"])] += 1
+    return {d: c.most_common(1)[0][0] for d, c in counts.items() if d in demo_data.DOMAINS}
+
+
+def test_calibrated_routing_puts_most_weight_on_the_domains_expert(evaluated):
+    cfg, _ = evaluated
+    holder = _domain_experts(cfg)
+    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing)
+    saved = {(r["task"], r["method"]): r for r in json.loads((Path(cfg.run_root) / "eval/routing.json").read_text())}
+    task_domain = {"digit": "digits", "shape": "shapes", "texture": "textures", "letter": "letters"}
+    for task, domain in task_domain.items():
+        names, templates = demo_data.CLASS_NAMES[task], demo_data.TASK_TEMPLATES[task]
+        weights = router.route(names, templates, "calibrated").weights
+        assert weights[holder[domain]] >= 0.8, (task, weights, holder)
+        reference = router.route(names, templates, "reference").weights
+        assert reference.max() < weights.max()  # the released formula is far flatter
+        for method, w in (("calibrated", weights), ("reference", reference)):
+            np.testing.assert_allclose(saved[(task, method)]["weights"], w)  # the report shows what routes
+
+
+def test_folder_task_and_skipped_images_are_counted(evaluated, capsys):
+    cfg, result = evaluated
+    assert result["header"]["skipped images"] == {"folder-shapes": {"not_an_image": 1}}
+    report = _csv(cfg)
+    folder = report[(report.task == "folder-shapes") & (report.metric == "accuracy")]
+    assert (folder.n == 12).all()
+    again = run_eval(cfg)
+    assert again == result and "eval/ complete" in capsys.readouterr().err
