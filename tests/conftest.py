@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,46 @@ def trained_run(ray_session, tmp_path_factory):
         os.remove(marker)
     summary = run_train(cfg)
     return cfg, prep, summary
+
+
+def _shape_folder(root: Path) -> Path:
+    """An ImageFolder-style task: circle/ and square/ images, plus one file that is not an image."""
+    import numpy as np
+
+    from mode_ray import demo_data
+
+    rng = np.random.default_rng(3)
+    counts = Counter()
+    while min(counts["circle"], counts["square"]) < 6:
+        img, attrs = demo_data.DRAW["shapes"](rng, "eval")
+        if attrs["shape"] in ("circle", "square") and counts[attrs["shape"]] < 6:
+            (root / attrs["shape"]).mkdir(parents=True, exist_ok=True)
+            img.save(root / attrs["shape"] / f"{counts[attrs['shape']]}.jpg")
+            counts[attrs["shape"]] += 1
+    (root / "circle" / "broken.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(trained_run, tmp_path_factory):
+    """The trained run evaluated on the five demo tasks, a folder task and retrieval."""
+    from mode_ray import demo_data
+    from mode_ray.stages.evaluate import run_eval
+
+    cfg, _, _ = trained_run
+    eval_shards = tmp_path_factory.mktemp("eval-shards")
+    demo_data.generate(str(eval_shards), samples=150, shards=1, seed=9, split="eval")
+    folder = _shape_folder(tmp_path_factory.mktemp("folder-task"))
+    task = (
+        f"[{{name: folder-shapes, source: folder, location: '{folder}', "
+        "class_names: [circle, square], templates: ['a {} shape.']}]"
+    )
+    cfg = demo_config(
+        cfg.run_root,
+        cfg.data.shards,
+        "clustering.n_coarse=2",
+        f"eval.shards={eval_shards}",
+        "eval.demo_tasks=true",
+        f"eval.tasks={task}",
+    )
+    return cfg, run_eval(cfg)

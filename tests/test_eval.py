@@ -18,46 +18,15 @@ from mode_ray import demo_data
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import ensemble_logits
 from mode_ray.stages.evaluate import run_eval
-from tests.conftest import demo_config
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]
 EXPERTS = ["expert-0", "expert-1"]
 MODELS = [*EXPERTS, "ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max", "generalist", "seed"]
 
 
-def _shape_folder(root: Path) -> Path:
-    """An ImageFolder-style task: circle/ and square/ images, plus one file that is not an image."""
-    rng = np.random.default_rng(3)
-    counts = Counter()
-    while min(counts["circle"], counts["square"]) < 6:
-        img, attrs = demo_data.DRAW["shapes"](rng, "eval")
-        if attrs["shape"] in ("circle", "square") and counts[attrs["shape"]] < 6:
-            (root / attrs["shape"]).mkdir(parents=True, exist_ok=True)
-            img.save(root / attrs["shape"] / f"{counts[attrs['shape']]}.jpg")
-            counts[attrs["shape"]] += 1
-    (root / "circle" / "broken.jpg").write_bytes(b"not an image at all")
-    return root
-
-
 @pytest.fixture(scope="module")
-def evaluated(trained_run, tmp_path_factory):
-    cfg, _, _ = trained_run
-    eval_shards = tmp_path_factory.mktemp("eval-shards")
-    demo_data.generate(str(eval_shards), samples=150, shards=1, seed=9, split="eval")
-    folder = _shape_folder(tmp_path_factory.mktemp("folder-task"))
-    task = (
-        f"[{{name: folder-shapes, source: folder, location: '{folder}', "
-        "class_names: [circle, square], templates: ['a {} shape.']}]"
-    )
-    cfg = demo_config(
-        cfg.run_root,
-        cfg.data.shards,
-        "clustering.n_coarse=2",
-        f"eval.shards={eval_shards}",
-        "eval.demo_tasks=true",
-        f"eval.tasks={task}",
-    )
-    return cfg, run_eval(cfg)
+def evaluated(evaluated_run):
+    return evaluated_run
 
 
 def _csv(cfg) -> pd.DataFrame:

@@ -112,8 +112,11 @@ def self_check(cfg: Config, url: str) -> dict[str, Any]:
     return {"url": url, "checked": total, "correct": correct}
 
 
-def run_serve(cfg: Config, force: bool = False, keep_running: bool | None = None) -> dict[str, Any]:
-    """Deploy, self-check over HTTP, then serve until Ctrl-C (keep_running) or shut Serve down."""
+def run_serve(
+    cfg: Config, force: bool = False, keep_running: bool | None = None, detach: bool = False
+) -> dict[str, Any]:
+    """Deploy, self-check over HTTP, then serve until Ctrl-C (keep_running), leave the app running on the
+    cluster (detach: a job's driver exits, Serve stays), or shut Serve down."""
     from ray import serve
 
     from mode_ray.runtime import ray_runtime
@@ -140,4 +143,5 @@ def run_serve(cfg: Config, force: bool = False, keep_running: bool | None = None
             log.done(f"self-check: {result['correct']}/{result['checked']} held-out images right over HTTP")
             return result
         finally:
-            serve.shutdown()
+            if not detach:
+                serve.shutdown()

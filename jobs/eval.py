@@ -1,0 +1,13 @@
+"""Evaluation (every model, the routed ensembles, the controls → eval/report.*) as a Ray job:
+
+ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.eval --config configs/cloud.yaml
+"""
+
+from __future__ import annotations
+
+from jobs._args import parse
+from mode_ray.stages.evaluate import run_eval
+
+if __name__ == "__main__":
+    cfg, force = parse(__doc__)
+    run_eval(cfg, force)

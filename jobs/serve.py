@@ -1,0 +1,15 @@
+"""Deploy the zero-shot endpoint as a Ray job; the Serve app stays up on the cluster after the job ends:
+
+ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.serve --config configs/cloud.yaml
+
+(`serve deploy configs/serve.yaml` is the declarative alternative.)
+"""
+
+from __future__ import annotations
+
+from jobs._args import parse
+from mode_ray.stages.serve import run_serve
+
+if __name__ == "__main__":
+    cfg, _ = parse(__doc__)
+    run_serve(cfg, keep_running=False, detach=True)
