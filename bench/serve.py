@@ -160,18 +160,18 @@ def main() -> None:
     images = sample_images(run_root)
     base = [f"run_root={run_root}", f"serve.port={free_port()}"]
     ensemble = {"candidate_labels": LABELS, "hypothesis_templates": TEMPLATES}
-    one = {**ensemble, "model": "expert-0"}
+    one_expert = {**ensemble, "model": "expert-0"}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         load_args = (images, args.clients, args.seconds)
         results = {
             "ensemble (per_expert)": serve_case(base, ensemble, *load_args),
-            "one expert (per_expert)": serve_case(base, one, *load_args),
+            "one expert (per_expert)": serve_case(base, one_expert, *load_args),
             "ensemble (single)": serve_case([*base, "serve.layout=single"], ensemble, *load_args),
         }
     finally:
         ray.shutdown()
-    results["bare FastAPI, one expert"] = bare_case(run_root, one, images, args.clients, args.seconds)
+    results["bare FastAPI, one expert"] = bare_case(run_root, one_expert, images, args.clients, args.seconds)
     print(f"\n{args.clients} concurrent clients, {args.seconds:g} s each, {os.cpu_count()} CPUs")
     print(f"{'case':28s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
     for name, r in results.items():

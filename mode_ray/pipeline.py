@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from mode_ray.config import Config, dump_config
 from mode_ray.progress import console
+from mode_ray.runtime import ray_runtime
 from mode_ray.stages.demo import run_demo_data
 from mode_ray.stages.evaluate import run_eval
 from mode_ray.stages.prep import run_prep
@@ -25,6 +27,9 @@ STAGES: list[tuple[str, StageFn]] = [
 ]
 
 
+RAY_FREE = {"demo-data"}
+
+
 def save_resolved_config(cfg: Config) -> str:
     """Keep the resolved config with the run, so a run root says how it was made."""
     url = join(cfg.run_root, "config.yaml")
@@ -38,7 +43,9 @@ def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> 
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {names}")
     console.print(f"run root: {save_resolved_config(cfg)}")
-    for name, fn in STAGES:
-        if only and name not in only:
-            continue
-        fn(cfg, force)
+    selected = [(name, fn) for name, fn in STAGES if not only or name in only]
+    needs_ray = any(name not in RAY_FREE for name, _ in selected)
+    # One Ray for every stage (each would otherwise start and stop its own); none for demo data alone.
+    with ray_runtime(cfg) if needs_ray else nullcontext():
+        for _, fn in selected:
+            fn(cfg, force)

@@ -102,9 +102,13 @@ def test_ensemble_online_matches_the_offline_evaluation(served):
         assert online_right >= offline_right - 1, task
 
 
-def test_hf_client_batch_route_and_single_models(served):
+def test_hf_client_batch_route_and_single_models(served, monkeypatch):
+    import huggingface_hub.constants
     from huggingface_hub import InferenceClient
 
+    # The suite runs with HF_HUB_OFFLINE=1 (no downloads), which also blocks the client from calling our
+    # own 127.0.0.1 endpoint; lift it for this client only.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cfg, url, client = served
     key, image, label = _eval_images(cfg)["color"][0]
     labels = list(demo_data.CLASS_NAMES["color"])

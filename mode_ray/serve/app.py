@@ -63,16 +63,15 @@ api = FastAPI(
     version=__version__,
     description="MoDE data experts behind the Hugging Face Inference API's zero-shot image classification shape.",
 )
-api.state.max_request_bytes = 8_000_000  # replaced from the config when the ingress starts
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodySizeLimit:
     """ASGI middleware: refuse a body over the limit from its Content-Length, or while it streams in —
-    before FastAPI reads or parses any of it."""
+    before FastAPI parses any of it. The body is read here (up to the limit) and replayed to the app:
+    FastAPI would turn an error raised while it reads into a 400. The limit is a class attribute set by
+    the ingress from its config (the ingress is pickled by value, this class by reference: both see it)."""
+
+    limit = 8_000_000
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -81,33 +80,33 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = api.state.max_request_bytes
+        limit = self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _too_large(limit)(scope, receive, send)
             return
-        seen = 0
-        started = False
-
-        async def counted_receive() -> dict:
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
                 await _too_large(limit)(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -173,7 +172,7 @@ class ZeroShotIngress:
     def __init__(self, settings: dict[str, Any], groups: list[list[str]], *handles: DeploymentHandle) -> None:
         cfg = Config.model_validate(settings)
         self.cfg = cfg
-        api.state.max_request_bytes = cfg.serve.max_request_bytes
+        BodySizeLimit.limit = cfg.serve.max_request_bytes
         self.limits = RequestLimits.from_config(cfg.serve)
         self.router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, cfg.data.s3)
         self.groups = [(handle, names) for handle, names in zip(handles, groups, strict=True)]

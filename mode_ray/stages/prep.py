@@ -50,12 +50,14 @@ def _marker_run_id(stage_dir: str, cfg: Config) -> str:
 
 
 def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list float32 column as an [n, d] array (zero-copy where Arrow allows)."""
+    """A fixed-size-list float32 column as an [n, d] array, one row per entry — null entries included (as
+    whatever their slots hold: zeros as we write them), which `flatten()` would drop and misalign."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if len(arr) == 0:
         return np.zeros((0, 0), dtype=np.float32)
     dim = arr.type.list_size
-    return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, dim)
+    start = arr.offset * dim
+    return np.asarray(arr.values[start : start + len(arr) * dim], dtype=np.float32).reshape(-1, dim)
 
 
 def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
