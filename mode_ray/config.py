@@ -147,8 +147,9 @@ class ServeConfig(Section):
     port: int = Field(default=8000, ge=1, le=65535)
     app_name: str = "mode-ray"
     layout: Literal["per_expert", "single"] = Field(
-        default="per_expert",
-        description="per_expert: one deployment per model, called concurrently; single: one holds them all.",
+        default="single",
+        description="single: one deployment holds every model (measured faster for small models, bench/serve.py); "
+        "per_expert: one deployment per model, called concurrently (a GPU per expert, big models).",
     )
     models: list[str] | None = Field(
         default=None, description="Trained models to serve; null: every one in experts/ (and the MoE when built)."

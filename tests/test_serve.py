@@ -43,6 +43,7 @@ def served(evaluated_run):
         "serve.max_image_pixels=1000000",
         "serve.max_labels=20",
         "serve.request_timeout_s=20",
+        "serve.layout=per_expert",
         "serve.ingress.num_cpus=0.1",
         "serve.experts.num_cpus=0.1",
     )
@@ -228,6 +229,31 @@ def test_a_dead_expert_replica_is_replaced_and_requests_never_hang(served):
             break
         time.sleep(0.5)
     assert statuses[-1] == 200, statuses  # Serve brought a new replica up
+
+
+def test_single_layout_gives_the_same_answers(served):
+    from ray import serve
+
+    from mode_ray.serve.app import build_app
+
+    cfg, url, client = served
+    single = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"layout": "single"})})
+    serve.run(build_app(single), name="single", route_prefix="/single")
+    try:
+        labels = list(demo_data.CLASS_NAMES["shape"])
+        for _, image, _ in _eval_images(cfg)["shape"][:3]:
+            body = _request(image, labels, return_expert_weights=True)
+            a, b = client.post("/", json=body).json(), client.post("/single/", json=body).json()
+            assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+            np.testing.assert_allclose([p["score"] for p in a["predictions"]], [p["score"] for p in b["predictions"]])
+        assert [e["id"] for e in client.get("/single/v1/experts").json()["experts"]] == [
+            "expert-0",
+            "expert-1",
+            "generalist",
+            "seed",
+        ]
+    finally:
+        serve.delete("single")
 
 
 def test_expert_models_load_from_s3_run_roots(served, s3_endpoint):
