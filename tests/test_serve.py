@@ -246,12 +246,13 @@ def test_single_layout_gives_the_same_answers(served):
             a, b = client.post("/", json=body).json(), client.post("/single/", json=body).json()
             assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
             np.testing.assert_allclose([p["score"] for p in a["predictions"]], [p["score"] for p in b["predictions"]])
-        assert [e["id"] for e in client.get("/single/v1/experts").json()["experts"]] == [
+        info = client.get("/single/v1/experts").json()
+        assert info["layout"] == "single" and {e["id"] for e in info["experts"]} == {
             "expert-0",
             "expert-1",
             "generalist",
             "seed",
-        ]
+        }
     finally:
         serve.delete("single")
 
