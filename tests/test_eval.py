@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from mode_ray import demo_data
+from mode_ray.eval.retrieval import ensemble_retrieval
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import ensemble_logits
 from mode_ray.stages.evaluate import run_eval
@@ -71,6 +72,18 @@ def test_numbers_recompute_from_saved_predictions_and_logits(evaluated):
         best = max((logits[e].argmax(1) == labels).mean() for e in range(len(logits)))
         expert_max = report[(report.model == "expert-max") & (report.task == task)].value.item()
         assert expert_max == pytest.approx(best)
+    # Retrieval: the routed ensembles' recalls from the saved per-expert scores and weights.
+    scores, text_of_image = arrays["retrieval/expert_scores"], arrays["retrieval/text_of_image"]
+    for method in ("reference", "calibrated"):
+        recalls = ensemble_retrieval(
+            scores,
+            text_of_image,
+            arrays[f"retrieval/corpus_weights_{method}"],
+            arrays[f"retrieval/per_text_weights_{method}"],
+        )
+        saved = report[(report.model == f"ensemble-{method}") & (report.task == "retrieval")]
+        for row in saved.itertuples():
+            assert recalls[row.metric] == pytest.approx(row.value, abs=1e-12)
 
 
 def _domain_experts(cfg) -> dict[str, int]:

@@ -60,7 +60,7 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
     retrieval = {(m["model"], m["metric"]): m["value"] for m in metrics if m["task"] == RETRIEVAL}
     shown = [r for r in RETRIEVAL_SHOWN if any(k[1] == r for k in retrieval)]
     compute = {m["model"]: (m.get("trained_samples"), m.get("compute_samples")) for m in metrics}
-    notes = {m["model"]: m["note"] for m in metrics if m.get("note") and m["task"] == tasks[-1]} if tasks else {}
+    picks = {m["task"]: m["note"] for m in metrics if m["model"] == "expert-max" and m.get("note")}
     lines = [f"# Evaluation report — {header['run_root']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
     lines += ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
@@ -74,8 +74,8 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
         cells += [_fmt(retrieval.get((model, r))) for r in shown]
         cells += [_fmt(seen, pct=False), _fmt(cost, pct=False)]
         lines.append("| " + " | ".join(cells) + " |")
-    if notes:
-        lines += ["", f"expert-max picks, per task, the best expert (last task: {notes.get('expert-max')})."]
+    if picks:
+        lines += ["", "expert-max picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
     lines += [
         "",
         "`all_unit`: uniform average of the experts. `expert-max`: the best single expert per task — an oracle.",

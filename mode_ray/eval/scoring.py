@@ -22,6 +22,7 @@ METHODS = ("reference", "calibrated")
 ALL_UNIT = "all_unit"
 EXPERT_MAX = "expert-max"
 RETRIEVAL = "retrieval"
+MAX_SAVED_SCORES = 50_000_000  # retrieval score matrices above this many floats are not saved
 
 
 def ensemble_name(method: str) -> str:
@@ -134,9 +135,13 @@ def score_retrieval(
         corpus = router.route(texts, ("{}",), method, per_class=False)
         per_text = router.route(texts, ("{}",), method, per_class=True)
         out.routing.append(routing_record(RETRIEVAL, corpus, present))
-        results[ensemble_name(method)] = ensemble_retrieval(
-            stacked, text_of_image, restrict(corpus.weights, present), restrict(per_text.weights, present)
-        )
+        w_corpus, w_text = restrict(corpus.weights, present), restrict(per_text.weights, present)
+        results[ensemble_name(method)] = ensemble_retrieval(stacked, text_of_image, w_corpus, w_text)
+        out.arrays[f"{RETRIEVAL}/corpus_weights_{method}"] = w_corpus
+        out.arrays[f"{RETRIEVAL}/per_text_weights_{method}"] = w_text
+    if stacked.size <= MAX_SAVED_SCORES:  # the saved arrays recompute every recall; a huge corpus is skipped
+        out.arrays[f"{RETRIEVAL}/expert_scores"] = stacked
+        out.arrays[f"{RETRIEVAL}/text_of_image"] = text_of_image
     uniform = np.full(len(experts), 1.0 / len(experts))
     unit = ensemble_logits(stacked, uniform)
     results[ALL_UNIT] = recall_at_k(unit, unit, text_of_image)

@@ -320,6 +320,12 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             image_feats = {m: embeddings_to_numpy(corpus_rows[f"f:{m}"]) for m in models}
             parts.append(score_retrieval(captions, image_feats, per_caption, router, present, baselines))
         scores = merge(parts)
+        for r in scores.routing:  # the reference weights can be near-uniform: say so, with the distances
+            log.info(
+                f"routing {r['task']}/{r['method']}: [{', '.join(f'{w:.3f}' for w in r['weights'])}], "
+                f"{r['distance_from_uniform']:.3f} from uniform; label→centre d mean {r['distance_mean']:.3f} "
+                f"[{r['distance_min']:.3f}, {r['distance_max']:.3f}]"
+            )
         header = {
             "run_root": cfg.run_root,
             "tasks": ", ".join(f"{d.name} ({len(d.labels)} images, {len(d.class_names)} classes)" for d in data),
