@@ -22,7 +22,7 @@ from mode_ray.config import Config, EvalTaskConfig, S3Config
 from mode_ray.eval.retrieval import unique_texts
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import TaskData, merge, score_retrieval, score_task
-from mode_ray.eval.tasks import folder_classes, templates_of, webdataset_label
+from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log
 from mode_ray.rejects import Reason
@@ -222,14 +222,15 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
     if task.source == "folder":
         class_dirs = sorted({m["class_dir"] for m in metas})
         class_names = folder_classes(class_dirs, task)
-        labels = [(class_dirs.index(m["class_dir"]), None) for m in metas]
+        index = {d: i for i, d in enumerate(class_dirs)}
+        labels = [(index[m["class_dir"]], None) for m in metas]
     else:
         class_names = list(task.class_names or [])
         labels = [webdataset_label(m, task) for m in metas]
     skipped: Counter[str] = Counter()
     keep = []
     for i, ((_, why), reason) in enumerate(zip(labels, reasons, strict=True)):
-        if why == "no_label":
+        if why == SKIP_NO_LABEL:
             continue  # not a sample of this task (shards shared by several tasks)
         if why or reason:
             skipped[why or reason] += 1
@@ -240,7 +241,7 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
         name=task.name,
         class_names=class_names,
         templates=templates_of(task, default_templates),
-        keys=[rows["key"][int(i)].as_py() for i in idx],
+        keys=rows["key"].take(idx).to_pylist(),
         labels=np.array([labels[i][0] for i in idx], dtype=np.int64),
         image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
         skipped=dict(skipped),
