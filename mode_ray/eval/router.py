@@ -59,10 +59,6 @@ class TaskRouter:
         per_prompt = self.encoder.encode(prompts).reshape(len(labels), len(templates), -1)
         return l2_normalize(per_prompt.mean(axis=1))
 
-    def embed_labels(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
-        """[L, d] template-averaged, normalised label embeddings (cached per label set and templates)."""
-        return self._embed(tuple(labels), tuple(templates))
-
     def _route_uncached(
         self, labels: tuple[str, ...], templates: tuple[str, ...], method: str, per_class: bool
     ) -> Routing:
