@@ -108,8 +108,9 @@ def parse_caption(raw_json: bytes | None, txt: bytes | None, key: str, limits: L
     return caption
 
 
-def check_image(payload: bytes | None, limits: Limits) -> tuple[int, int]:
-    """Decode enough of the image to know it is one, refusing oversized ones before a full decode."""
+def check_image(payload: bytes | None, limits: Limits, full_decode: bool = False) -> tuple[int, int]:
+    """Decode enough of the image to know it is one, refusing oversized ones before any pixel is decoded.
+    `full_decode` decodes every pixel (a request image must not fail later, in a model replica)."""
     if payload is None:
         raise Rejected(Reason.MISSING_IMAGE, "no image member")
     if len(payload) > limits.max_image_bytes:
@@ -119,7 +120,8 @@ def check_image(payload: bytes | None, limits: Limits) -> tuple[int, int]:
             width, height = img.size  # header only: no pixels decoded yet
             if width * height > limits.max_image_pixels:
                 raise Rejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} > {limits.max_image_pixels} pixels")
-            img.draft("RGB", (min(width, 64), min(height, 64)))  # JPEG: decode at reduced scale, cheaply
+            if not full_decode:
+                img.draft("RGB", (min(width, 64), min(height, 64)))  # JPEG: decode at reduced scale, cheaply
             img.load()
     except Rejected:
         raise

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass
 
-from PIL import Image
-
 from mode_ray.config import ServeConfig
+from mode_ray.rejects import Reason
+from mode_ray.samples import Limits, Rejected, check_image
 from mode_ray.serve.schemas import ZeroShotParameters
 
 
@@ -26,46 +25,34 @@ class RequestError(Exception):
 class RequestLimits:
     max_labels: int
     max_label_chars: int
-    max_image_bytes: int
-    max_image_pixels: int
     max_batch_images: int
+    image: Limits  # bytes and pixels, checked by the data pipeline's own image check
 
     @classmethod
     def from_config(cls, serve: ServeConfig) -> RequestLimits:
-        return cls(
-            serve.max_labels,
-            serve.max_label_chars,
-            serve.max_image_bytes,
-            serve.max_image_pixels,
-            serve.max_batch_images,
-        )
+        image = Limits(max_image_bytes=serve.max_image_bytes, max_image_pixels=serve.max_image_pixels)
+        return cls(serve.max_labels, serve.max_label_chars, serve.max_batch_images, image)
 
 
 def decode_image(encoded: str, limits: RequestLimits, what: str = "inputs") -> bytes:
-    """base64 → image bytes that fully decode within the byte and pixel limits (checked header first)."""
+    """base64 → image bytes that fully decode within the byte and pixel limits (the pipeline's own image check,
+    header first, so decompression bombs are refused before any pixel is decoded)."""
     if "," in encoded[:100] and encoded.startswith("data:"):
         encoded = encoded.split(",", 1)[1]  # data:image/png;base64,....
     encoded = "".join(encoded.split())
     if not encoded:
         raise RequestError(400, f"{what}: empty; expected a base64-encoded image")
-    if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:
-        raise RequestError(413, f"{what}: image larger than {limits.max_image_bytes} bytes")
+    if len(encoded) * 3 // 4 > limits.image.max_image_bytes + 3:  # refused before decoding the base64
+        raise RequestError(413, f"{what}: image larger than {limits.image.max_image_bytes} bytes")
     try:
         payload = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as err:
         raise RequestError(400, f"{what}: not valid base64 ({err})") from None
-    if len(payload) > limits.max_image_bytes:
-        raise RequestError(413, f"{what}: image of {len(payload)} bytes > {limits.max_image_bytes}")
     try:
-        with Image.open(io.BytesIO(payload)) as img:
-            width, height = img.size  # header only: bombs are refused before any pixel is decoded
-            if width * height > limits.max_image_pixels:
-                raise RequestError(413, f"{what}: {width}x{height} image > {limits.max_image_pixels} pixels")
-            img.convert("RGB")  # the whole image decodes, so the models cannot fail on it later
-    except RequestError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise RequestError(400, f"{what}: not a decodable image ({type(err).__name__}: {err})") from None
+        check_image(payload, limits.image, full_decode=True)
+    except Rejected as rej:
+        status = 413 if rej.reason is Reason.IMAGE_TOO_LARGE else 400
+        raise RequestError(status, f"{what}: {rej.reason} ({rej.detail})") from None
     return payload
 
 
