@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from mode_ray.config import EmbeddingConfig, RoutingConfig, S3Config
-from mode_ray.encoders import TextEncoder, build_encoder, encoder_id_for, l2_normalize
+from mode_ray.encoders import TextEncoder, build_encoder, encoder_id_for
+from mode_ray.eval.zero_shot import template_averaged
 from mode_ray.layout import RunPaths, read_centroids
 from mode_ray.routing import Routing, route
 
@@ -55,9 +56,7 @@ class TaskRouter:
         return cls(centroids, encoder, routing)
 
     def _embed_uncached(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
-        prompts = [t.format(label) for label in labels for t in templates]
-        per_prompt = self.encoder.encode(prompts).reshape(len(labels), len(templates), -1)
-        return l2_normalize(per_prompt.mean(axis=1))
+        return template_averaged(self.encoder.encode, labels, templates)
 
     def _route_uncached(
         self, labels: tuple[str, ...], templates: tuple[str, ...], method: str, per_class: bool

@@ -7,11 +7,13 @@ is a weighted sum of those per-expert cosine logits, with one weight vector per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -30,6 +32,16 @@ def text_features(
     return torch.cat(out).numpy() if out else np.zeros((0, model.text_projection.shape[-1]), np.float32)
 
 
+def template_averaged(
+    encode: Callable[[list[str]], np.ndarray], names: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
+    """[C, D]: each name's prompts (every template filled in) encoded as unit vectors, averaged, and the
+    mean renormalised — as the reference builds class embeddings, for CLIP and routing encoders alike."""
+    prompts = [t.format(name) for name in names for t in templates]
+    mean = encode(prompts).reshape(len(names), len(templates), -1).mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+
+
 def class_text_features(
     model: Any,
     tokenizer: Any,
@@ -38,11 +50,19 @@ def class_text_features(
     device: str = "cpu",
     batch_size: int = 256,
 ) -> np.ndarray:
-    """[C, D]: each class's templates embedded and normalised, averaged, and the mean renormalised."""
-    prompts = [t.format(name) for name in class_names for t in templates]
-    feats = text_features(model, tokenizer, prompts, device, batch_size).reshape(len(class_names), len(templates), -1)
-    mean = feats.mean(axis=1)
-    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    """[C, D] class embeddings of a CLIP text tower."""
+    return template_averaged(
+        lambda prompts: text_features(model, tokenizer, prompts, device, batch_size), class_names, templates
+    )
+
+
+def preprocess(images: Sequence[bytes], transform: Any) -> torch.Tensor:
+    """[N, 3, H, W]: encoded images (already checked) decoded to RGB and put through a model's transform."""
+    pixels = []
+    for payload in images:
+        with Image.open(io.BytesIO(payload)) as img:
+            pixels.append(transform(img.convert("RGB")))
+    return torch.stack(pixels)
 
 
 @torch.inference_mode()

@@ -3,18 +3,16 @@ wraps it with `@serve.batch`, so concurrent requests share one forward pass per 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from ray import serve
 
 from mode_ray.config import S3Config
-from mode_ray.eval.zero_shot import class_text_features, image_features
+from mode_ray.eval.zero_shot import class_text_features, image_features, preprocess
 
 TEXT_CACHE_SIZE = 512
 
@@ -42,11 +40,7 @@ class ExpertModels:
 
     def image_features(self, name: str, images: Sequence[bytes]) -> np.ndarray:
         model, transform, _ = self.models[name]
-        pixels = []
-        for payload in images:
-            with Image.open(io.BytesIO(payload)) as img:
-                pixels.append(transform(img.convert("RGB")))
-        return image_features(model, torch.stack(pixels), self.device)
+        return image_features(model, preprocess(images, transform), self.device)
 
     def logits(
         self, names: Sequence[str], images: Sequence[bytes], labels: Sequence[str], templates: Sequence[str]

@@ -109,25 +109,16 @@ class ImageFeaturizer:
         self.models = {name: load_exported(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import io
-
-        import torch
-        from PIL import Image
-
-        from mode_ray.eval.zero_shot import image_features
+        from mode_ray.eval.zero_shot import image_features, preprocess
 
         ok = batch["reason"].is_null().to_numpy(zero_copy_only=False)
-        images = batch["image"].to_pylist()
-        pixels: dict[str, torch.Tensor] = {}
+        images = batch["image"].filter(pa.array(ok)).to_pylist()
+        pixels = {}
         out = batch.drop_columns(["image"])
         for name, (model, transform) in self.models.items():
             key = repr(transform)
-            if key not in pixels:
-                decoded = []
-                for i in np.flatnonzero(ok):
-                    with Image.open(io.BytesIO(images[i])) as img:
-                        decoded.append(transform(img.convert("RGB")))
-                pixels[key] = torch.stack(decoded) if decoded else torch.zeros(0)
+            if key not in pixels and images:
+                pixels[key] = preprocess(images, transform)
             dim = int(model.text_projection.shape[-1])
             feats = np.zeros((len(batch), dim), dtype=np.float32)
             if ok.any():
