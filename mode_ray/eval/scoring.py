@@ -82,6 +82,11 @@ def routing_record(task: str, routing: Routing, present: list[int]) -> dict[str,
     }
 
 
+def uniform(n_experts: int) -> np.ndarray:
+    """The all_unit control's weights."""
+    return np.full(n_experts, 1.0 / n_experts)
+
+
 def score_task(
     task: TaskData,
     class_feats: dict[str, np.ndarray],
@@ -96,9 +101,10 @@ def score_task(
     for method in METHODS:
         routing = router.route(task.class_names, task.templates, method)
         out.routing.append(routing_record(task.name, routing, present))
-        logits[ensemble_name(method)] = ensemble_logits(stacked, restrict(routing.weights, present))
-        out.arrays[f"{task.name}/weights_{method}"] = restrict(routing.weights, present)
-    logits[ALL_UNIT] = ensemble_logits(stacked, np.full(len(experts), 1.0 / len(experts), dtype=stacked.dtype))
+        weights = restrict(routing.weights, present)
+        logits[ensemble_name(method)] = ensemble_logits(stacked, weights)
+        out.arrays[f"{task.name}/weights_{method}"] = weights
+    logits[ALL_UNIT] = ensemble_logits(stacked, uniform(len(experts)))
     best = max(experts, key=lambda m: accuracy(logits[m], task.labels))
     logits[EXPERT_MAX] = logits[best]
     out.arrays[f"{task.name}/expert_logits"] = stacked
@@ -142,8 +148,7 @@ def score_retrieval(
     if stacked.size <= MAX_SAVED_SCORES:  # the saved arrays recompute every recall; a huge corpus is skipped
         out.arrays[f"{RETRIEVAL}/expert_scores"] = stacked
         out.arrays[f"{RETRIEVAL}/text_of_image"] = text_of_image
-    uniform = np.full(len(experts), 1.0 / len(experts))
-    unit = ensemble_logits(stacked, uniform)
+    unit = ensemble_logits(stacked, uniform(len(experts)))
     results[ALL_UNIT] = recall_at_k(unit, unit, text_of_image)
     results[EXPERT_MAX] = {k: max(results[m][k] for m in experts) for k in results[experts[0]]}
     for model in _report_order(experts, baselines):
@@ -153,8 +158,11 @@ def score_retrieval(
     return out
 
 
+ENSEMBLE_MODELS = (*(ensemble_name(m) for m in METHODS), ALL_UNIT, EXPERT_MAX)  # all made of every expert
+
+
 def _report_order(experts: list[str], baselines: list[str]) -> list[str]:
-    return [*experts, *(ensemble_name(m) for m in METHODS), ALL_UNIT, EXPERT_MAX, *baselines]
+    return [*experts, *ENSEMBLE_MODELS, *baselines]
 
 
 def merge(parts: list[Scores]) -> Scores:

@@ -318,9 +318,9 @@ def _deployment_options(dep: Any, name: str) -> dict[str, Any]:
     }
 
 
-def build_app(cfg: Config) -> Any:
+def build_app(cfg: Config, names: list[str] | None = None) -> Any:
     """The bound application: model deployments (per the layout) under the ingress."""
-    names = served_models(cfg)
+    names = names or served_models(cfg)
     paths = RunPaths(cfg.run_root)
     groups = [[n] for n in names] if cfg.serve.layout == "per_expert" else [names]
     device = "cuda" if cfg.serve.experts.num_gpus > 0 else "cpu"

@@ -21,7 +21,7 @@ import pyarrow as pa
 from mode_ray.config import Config, EvalTaskConfig, S3Config
 from mode_ray.eval.retrieval import unique_texts
 from mode_ray.eval.router import TaskRouter
-from mode_ray.eval.scoring import TaskData, merge, score_retrieval, score_task
+from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log
@@ -247,7 +247,7 @@ def _compute(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
     for name, m in models.items():
         seen = m["samples_seen"] + (seed if m["job"].get("init_from_seed") else 0)
         out[name] = {"trained_samples": seen, "compute_samples": seen}
-    for name in ("ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max"):
+    for name in ENSEMBLE_MODELS:
         out[name] = {"trained_samples": None, "compute_samples": total["mode_total"]}
     return out
 

@@ -46,9 +46,10 @@ def deploy(cfg: Config) -> str:
 
     from mode_ray.serve.app import build_app, served_models
 
-    check_resources(cfg, len(served_models(cfg)))
+    names = served_models(cfg)
+    check_resources(cfg, len(names))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, names), name=cfg.serve.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}/"
 
