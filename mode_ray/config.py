@@ -94,28 +94,61 @@ class ClusteringConfig(Section):
 
 
 class TrainingConfig(Section):
+    """One schedule for every model, counted in samples: an epoch is `samples_per_epoch` samples for the seed,
+    each data expert and the generalists alike (an expert redraws its partition as often as that takes)."""
+
     model: str = Field(default="mode-tiny", description="open_clip model name (built-in or registered config).")
     epochs: float = Field(default=32, gt=0)
     seed_fraction: float = Field(default=27 / 32, ge=0, lt=1, description="Share of the schedule for the seed.")
-    batch_size: int = Field(default=256, ge=2)
+    samples_per_epoch: int | None = Field(
+        default=None, ge=1, description="Samples in one epoch, for every model; null: the manifest's training rows."
+    )
+    batch_size: int = Field(default=256, ge=2, description="Global batch; the last partial batch is dropped.")
     lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.2, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(default=1e-6, gt=0)
     warmup_steps: int = Field(default=2000, ge=0)
     ooc_ratio: float = Field(default=0.02, ge=0, le=1)
+    matched_control: bool = Field(
+        default=True,
+        description="Also train generalist-matched: the seed continued for one tail per expert, so its compute "
+        "equals the whole ensemble's.",
+    )
+    holdout_fraction: float = Field(
+        default=0.02, ge=0, lt=0.5, description="Manifest rows (by key hash) kept out of training for validation."
+    )
+    holdout_max_rows: int = Field(default=4096, ge=1, description="Caps the validation rows on big manifests.")
+    checkpoint_every_epochs: float = Field(
+        default=1.0, gt=0, description="Checkpoint (and validate, and report to Tune) this often; and at the end."
+    )
     precision: Literal["fp32", "amp", "amp_bf16"] = "fp32"
     grad_accum_steps: int = Field(default=1, ge=1)
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    data_cpus_per_trial: float = Field(default=1.0, ge=0, description="CPUs kept for each trial's data pipeline.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per worker; null: the CPUs left to each concurrent trial."
+    )
+    data_cpus_per_trial: float = Field(default=0.25, ge=0, description="CPUs kept for each trial's read tasks.")
+    data_tasks_per_trial: int = Field(default=2, ge=1, description="Concurrent read tasks of a trial.")
+    decode_cache: bool = Field(
+        default=False,
+        description="Decode every image once per run into train_inputs/ (small data: decoding costs as much as "
+        "a tiny model's step); off: each read decodes (web-scale data).",
+    )
+    max_concurrent_trials: int | None = Field(default=None, ge=1, description="null: as many as resources allow.")
+    controller_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="Ray Train's controller poll interval (Ray's default 2 s): each report and the end of a run "
+        "wait for one poll.",
+    )
     max_failures: int = Field(default=2, ge=0)
     seed: int = 0
     use_seed: bool = Field(default=True, description="Experts continue a seed model; off: from scratch.")
-    shuffle: bool = Field(default=True, description="Randomise block order and shuffle in a local buffer.")
-    shuffle_buffer: int = Field(default=1024, ge=1)
-    log_every_steps: int = Field(default=10, ge=1)
+    shuffle_buffer: int = Field(default=1024, ge=0, description="Rows of the local shuffle buffer (0: no shuffle).")
+    log_every_steps: int = Field(default=10, ge=1, description="Loss curve resolution (kept with each model).")
     fail_once_at_step: dict[str, int] | None = Field(
         default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
     )

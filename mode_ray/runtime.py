@@ -19,6 +19,9 @@ _FORWARDED_ENV = (
 )
 
 
+IDLE_WORKERS = 8
+
+
 @contextmanager
 def ray_runtime(cfg: Config) -> Iterator[None]:
     """Use the running Ray if there is one (tests, `ray job submit`); else start one and shut it down after."""
@@ -29,6 +32,10 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Keep idle worker processes (Ray's default keeps one per CPU): each training trial's read tasks then
+    # reuse processes that already imported their libraries instead of paying for it again (measured on 2
+    # cores: a trial's first steps ran 3x slower beside cold processes).
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.ray.address:

@@ -17,7 +17,18 @@ from mode_ray.config import S3Config
 from mode_ray.eval.scoring import RETRIEVAL, Scores
 from mode_ray.storage import join, write_bytes, write_json
 
-CSV_COLUMNS = ["model", "kind", "task", "metric", "value", "n", "trained_samples", "compute_samples", "note"]
+CSV_COLUMNS = [
+    "model",
+    "kind",
+    "task",
+    "metric",
+    "value",
+    "n",
+    "trained_samples",
+    "compute_samples",
+    "train_seconds",
+    "note",
+]
 RETRIEVAL_SHOWN = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5")
 
 
@@ -59,28 +70,33 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
     tasks, table = accuracy_table(metrics)
     retrieval = {(m["model"], m["metric"]): m["value"] for m in metrics if m["task"] == RETRIEVAL}
     shown = [r for r in RETRIEVAL_SHOWN if any(k[1] == r for k in retrieval)]
-    compute = {m["model"]: (m.get("trained_samples"), m.get("compute_samples")) for m in metrics}
+    compute = {
+        m["model"]: (m.get("trained_samples"), m.get("compute_samples"), m.get("train_seconds")) for m in metrics
+    }
     picks = {m["task"]: m["note"] for m in metrics if m["model"] == "expert-max" and m.get("note")}
     lines = [f"# Evaluation report — {header['run_root']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
     lines += ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
-    cols = ["model", *tasks, "average", *shown, "samples seen by the weights", "training compute (samples)"]
+    cols = ["model", *tasks, "average", *shown, "samples behind the weights", "training compute (samples)", "(s)"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for model in models_in_order(metrics):
         row = table.get(model, {})
-        seen, cost = compute.get(model, (None, None))
+        seen, cost, seconds = compute.get(model, (None, None, None))
         cells = [model + (" (oracle)" if model == "expert-max" else "")]
         cells += [_fmt(row.get(t)) for t in [*tasks, "average"]]
         cells += [_fmt(retrieval.get((model, r))) for r in shown]
-        cells += [_fmt(seen, pct=False), _fmt(cost, pct=False)]
+        cells += [_fmt(seen, pct=False), _fmt(cost, pct=False), "–" if seconds is None else f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if picks:
         lines += ["", "expert-max picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
     lines += [
         "",
-        "`all_unit`: uniform average of the experts. `expert-max`: the best single expert per task — an oracle.",
-        "Training compute counts every sample a model's training processed, the seed included once per model "
-        "family (the ensemble pays for the seed and every expert).",
+        "`all_unit`: uniform average of the experts. `expert-max`: the best single expert per task — an oracle. "
+        "`generalist`: the seed continued for one tail on all data (the dense baseline); `generalist-matched`: "
+        "the seed continued for one tail per expert, so its compute equals the ensemble's.",
+        "Training compute counts every sample a model's training processed and the seconds spent learning "
+        "(forward, backward, step), the seed's included (the ensemble pays for the seed and every expert).",
+        *_hit_rate_lines(routing),
         "",
         "## Routing weights per task",
         "",
@@ -90,13 +106,36 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
     ]
     n_experts = len(routing[0]["weights"]) if routing else 0
     cols = ["task", "method", *[f"e{e}" for e in range(n_experts)], "from uniform", "d mean [min, max]", "labels → e"]
+    cols += ["top expert", "expert-max pick", "hit"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in routing:
         cells = [r["task"], r["method"], *[f"{w:.3f}" for w in r["weights"]], f"{r['distance_from_uniform']:.3f}"]
         cells += [f"{r['distance_mean']:.3f} [{r['distance_min']:.3f}, {r['distance_max']:.3f}]"]
         cells += [" ".join(str(c) for c in r["label_expert_counts"])]
+        cells += [
+            r.get("top_expert", "–"),
+            r.get("expert_max_pick", "–"),
+            {True: "yes", False: "no"}.get(r.get("hit"), "–"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def routing_hit_rates(routing: list[dict[str, Any]]) -> dict[str, float]:
+    """Per routing method: the share of tasks whose heaviest expert is (as good as) the expert-max pick."""
+    hits: dict[str, list[bool]] = {}
+    for r in routing:
+        if "hit" in r:
+            hits.setdefault(r["method"], []).append(r["hit"])
+    return {method: float(np.mean(h)) for method, h in hits.items()}
+
+
+def _hit_rate_lines(routing: list[dict[str, Any]]) -> list[str]:
+    rates = routing_hit_rates(routing)
+    if not rates:
+        return []
+    shown = ", ".join(f"{m} {100 * v:.0f}%" for m, v in rates.items())
+    return ["", f"Routing hit rate (top-weighted expert = the expert-max pick, over the zero-shot tasks): {shown}."]
 
 
 def plot(metrics: list[dict[str, Any]], routing: list[dict[str, Any]]) -> bytes:

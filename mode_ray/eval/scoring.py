@@ -105,8 +105,12 @@ def score_task(
         logits[ensemble_name(method)] = ensemble_logits(stacked, weights)
         out.arrays[f"{task.name}/weights_{method}"] = weights
     logits[ALL_UNIT] = ensemble_logits(stacked, uniform(len(experts)))
-    best = max(experts, key=lambda m: accuracy(logits[m], task.labels))
+    acc = {m: accuracy(logits[m], task.labels) for m in experts}
+    best = max(experts, key=acc.__getitem__)
     logits[EXPERT_MAX] = logits[best]
+    for record in out.routing:  # did routing put most weight on the expert the oracle would pick?
+        top = experts[int(np.argmax(record["used_weights"]))]
+        record.update(top_expert=top, expert_max_pick=best, hit=bool(acc[top] == acc[best]))
     out.arrays[f"{task.name}/expert_logits"] = stacked
     out.arrays[f"{task.name}/labels"] = task.labels
     for model in _report_order(experts, baselines):

@@ -41,6 +41,7 @@ from mode_ray.storage import (
     stage_done,
     write_json,
 )
+from mode_ray.train.schedule import GENERALIST, MATCHED, SEED
 
 ROW_SCHEMA = pa.schema(
     [
@@ -239,21 +240,27 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
     )
 
 
-def _compute(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Samples each model's weights saw, and the training compute it took to make it (in samples)."""
-    models, total = summary["models"], summary["compute_samples"]
-    seed = total.get("seed", 0)
-    out = {}
-    for name, m in models.items():
-        seen = m["samples_seen"] + (seed if m["job"].get("init_from_seed") else 0)
-        out[name] = {"trained_samples": seen, "compute_samples": seen}
-    for name in ENSEMBLE_MODELS:
-        out[name] = {"trained_samples": None, "compute_samples": total["mode_total"]}
+def _compute(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per report row: the samples behind the model's weights, and the training compute it took to make it
+    (samples and seconds spent learning; a model continuing the seed carries the seed's share, and every
+    ensemble the seed's and all experts')."""
+    compute = summary["compute"]
+
+    def row(c: dict[str, Any], trained: bool) -> dict[str, Any]:
+        samples = c["samples"]
+        return {
+            "trained_samples": samples if trained else None,
+            "compute_samples": samples,
+            "train_seconds": c["train_seconds"],
+        }
+
+    out = {name: row(compute[name], True) for name in summary["models"]}
+    out.update({name: row(compute["ensemble"], False) for name in ENSEMBLE_MODELS})
     return out
 
 
 def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
-    from mode_ray.eval.report import accuracy_table, write_report
+    from mode_ray.eval.report import accuracy_table, routing_hit_rates, write_report
     from mode_ray.eval.tasks import configured_tasks
     from mode_ray.runtime import ray_runtime
 
@@ -270,7 +277,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
     if not present:
         raise ValueError(f"no data experts under {paths.experts()}: nothing to ensemble")
-    baselines = [m for m in ("generalist", "seed") if m in models]
+    baselines = [m for m in (GENERALIST, MATCHED, SEED) if m in models]
     settings = settings_hash(
         cfg.eval.model_dump(mode="json"),
         [t.model_dump(mode="json") for t in tasks],
@@ -328,7 +335,13 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         }
         files = write_report(paths.eval, scores, _compute(summary), header, s3)
         tasks_order, table = accuracy_table(scores.metrics)
-        result = {"files": files, "accuracy": table, "tasks": tasks_order, "header": header}
+        result = {
+            "files": files,
+            "accuracy": table,
+            "tasks": tasks_order,
+            "header": header,
+            "routing_hit_rate": routing_hit_rates(scores.routing),
+        }
         write_json(join(paths.eval, "summary.json"), result, s3)
         mark_done(paths.eval, settings, s3)
         print_accuracy(result)

@@ -1,144 +1,87 @@
 """Training as Ray Tune trials, each fitting one Ray Train `TorchTrainer`.
 
-    phase 1: seed          all of the manifest, epochs [0, seed_end)
-    phase 2: expert-e      partition e + an `ooc_ratio` share of the others (redrawn each pass), from the seed
-             generalist    all of the manifest, from the seed: the dense baseline at the same total budget
+    phase 1: seed                all of the manifest, steps [0, S)
+    phase 2: expert-e            partition e + an `ooc_ratio` share of the others, steps [S, S + T), from the seed
+             generalist          all of the manifest, steps [S, S + T), from the seed: the dense baseline
+             generalist-matched  all of the manifest, steps [S, S + n·T), from the seed: as much compute as
+                                 the whole ensemble (seed + n tails) — the control a sceptic asks for first
 
-A job whose `experts/NAME/_SUCCESS` matches its settings is never retrained; an unfinished one resumes
-from its own latest checkpoint (Train V2 restores a run by name and storage path); an interrupted Tune
-experiment is restored with `Tuner.restore(..., resume_errored=True)`. Adding an expert trains only it.
+Every model counts its schedule in samples of one global batch (`mode_ray.train.schedule`). A job whose
+`experts/NAME/_SUCCESS` matches its settings is never retrained; an unfinished one resumes from its own
+latest checkpoint (Train V2 restores a run by name and storage path); an interrupted Tune experiment is
+restored with `Tuner.restore(..., resume_errored=True)`. Adding an expert trains only it (and the matched
+control, whose budget grows with it).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict
 from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log
+from mode_ray.stages.train_data import build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
-    get_fs,
     join,
     mark_done,
     read_json,
+    remove_tree,
     settings_hash,
     stage_done,
     write_json,
 )
 from mode_ray.train.loop import STATE_FILE
+from mode_ray.train.schedule import SEED, Job, Plan, plan_training
+from mode_ray.train.transforms import InputSpec, input_spec
 
-
-@dataclass(frozen=True)
-class Job:
-    name: str  # seed | expert-{e} | generalist
-    expert: int | None  # coarse cluster for a data expert
-    epoch_start: float
-    epoch_end: float
-    init_from_seed: bool
+TRAIN_RECORD = "train_record.json"
 
 
 def experts_dir(cfg: Config, name: str = "") -> str:
     return RunPaths(cfg.run_root).experts(name)
 
 
-def plan_jobs(cfg: Config, per_expert: dict[str, int]) -> tuple[Job | None, list[Job], list[int]]:
-    """(seed job or None, tail jobs, empty experts skipped) from the schedule and the manifest counts."""
+def samples_per_epoch(cfg: Config, manifest_rows: int) -> int:
+    """The configured epoch, or the manifest's training rows (the hold-out never trains)."""
+    from mode_ray.stages.train_data import holdout_fraction
+
+    if cfg.training.samples_per_epoch:
+        return cfg.training.samples_per_epoch
+    return max(1, round(manifest_rows * (1 - holdout_fraction(cfg, manifest_rows))))
+
+
+def make_plan(cfg: Config, per_expert: dict[str, int]) -> Plan:
     t = cfg.training
-    seed_end = t.epochs * t.seed_fraction if t.use_seed and t.seed_fraction > 0 else 0.0
-    seed = Job("seed", None, 0.0, seed_end, False) if seed_end > 0 else None
-    from_seed = seed is not None
-    tails = []
-    empty = []
-    for e in range(cfg.clustering.n_coarse):
-        if per_expert.get(str(e), 0) == 0:
-            empty.append(e)
-            continue
-        tails.append(Job(f"expert-{e}", e, seed_end, t.epochs, from_seed))
-    tails.append(Job("generalist", None, seed_end, t.epochs, from_seed))
-    return seed, tails, empty
-
-
-def job_hash(cfg: Config, job: Job, manifest_run_id: str) -> str:
-    return settings_hash(cfg.training.model_dump(mode="json"), asdict(job), manifest_run_id)
-
-
-# --------------------------------------------------------------------------- data
-
-
-DATA_TASK_CPUS = 0.25  # small, so data tasks of concurrent trials still fit beside the training workers
-
-
-def _coarse_ids(batch: pa.Table) -> np.ndarray:
-    """The hive partition column comes back as a string: make it the integer it is."""
-    return np.asarray(pc.cast(batch["coarse_id"], pa.int32()).to_numpy(zero_copy_only=False))
-
-
-def _own_plus_share(batch: pa.Table, expert: int, ratio: float) -> pa.Table:
-    """An expert's rows: all of its cluster plus each other row with probability `ratio`, drawn afresh on
-    every pass (the reference redraws its out-of-cluster share per epoch)."""
-    coarse = _coarse_ids(batch)
-    keep = (coarse == expert) | (np.random.default_rng().random(len(batch)) < ratio)
-    return batch.filter(pa.array(keep))
-
-
-def training_dataset(cfg: Config, job: Job, per_expert: dict[str, int]) -> tuple[Any, int]:
-    """The job's Ray Dataset (decoded, transformed, tokenised) and its expected rows per pass."""
-    import ray
-
-    manifest = RunPaths(cfg.run_root).manifest
-    ds = ray.data.read_parquet(
-        manifest,
-        columns=["image", "caption", "coarse_id"],
-        filesystem=arrow_filesystem(manifest, cfg.data.s3),
-        num_cpus=DATA_TASK_CPUS,
+    return plan_training(
+        epochs=t.epochs,
+        seed_fraction=t.seed_fraction,
+        samples_per_epoch=samples_per_epoch(cfg, sum(per_expert.values())),
+        batch_size=t.batch_size,
+        base_lr=t.lr,
+        warmup_steps=t.warmup_steps,
+        per_expert=per_expert,
+        n_coarse=cfg.clustering.n_coarse,
+        use_seed=t.use_seed,
+        matched_control=t.matched_control,
     )
-    total = sum(per_expert.values())
-    if job.expert is None:
-        rows = total
-    else:
-        ratio = cfg.training.ooc_ratio
-        ds = ds.map_batches(
-            _own_plus_share,
-            fn_kwargs={"expert": job.expert, "ratio": ratio},
-            batch_format="pyarrow",
-            num_cpus=DATA_TASK_CPUS,
-        )
-        own = per_expert[str(job.expert)]
-        rows = own + round(ratio * (total - own))
-    if cfg.training.shuffle:
-        ds = ds.randomize_block_order()  # plus a local shuffle buffer in the loop: no all-to-all shuffle
-    ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs={"model_name": cfg.training.model},
-        batch_format="pyarrow",
-        batch_size=256,
-        num_cpus=DATA_TASK_CPUS,
-    )
-    return ds, rows
 
 
-def preprocess_batch(batch: pa.Table, model_name: str) -> dict[str, np.ndarray]:
-    """Decode + open_clip train transform + tokenise; an image that fails to decode is flagged, not fatal."""
-    from mode_ray.train.transforms import clip_inputs
-
-    coarse = _coarse_ids(batch)
-    return clip_inputs(batch["image"].to_pylist(), batch["caption"].to_pylist(), coarse, model_name)
+def job_hash(cfg: Config, plan: Plan, job: Job, manifest_run_id: str) -> str:
+    return settings_hash(cfg.training.model_dump(mode="json"), asdict(job), asdict(plan.schedule), manifest_run_id)
 
 
 # --------------------------------------------------------------------------- one trial
 
 
 def run_job_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: build and fit one TorchTrainer for one job, then export its model."""
+    """Tune function trainable: build and fit one TorchTrainer for one job, then record what it did."""
+    trial_start = time.time()
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -148,20 +91,23 @@ def run_job_trial(config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = Job(**config["job"])
-    per_expert: dict[str, int] = config["per_expert"]
     t = cfg.training
-    ds, rows = training_dataset(cfg, job, per_expert)
+    spe = config["samples_per_epoch"]
+    # Read by the Train controller this trial starts (Ray Train propagates it from the driver's environment).
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.controller_poll_s)
+    datasets, facts = job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), InputSpec(**config["input_spec"]))
     runs = join(cfg.run_root, "train_runs")
     loop_cfg = {
         **t.model_dump(mode="json"),
-        "job": job.name,
+        "job": asdict(job),
+        "schedule": config["schedule"],
         "global_batch": t.batch_size,
-        "epoch_start": job.epoch_start,
-        "epoch_end": job.epoch_end,
-        "total_epochs": t.epochs,
-        "rows_per_epoch": rows,
+        "checkpoint_every_steps": t.checkpoint_every_epochs * spe / t.batch_size,
         "n_coarse": cfg.clustering.n_coarse,
-        "init_state": join(experts_dir(cfg, "seed"), STATE_FILE) if job.init_from_seed else None,
+        "holdout": "holdout" in datasets,
+        "torch_threads": config["torch_threads"],
+        "init_state": join(experts_dir(cfg, SEED), STATE_FILE) if job.init_from_seed else None,
+        "out_dir": experts_dir(cfg, job.name),
         "s3": cfg.data.s3.model_dump(),
         "failure_marker": failure_marker_path(cfg, job.name),
         "fail_once_at_step": t.fail_once_at_step.get(job.name) if t.fail_once_at_step else None,
@@ -173,21 +119,23 @@ def run_job_trial(config: dict[str, Any]) -> None:
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            # Same settings, same name: a rerun resumes this run's checkpoints; changed settings start afresh.
-            name=f"{job.name}-{config['settings'][:10]}",
+            name=train_run_name(job, config["settings"]),
             storage_path=runs,
             storage_filesystem=arrow_filesystem(runs, cfg.data.s3),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
-        datasets={"train": ds},
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{job.name}: training finished without a checkpoint")
-    metrics = finalize_job(cfg, job, result.checkpoint, rows, config["settings"])
-    ray.tune.report({"done": 1, "loss": metrics["loss_history"][-1], "samples_seen": metrics["samples_seen"]})
+    fit_start = time.time()
+    trainer.fit()
+    fit_end = time.time()
+    metrics = finalize_job(
+        cfg, job, config, facts, {"trial_start": trial_start, "fit_start": fit_start, "fit_end": fit_end}
+    )
+    ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
 
 
 def failure_marker_path(cfg: Config, job_name: str) -> str:
@@ -195,35 +143,60 @@ def failure_marker_path(cfg: Config, job_name: str) -> str:
     return os.path.join(tempfile.gettempdir(), "mode_ray_failures", settings_hash(cfg.run_root, job_name))
 
 
-def finalize_job(cfg: Config, job: Job, checkpoint: Any, rows: int, settings: str) -> dict[str, Any]:
-    """Copy the final training state, export a stock-open_clip checkpoint, record what the model saw."""
-    from mode_ray.models.clip import build_clip, export_open_clip
-    from mode_ray.train.loop import load_state
+def time_breakdown(record: dict[str, Any], trial: dict[str, float], done: float) -> dict[str, float]:
+    """Where a trial's seconds went: everything but `compute` is fixed cost the model learns nothing from.
 
+    Wall-clock stamps from the trial and its worker (the same machine on one node; on a cluster, clocks
+    are assumed in sync). After a worker restart the stamps are the last attempt's."""
+    stamps, inside = record["stamps"], record["worker_seconds"]
+    first_batch = stamps.get("first_batch", stamps["model_ready"])
+    parts = {
+        "ray_train_start": stamps["worker_start"] - trial["fit_start"],
+        "imports": stamps["imports_done"] - stamps["worker_start"],
+        "model_build_and_resume": stamps["model_ready"] - stamps["imports_done"],
+        "data_start": first_batch - stamps["model_ready"],
+        "compute": inside["compute"],
+        "data_wait": inside["data_wait"] - (first_batch - stamps["model_ready"]) if "first_batch" in stamps else 0.0,
+        "validation": inside["validation"],
+        "checkpoint_and_report": inside["checkpoint"],
+        "export": record["export_seconds"],
+        "ray_train_end": trial["fit_end"] - stamps["outputs_written"],
+        "trial_setup": trial["fit_start"] - trial["trial_start"],
+        "finalize": done - trial["fit_end"],
+    }
+    parts = {k: max(0.0, v) for k, v in parts.items()}
+    total = done - trial["trial_start"]
+    return {**parts, "other": max(0.0, total - sum(parts.values())), "trial": total, "fixed": total - parts["compute"]}
+
+
+def finalize_job(
+    cfg: Config, job: Job, config: dict[str, Any], facts: dict[str, Any], trial: dict[str, float]
+) -> dict[str, Any]:
+    """metrics.json from the worker's record and the trial's timing, then the completion marker."""
     out = experts_dir(cfg, job.name)
-    fs, path = get_fs(out, cfg.data.s3)
-    fs.makedirs(path, exist_ok=True)
-    with checkpoint.as_directory() as d:
-        local_state = os.path.join(d, STATE_FILE)
-        fs.put(local_state, f"{path}/{STATE_FILE}")
-        model, _, _, _ = build_clip(cfg.training.model)
-        state = load_state(local_state, model, None, None)
-    export_open_clip(model.eval(), cfg.training.model, join(out, "export"), cfg.data.s3)
+    record = read_json(join(out, TRAIN_RECORD), cfg.data.s3)
+    seen = {k: int(v) for k, v in record["seen"].items()}
     metrics = {
         "job": asdict(job),
         "model": cfg.training.model,
-        "steps": state["step"] - state["init_step"],
-        "start_step": state["init_step"],
-        "end_step": state["step"],
-        "passes": state["passes"],
-        "samples_seen": int(sum(state["seen"].values())),
-        "samples_seen_by_cluster": state["seen"],
-        "rows_per_pass_expected": rows,
-        "skipped_images": state["skipped_images"],
-        "loss_history": state["loss_history"],
+        "steps": record["end_step"] - record["start_step"],
+        "start_step": record["start_step"],
+        "end_step": record["end_step"],
+        "batch_size": cfg.training.batch_size,
+        "samples_per_epoch": config["samples_per_epoch"],
+        "samples_seen": sum(seen.values()),
+        "samples_seen_by_cluster": seen,
+        "passes": record["passes"],
+        "first_lr": record["first_lr"],
+        "skipped_images": record["skipped_images"],
+        "loss_history": record["loss_history"],
+        "val_history": record["val_history"],
+        "torch_threads": config["torch_threads"],
+        **facts,
     }
+    metrics["timing"] = time_breakdown(record, trial, time.time())
     write_json(join(out, "metrics.json"), metrics, cfg.data.s3)
-    mark_done(out, settings, cfg.data.s3)
+    mark_done(out, config["settings"], cfg.data.s3)
     return metrics
 
 
@@ -234,26 +207,47 @@ def _max_concurrent(cfg: Config) -> int:
     import ray
 
     t = cfg.training
+    if t.max_concurrent_trials:
+        return t.max_concurrent_trials
     resources = ray.cluster_resources()
     if t.use_gpu:
         return max(1, int(resources.get("GPU", 0) // t.num_workers))
-    # Each trial also streams its own Ray Data pipeline, whose file listing alone takes a whole CPU: a trial
-    # that cannot get it would wait forever, so concurrency counts the data CPUs too.
     per_trial = t.num_workers * t.cpus_per_worker + t.data_cpus_per_trial
     return max(1, int(resources.get("CPU", 1) // per_trial))
 
 
-def run_phase(cfg: Config, phase: str, jobs: list[Job], per_expert: dict[str, int], settings: dict[str, str]) -> None:
+def _torch_threads(cfg: Config, concurrent: int) -> int:
+    """The configured count, or this node's CPUs shared by the trials running side by side: the seed runs
+    alone and gets them all, the tails split them (a worker's fractional CPU request would give it one)."""
+    import ray
+
+    if cfg.training.torch_threads:
+        return cfg.training.torch_threads
+    cpus = ray.cluster_resources().get("CPU", 1) / max(1, len(ray.nodes()))
+    return max(1, int(cpus // (concurrent * cfg.training.num_workers)))
+
+
+def train_run_name(job: Job, settings: str) -> str:
+    """Same settings, same name: a rerun resumes this Train run's checkpoints; changed settings start afresh."""
+    return f"{job.name}-{settings[:10]}"
+
+
+def run_phase(cfg: Config, phase: str, plan: Plan, jobs: list[Job], settings: dict[str, str], force: bool) -> None:
     import ray.tune as tune
 
     if not jobs:
         return
     tune_root = join(cfg.run_root, "tune")
     name = f"{phase}-{settings_hash(sorted(j.name for j in jobs), sorted(settings.values()))}"
+    if force:  # nothing to resume: --force means from the start
+        remove_tree(join(tune_root, name), cfg.data.s3)
+        for job in jobs:
+            remove_tree(join(cfg.run_root, "train_runs", train_run_name(job, settings[job.name])), cfg.data.s3)
     # The trial only drives its TorchTrainer; its workers ask for their own CPUs/GPUs.
     trainable = tune.with_resources(run_job_trial, {"CPU": 0.01})
     fs = arrow_filesystem(tune_root, cfg.data.s3)
     exp_path = join(tune_root, name)
+    concurrent = min(len(jobs), _max_concurrent(cfg))
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         console.print(f"  resuming Tune experiment {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
@@ -261,13 +255,16 @@ def run_phase(cfg: Config, phase: str, jobs: list[Job], per_expert: dict[str, in
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "job": tune.grid_search([asdict(j) for j in jobs]),
+                "job": tune.grid_search([asdict(j) for j in jobs]),  # in plan order: the longest job first
                 "cfg": cfg.model_dump(mode="json"),
-                "per_expert": per_expert,
+                "schedule": asdict(plan.schedule),
+                "samples_per_epoch": plan.samples_per_epoch,
+                "torch_threads": _torch_threads(cfg, concurrent),
+                "input_spec": asdict(input_spec(cfg.training.model)),
                 "settings": tune.sample_from(lambda spec: settings[spec.config["job"]["name"]]),
             },
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=min(len(jobs), _max_concurrent(cfg)),
+                max_concurrent_trials=concurrent,
                 trial_name_creator=lambda trial: trial.config["job"]["name"],
                 trial_dirname_creator=lambda trial: trial.config["job"]["name"],
             ),
@@ -286,7 +283,7 @@ def run_phase(cfg: Config, phase: str, jobs: list[Job], per_expert: dict[str, in
 
 
 def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
-    """Seed, then every data expert and the generalist as parallel trials; skips finished models."""
+    """Seed, then every data expert and both generalists as parallel trials; skips finished models."""
     from mode_ray.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
@@ -295,17 +292,30 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
     prep = read_json(paths.prep_summary, cfg.data.s3)
     per_expert = prep["per_expert"]
     manifest_run = prep.get("manifest_run_id", "")
-    seed, tails, empty = plan_jobs(cfg, per_expert)
-    for e in empty:
+    plan = make_plan(cfg, per_expert)
+    seed = plan.seed
+    for e in plan.empty_experts:
         console.print(f"[yellow]expert-{e}: empty partition, skipped[/yellow]")
-    settings = {j.name: job_hash(cfg, j, manifest_run) for j in ([seed] if seed else []) + tails}
+    jobs = ([seed] if seed else []) + plan.tails
+    settings = {j.name: job_hash(cfg, plan, j, manifest_run) for j in jobs}
     if seed is not None:  # the tails continue this very seed: a new seed means new tails
-        settings = {n: s if n == "seed" else settings_hash(s, settings["seed"]) for n, s in settings.items()}
+        settings = {n: s if n == SEED else settings_hash(s, settings[SEED]) for n, s in settings.items()}
 
-    def pending(jobs: list[Job]) -> list[Job]:
-        return [j for j in jobs if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
+    def pending(todo: list[Job]) -> list[Job]:
+        return [j for j in todo if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
 
+    console.print(
+        f"  schedule: {plan.schedule.total_steps} steps of {plan.batch_size} "
+        f"({plan.samples_per_epoch} samples an epoch); seed {seed.steps if seed else 0} steps, "
+        + ", ".join(f"{j.name} {j.steps}" for j in plan.tails)
+    )
     with ray_runtime(cfg):
+        if cfg.training.decode_cache:
+            with stage_log("train: decoded inputs") as log:
+                if build_input_cache(cfg, manifest_run, force):
+                    log.done(f"every image decoded once into {input_cache_dir(cfg)}")
+                else:
+                    log.skip("train_inputs/ complete")
         with stage_log("train: seed") as log:
             todo = pending([seed]) if seed else []
             if seed is None:
@@ -313,52 +323,94 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
             elif not todo:
                 log.skip("experts/seed complete")
             else:
-                run_phase(cfg, "seed", todo, per_expert, settings)
-                log.done(f"epochs [0, {seed.epoch_end:g})")
-        with stage_log("train: experts + generalist") as log:
-            todo = pending(tails)
+                run_phase(cfg, "seed", plan, todo, settings, force)
+                log.done(f"steps [0, {seed.end_step})")
+        with stage_log("train: experts + generalists") as log:
+            todo = pending(plan.tails)
             if not todo:
                 log.skip("all models complete")
             else:
                 log.info("training " + ", ".join(j.name for j in todo) + " as parallel Tune trials")
-                run_phase(cfg, "tails", todo, per_expert, settings)
+                run_phase(cfg, "tails", plan, todo, settings, force)
                 log.done(f"{len(todo)} models")
-    summary = training_summary(cfg, ([seed] if seed else []) + tails, empty)
+    summary = training_summary(cfg, plan)
     write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)
     print_training_summary(summary)
     return summary
 
 
-def training_summary(cfg: Config, jobs: list[Job], empty: list[int]) -> dict[str, Any]:
+def model_compute(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Training compute behind each model and the ensemble: its own samples and seconds plus the seed's
+    when it continues the seed (the ensemble pays for the seed once and every expert). `train_seconds` is
+    time spent learning (forward, backward, step); `trial_seconds` adds every fixed cost."""
+
+    def cost(names: list[str]) -> dict[str, float]:
+        return {
+            "samples": sum(models[n]["samples_seen"] for n in names),
+            "train_seconds": sum(models[n]["timing"]["compute"] for n in names),
+            "trial_seconds": sum(models[n]["timing"]["trial"] for n in names),
+        }
+
+    seed = [SEED] if SEED in models else []
+    out = {}
+    for name, m in models.items():
+        out[name] = cost((seed if m["job"]["init_from_seed"] else []) + [name])
+    experts = [n for n in models if models[n]["job"]["expert"] is not None]
+    if experts:
+        out["ensemble"] = cost(seed + experts)
+    return out
+
+
+def training_summary(cfg: Config, plan: Plan) -> dict[str, Any]:
+    jobs = ([plan.seed] if plan.seed else []) + plan.tails
     models = {j.name: read_json(join(experts_dir(cfg, j.name), "metrics.json"), cfg.data.s3) for j in jobs}
-    seed_seen = models["seed"]["samples_seen"] if "seed" in models else 0
-    tails = [n for n in models if n.startswith("expert-")]
     return {
         "models": models,
-        "empty_experts_skipped": empty,
-        "compute_samples": {
-            "seed": seed_seen,
-            "mode_total": seed_seen + sum(models[n]["samples_seen"] for n in tails),
-            "generalist_total": seed_seen + models["generalist"]["samples_seen"] if "generalist" in models else None,
-        },
+        "schedule": asdict(plan.schedule),
+        "samples_per_epoch": plan.samples_per_epoch,
+        "batch_size": plan.batch_size,
+        "empty_experts_skipped": plan.empty_experts,
+        "compute": model_compute(models),
     }
+
+
+def _val_loss(m: dict[str, Any]) -> str:
+    """Held-out loss at the end: on the expert's own partition for an expert, on everything otherwise."""
+    if not m["val_history"]:
+        return "-"
+    last = m["val_history"][-1]
+    expert = m["job"]["expert"]
+    group = last["by_cluster"].get(str(expert)) if expert is not None else last["all"]
+    return f"{group['loss']:.3f}" if group and group.get("loss") is not None else "-"
 
 
 def print_training_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="trained models")
-    for col in ("model", "from step", "steps", "samples seen", "loss first → last"):
+    for col in ("model", "steps", "samples", "loss first → last", "held-out loss", "trial s", "learning s", "fixed s"):
         table.add_column(col)
     for name, m in summary["models"].items():
-        losses = m["loss_history"]
+        losses = [p["loss"] for p in m["loss_history"]]
+        timing = m["timing"]
         table.add_row(
             name,
-            str(m["start_step"]),
-            str(m["steps"]),
+            f"{m['start_step']}→{m['end_step']}",
             str(m["samples_seen"]),
             f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "-",
+            _val_loss(m),
+            f"{timing['trial']:.1f}",
+            f"{timing['compute']:.1f}",
+            f"{timing['fixed']:.1f}",
         )
     console.print(table)
-    c = summary["compute_samples"]
-    console.print(f"compute (samples): MoDE total {c['mode_total']}, generalist total {c['generalist_total']}")
+    breakdown = Table(title="where each trial's fixed seconds went")
+    parts = [k for k in next(iter(summary["models"].values()))["timing"] if k not in ("trial", "fixed", "compute")]
+    for col in ("model", *parts):
+        breakdown.add_column(col.replace("_", " "))
+    for name, m in summary["models"].items():
+        breakdown.add_row(name, *(f"{m['timing'][p]:.1f}" for p in parts))
+    console.print(breakdown)
+    c = summary["compute"]
+    line = ", ".join(f"{n} {v['samples']:,} samples / {v['train_seconds']:.0f} s" for n, v in c.items())
+    console.print(f"training compute (seed included where continued): {line}")

@@ -1,8 +1,12 @@
-"""The one CLIP training loop, run by every Ray Train worker (seed, data experts, generalist; later CLIP-MoE).
+"""The one CLIP training loop, run by every Ray Train worker (seed, data experts, generalists; later CLIP-MoE).
 
-nanoGPT-style: build, optionally resume, iterate the worker's dataset shard in passes, step, checkpoint.
-The learning-rate position is the epoch position on the shared schedule, so an expert resumed from the
-seed continues the seed's curve (the MoDE reference resumes optimizer, scaler and LR position too).
+nanoGPT-style: build, resume, then step through the worker's data until the job's last step — the data is an
+endless run of passes (each execution of the trial's dataset is one or more draws of the job's rows), so a
+job trains exactly its planned number of steps whatever its partition's size. The learning rate is the
+shared schedule at the global step, so an expert resumed from the seed continues the seed's curve exactly
+(the MoDE reference resumes optimizer, scaler and LR position too). Checkpoints, validation on held-out rows
+and reports to Tune happen every `checkpoint_every_epochs` and at the end: each report costs a controller
+round trip, so they are sparse; the loss curve is kept in the training state instead.
 """
 
 from __future__ import annotations
@@ -19,16 +23,11 @@ import torch
 from mode_ray.config import S3Config
 from mode_ray.models.clip import build_clip
 from mode_ray.storage import get_fs
+from mode_ray.train.schedule import Schedule
+from mode_ray.train.transforms import augment
+from mode_ray.train.validation import HeldOut, validate
 
 STATE_FILE = "state.pt"
-
-
-def lr_at(step: int, epoch_pos: float, base_lr: float, warmup_steps: int, total_epochs: float) -> float:
-    """Linear warmup over global steps, then cosine over the epoch position of the whole schedule."""
-    if warmup_steps and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(max(epoch_pos / total_epochs, 0.0), 1.0)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -90,13 +89,41 @@ def _sum_over_workers(counts: Counter[str], n_coarse: int, world: int, device: t
     return Counter({str(i): int(v) for i, v in enumerate(vec.tolist()) if v})
 
 
+def new_state(start_step: int) -> dict[str, Any]:
+    return {
+        "step": start_step,
+        "init_step": start_step,
+        "passes": 0,
+        "seen": {},
+        "skipped_images": 0,
+        "loss_history": [],  # {step, loss, lr} every log_every_steps
+        "val_history": [],  # {step, loss/accuracy on held-out rows, overall and per coarse cluster}
+        "first_lr": None,
+        # seconds inside the worker: compute (forward/backward/step), waiting on data, validation, checkpoints
+        "seconds": {"compute": 0.0, "data_wait": 0.0, "validation": 0.0, "checkpoint": 0.0},
+    }
+
+
+def _fetch_seed_state(cfg: dict[str, Any], model: torch.nn.Module, opt: Any, scaler: Any) -> dict[str, Any]:
+    """The seed's weights, AdamW state and scaler, from the run root (a path or any URL)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, STATE_FILE)
+        fs, path = get_fs(cfg["init_state"], S3Config(**cfg.get("s3") or {}))
+        fs.get(path, local)
+        return load_state(local, model, opt, scaler)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    stamps = {"worker_start": time.time()}
     import ray.train
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
+    stamps["imports_done"] = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg["seed"] + rank)
     model, _, _, _ = build_clip(cfg["model"], device=device)
@@ -105,68 +132,71 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp_dtype = torch.bfloat16 if cfg["precision"] == "amp_bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": cfg["epoch_start"],
-        "passes": 0,
-        "seen": {},
-        "skipped_images": 0,
-        "loss_history": [],
-        "init_step": 0,
-    }
+    job = cfg["job"]
+    schedule = Schedule(**cfg["schedule"])
+    state = new_state(job["start_step"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # this job's own latest checkpoint: a restarted worker or a rerun command
         with checkpoint.as_directory() as d:
             state = load_state(os.path.join(d, STATE_FILE), model, opt, scaler)
-    elif cfg.get("init_state"):  # an expert or the generalist continuing the seed (a path or any URL)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, STATE_FILE)
-            fs, path = get_fs(cfg["init_state"], S3Config(**cfg.get("s3") or {}))
-            fs.get(path, local)
-            seed_state = load_state(local, model, opt, scaler)
-        state["step"] = state["init_step"] = seed_state["step"]
+    elif cfg.get("init_state"):  # continuing the seed: weights, optimizer state, schedule position
+        seed_state = _fetch_seed_state(cfg, model, opt, scaler)
+        if seed_state["step"] != job["start_step"]:
+            raise RuntimeError(f"the seed ended at step {seed_state['step']}, the plan expects {job['start_step']}")
     model = ray.train.torch.prepare_model(model)
+    stamps["model_ready"] = time.time()
+
     loss_fn = ClipLoss(rank=rank, world_size=world)
     shard = ray.train.get_dataset_shard("train")
-    span = cfg["epoch_end"] - cfg["epoch_start"]
-    per_worker_batch = max(2, cfg["global_batch"] // (world * cfg["grad_accum_steps"]))
-    rows = max(1, cfg["rows_per_epoch"])
+    held_out = HeldOut(ray.train.get_dataset_shard("holdout"), cfg["model"]) if rank == 0 and cfg["holdout"] else None
+    accum = cfg["grad_accum_steps"]
+    per_worker_batch = max(2, cfg["global_batch"] // (world * accum))
+    end_step = job["end_step"]
+    ckpt_every = max(1, round(cfg["checkpoint_every_steps"]))
+    seconds = state["seconds"]
+    window: list[float] = []  # losses since the last loss-curve point
+    local_seen: Counter[str] = Counter()  # samples per coarse cluster since the last checkpoint, this worker
     tic, samples_since = time.perf_counter(), 0
 
-    while state["passes"] < math.ceil(span - 1e-9):
-        limit = min(1.0, span - state["passes"])
-        pass_seen: Counter[str] = Counter()  # samples per coarse cluster in this pass
-        pass_losses: list[float] = []
-        in_pass = 0
-        pass_start = time.perf_counter()
-        for micro, batch in enumerate(
+    while state["step"] < end_step:
+        batches = 0
+        iterator = iter(
             shard.iter_torch_batches(
                 batch_size=per_worker_batch,
-                device=device,
-                local_shuffle_buffer_size=cfg["shuffle_buffer"] if cfg["shuffle"] else None,
+                drop_last=True,
+                local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
             )
-        ):
-            fraction = in_pass * world / rows
-            if limit < 1.0 and fraction >= limit:
+        )
+        micro = 0
+        while state["step"] < end_step:
+            wait = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
                 break
+            stamps.setdefault("first_batch", time.time())
+            seconds["data_wait"] += time.perf_counter() - wait
+            start = time.perf_counter()
+            batches += 1
             ok = batch["ok"].bool()
             state["skipped_images"] += int((~ok).sum())
-            images, texts = batch["image"][ok], batch["text"][ok]
-            if len(images) < 2:
+            if int(ok.sum()) < 2:
                 continue
-            for coarse, count in Counter(batch["coarse_id"][ok].tolist()).items():
-                pass_seen[str(coarse)] += count
-            in_pass += len(images)
-            samples_since += len(images)
-            state["epoch"] = cfg["epoch_start"] + state["passes"] + min(fraction, 0.999)
-            lr = lr_at(state["step"], state["epoch"], cfg["lr"], cfg["warmup_steps"], cfg["total_epochs"])
+            images = augment(batch["pixels"][ok].to(device), cfg["model"], train=True)
+            texts = batch["text"][ok].long().to(device)
+            local_seen.update(str(c) for c in batch["coarse_id"][ok].tolist())
+            samples_since += len(images) * world
+            lr = schedule.lr(state["step"], job["stretch"])
+            if state["first_lr"] is None:
+                state["first_lr"] = lr
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 img_f, txt_f, logit_scale = model(images, texts)
-                loss = loss_fn(img_f, txt_f, logit_scale) / cfg["grad_accum_steps"]
+                loss = loss_fn(img_f, txt_f, logit_scale) / accum
             scaler.scale(loss).backward()
-            if (micro + 1) % cfg["grad_accum_steps"]:
+            micro += 1
+            if micro % accum:
+                seconds["compute"] += time.perf_counter() - start
                 continue
             scaler.step(opt)
             scaler.update()
@@ -174,36 +204,100 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with torch.no_grad():
                 getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
             state["step"] += 1
-            pass_losses.append(float(loss) * cfg["grad_accum_steps"])
+            window.append(float(loss) * accum)
+            seconds["compute"] += time.perf_counter() - start
             _maybe_fail(cfg, state["step"])
-            if state["step"] % cfg["log_every_steps"] == 0:
+            if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == end_step:
+                point = {
+                    "step": state["step"],
+                    "loss": sum(window) / len(window),
+                    "lr": lr,
+                    "compute_s": seconds["compute"],
+                }
+                state["loss_history"].append(point)
+                window = []
+            done = state["step"] - job["start_step"]
+            if done % ckpt_every == 0 or state["step"] == end_step:
+                reduced = _sum_over_workers(local_seen, cfg["n_coarse"], world, device)
+                state["seen"] = dict(Counter(state["seen"]) + reduced)
+                local_seen.clear()
                 elapsed = time.perf_counter() - tic
-                ray.train.report(
-                    {
-                        "loss": pass_losses[-1],
-                        "lr": lr,
-                        "samples_per_s": samples_since * world / max(elapsed, 1e-9),
-                        "step": state["step"],
-                        "epoch": state["epoch"],
-                    }
-                )
+                metrics = {
+                    "loss": state["loss_history"][-1]["loss"] if state["loss_history"] else float("nan"),
+                    "lr": lr,
+                    "step": state["step"],
+                    "samples_seen": sum(state["seen"].values()),
+                    "samples_per_s": samples_since / max(elapsed, 1e-9),
+                }
+                _validate_and_checkpoint(cfg, model, opt, scaler, state, held_out, device, metrics, rank)
                 tic, samples_since = time.perf_counter(), 0
         state["passes"] += 1
-        state["epoch"] = cfg["epoch_start"] + min(state["passes"], span)
-        state["seen"] = dict(Counter(state["seen"]) + _sum_over_workers(pass_seen, cfg["n_coarse"], world, device))
-        state["loss_history"].append(sum(pass_losses) / max(1, len(pass_losses)))
-        metrics = {
-            "loss": state["loss_history"][-1],
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "passes": state["passes"],
-            "samples_seen": sum(state["seen"].values()),
-            "pass_samples": sum(pass_seen.values()),
-            "pass_seconds": time.perf_counter() - pass_start,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(os.path.join(tmp, STATE_FILE), model, opt, scaler, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        if batches == 0:
+            raise RuntimeError(
+                f"{cfg['job']['name']}: a pass over its data gave no batch of {per_worker_batch} usable rows"
+            )
+    stamps["train_end"] = time.time()
+    if rank == 0:
+        _write_outputs(cfg, model, opt, scaler, state, stamps)
+
+
+def _validate_and_checkpoint(
+    cfg: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    state: dict[str, Any],
+    held_out: HeldOut | None,
+    device: torch.device,
+    metrics: dict[str, Any],
+    rank: int,
+) -> None:
+    import ray.train
+
+    seconds = state["seconds"]
+    if held_out is not None:
+        start = time.perf_counter()
+        record = validate(getattr(model, "module", model), held_out.tensors(device), cfg["global_batch"])
+        if record:
+            state["val_history"].append({"step": state["step"], **record})
+            metrics["val_loss"] = record["all"]["loss"]
+        seconds["validation"] += time.perf_counter() - start
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_state(os.path.join(tmp, STATE_FILE), model, opt, scaler, state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+    seconds["checkpoint"] += time.perf_counter() - start
+
+
+def _write_outputs(
+    cfg: dict[str, Any], model: torch.nn.Module, opt: Any, scaler: Any, state: dict[str, Any], stamps: dict
+) -> None:
+    """The model's folder: final training state (the seed's is what every tail resumes), a stock-open_clip
+    export and what training recorded. Written by the worker, which holds the model, so the trial never
+    loads it again."""
+    from mode_ray.models.clip import export_open_clip
+    from mode_ray.storage import join, write_bytes, write_json
+
+    s3 = S3Config(**cfg.get("s3") or {})
+    out = cfg["out_dir"]
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, STATE_FILE)
+        save_state(local, model, opt, scaler, state)
+        with open(local, "rb") as f:
+            write_bytes(join(out, STATE_FILE), f.read(), s3)
+    export_open_clip(model, cfg["model"], join(out, "export"), s3)
+    stamps["outputs_written"] = time.time()
+    record = {key: state[key] for key in ("seen", "skipped_images", "loss_history", "val_history", "passes")}
+    record.update(
+        start_step=state["init_step"],
+        end_step=state["step"],
+        first_lr=state["first_lr"],
+        worker_seconds=state["seconds"],
+        stamps=stamps,
+        export_seconds=stamps["outputs_written"] - start,
+    )
+    write_json(join(out, "train_record.json"), record, s3)

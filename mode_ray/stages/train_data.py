@@ -1,0 +1,273 @@
+"""Each training job's data as a Ray Dataset: row groups → the job's rows → decoded CLIP inputs.
+
+    manifest/ ─(once per run, when training.decode_cache)─▶ train_inputs/: decoded pixels + tokens
+    row groups (from the Parquet footers) ─▶ draws of the job's rows ─▶ read + filter + shuffle [+ decode]
+    ─▶ the Train worker: local shuffle buffer, random resized crops in batch (mode_ray.train.transforms)
+
+A data expert's epoch counts samples, not passes over its partition (DESIGN §3): it draws "its partition
+plus an `ooc_ratio` share of the others" as often as its steps take, each draw with a fresh out-of-cluster
+share. One execution of a job's dataset holds many draws — the whole job on small data, about an epoch on
+big data — because every execution start costs seconds; the loop starts another when one runs out. Reads
+are by row group, in a shuffled order per draw, and each read task shuffles its rows, so a dense model's
+batches mix every partition (one block per partition would feed it one domain at a time). No
+`read_parquet`: its file listing asks for a whole CPU per trial, which on a small machine keeps trials from
+running side by side; the Parquet footers tell us everything listing would. Rows whose key hash falls in the
+hold-out (the same rows for every model and every seed) never train.
+
+With `training.decode_cache` the images are decoded once per run into `train_inputs/` (small models on
+small data: decoding was as costly as training); without it, every read task decodes (web-scale data).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from mode_ray.config import Config, S3Config
+from mode_ray.layout import RunPaths
+from mode_ray.samples import seeded_key_hash
+from mode_ray.storage import arrow_filesystem, get_fs, join, mark_done, remove_tree, settings_hash, stage_done
+from mode_ray.train.schedule import Job
+
+if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at import time
+    from mode_ray.train.transforms import InputSpec
+
+MANIFEST_COLUMNS = ["key", "image", "caption"]
+CACHE_COLUMNS = ["key", "pixels", "text", "ok"]
+ROWS_PER_READ_TASK = 512
+EXECUTION_ROWS = 1_000_000  # up to this many rows, one execution of a job's dataset covers the whole job
+DRAW_MARGIN = 1.02  # out-of-cluster draws and the batch cut at the end vary: a little more, not one more pass
+HOLDOUT_SALT = 0x5EED  # the hold-out is fixed per run, whatever the training seed
+_COARSE_DIR = re.compile(r"coarse_id=(\d+)")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a job reads rows from: the manifest (decoded by each read) or the decoded input cache."""
+
+    root: str
+    decoded: bool
+    model: str
+    s3: dict[str, Any]
+    load: int  # decoded side and token count, known up front: a read task then needs no torch or open_clip
+    context_length: int
+
+
+def make_source(cfg: Config, root: str, decoded: bool, spec: InputSpec) -> Source:
+    return Source(root, decoded, cfg.training.model, cfg.data.s3.model_dump(), spec.load, spec.context_length)
+
+
+def input_cache_dir(cfg: Config) -> str:
+    return join(cfg.run_root, "train_inputs")
+
+
+def row_groups(root: str, s3: S3Config) -> list[dict[str, Any]]:
+    """Every row group under a coarse_id-partitioned folder: path, index, coarse cluster, row count."""
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(root, s3)
+    groups = []
+    for file in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
+        match = _COARSE_DIR.search(file)
+        if match is None:
+            continue
+        with fs.open(file, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            if rows:
+                groups.append({"path": file, "row_group": i, "coarse_id": int(match.group(1)), "rows": rows})
+    return groups
+
+
+def holdout_fraction(cfg: Config, total_rows: int) -> float:
+    """The configured share, lowered on a big manifest so the held-out set stays under holdout_max_rows."""
+    t = cfg.training
+    if not t.holdout_fraction or not total_rows:
+        return 0.0
+    return min(t.holdout_fraction, t.holdout_max_rows / total_rows)
+
+
+def held_out(keys: list[str], fraction: float) -> np.ndarray:
+    if not fraction:
+        return np.zeros(len(keys), dtype=bool)
+    u = np.array([seeded_key_hash(HOLDOUT_SALT, k) for k in keys], dtype=np.float64) / float(2**64)
+    return u < fraction
+
+
+def draws_per_execution(groups: list[dict[str, Any]], job: Job, cfg: Config, holdout: float) -> int:
+    """How many draws of the job's rows one execution of its dataset holds: the whole job when it is at most
+    `EXECUTION_ROWS` rows (each execution start costs seconds), else about one epoch; a short execution is
+    simply followed by another."""
+    t = cfg.training
+    total = sum(g["rows"] for g in groups)
+    own = total if job.expert is None else sum(g["rows"] for g in groups if g["coarse_id"] == job.expert)
+    per_draw = (own + (t.ooc_ratio * (total - own) if job.expert is not None else 0)) * (1 - holdout)
+    job_rows = job.steps * t.batch_size
+    target = job_rows if job_rows <= EXECUTION_ROWS else max(t.samples_per_epoch or total, EXECUTION_ROWS)
+    return max(1, math.ceil(target * DRAW_MARGIN / max(per_draw, 1.0)))
+
+
+def draw_items(groups: list[dict[str, Any]], job: Job, draws: int, ooc_ratio: float, seed: int) -> list[dict]:
+    """The row groups one execution reads: `draws` draws, each in its own shuffled order (the out-of-cluster
+    groups are skipped when there is no share to draw)."""
+    rng = np.random.default_rng(seed)
+    wanted = [g for g in groups if job.expert is None or g["coarse_id"] == job.expert or ooc_ratio > 0]
+    items = []
+    for _ in range(draws):
+        items += [wanted[i] for i in rng.permutation(len(wanted))]
+    return items
+
+
+def _read_groups(items: dict[str, np.ndarray], source: Source, keep: Any) -> pa.Table:
+    """The row groups' rows that `keep(table, coarse)` selects, with their coarse_id."""
+    import pyarrow.parquet as pq
+
+    fs, _ = get_fs(source.root, S3Config(**source.s3))
+    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
+    tables = []
+    for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
+        with fs.open(str(path), "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
+        table = table.filter(pa.array(keep(table, int(coarse))))
+        tables.append(table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32))))
+    return pa.concat_tables(tables)
+
+
+def _inputs(table: pa.Table, source: Source) -> dict[str, np.ndarray]:
+    """pixels, text, ok, coarse_id as numpy: unpacked from the cache, or decoded now."""
+    from mode_ray.train.transforms import decode_rows, input_spec
+
+    coarse = table["coarse_id"].to_numpy()
+    if not source.decoded:
+        return {
+            **decode_rows(table["image"].to_pylist(), table["caption"].to_pylist(), source.model),
+            "coarse_id": coarse,
+        }
+    spec = input_spec(source.model)
+    n = len(table)
+    pixels = np.frombuffer(b"".join(table["pixels"].to_pylist()), dtype=np.uint8).reshape(n, spec.load, spec.load, 3)
+    text = np.frombuffer(b"".join(table["text"].to_pylist()), dtype=np.int32).reshape(n, spec.context_length)
+    return {"pixels": pixels, "text": text, "ok": table["ok"].to_numpy(zero_copy_only=False), "coarse_id": coarse}
+
+
+def read_job_rows(
+    items: dict[str, np.ndarray], source: Source, expert: int, ooc_ratio: float, holdout: float
+) -> dict[str, np.ndarray]:
+    """Read row groups; keep the job's rows (its partition, each other row with probability `ooc_ratio`,
+    redrawn on every read) outside the hold-out; shuffle. `expert` < 0: every row."""
+    rng = np.random.default_rng()
+
+    def keep(table: pa.Table, coarse: int) -> np.ndarray:
+        mask = ~held_out(table["key"].to_pylist(), holdout)
+        if expert >= 0 and coarse != expert:
+            mask &= rng.random(len(table)) < ooc_ratio
+        return mask
+
+    table = _read_groups(items, source, keep)
+    return _inputs(table.take(pa.array(rng.permutation(len(table)))), source)
+
+
+def read_holdout_rows(items: dict[str, np.ndarray], source: Source, holdout: float) -> dict[str, np.ndarray]:
+    """Only the held-out rows, in manifest order."""
+    return _inputs(_read_groups(items, source, lambda table, _: held_out(table["key"].to_pylist(), holdout)), source)
+
+
+def decode_to_cache(items: dict[str, np.ndarray], source: Source) -> pa.Table:
+    """Manifest row groups → cache rows: key, pixels and tokens as bytes, ok, coarse_id."""
+    table = _read_groups(items, source, lambda t, _: np.ones(len(t), dtype=bool))
+    inputs = _inputs(table, source)
+    return pa.table(
+        {
+            "key": table["key"],
+            "pixels": pa.array([p.tobytes() for p in inputs["pixels"]], type=pa.binary()),
+            "text": pa.array([t.tobytes() for t in inputs["text"]], type=pa.binary()),
+            "ok": pa.array(inputs["ok"]),
+            "coarse_id": pa.array(inputs["coarse_id"]),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class DataTasks:
+    """A trial's read tasks: few of them, so the same worker processes run one task after another and pay
+    for their imports once."""
+
+    cpus: float
+    concurrency: int
+
+    def read(self, items: list[dict[str, Any]], fn: Any, **kwargs: Any) -> Any:
+        """A dataset of `fn` over the items, about ROWS_PER_READ_TASK rows a task. The item blocks are tiny:
+        without a batch size Ray Data would bundle them all into one task — one block, nothing streamed."""
+        import ray
+
+        rows = sum(i["rows"] for i in items)
+        blocks = max(1, min(len(items), math.ceil(rows / ROWS_PER_READ_TASK)))
+        return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            fn,
+            fn_kwargs=kwargs,
+            batch_size=math.ceil(len(items) / blocks),
+            batch_format="numpy",
+            num_cpus=self.cpus,
+            compute=ray.data.TaskPoolStrategy(size=self.concurrency),
+        )
+
+
+def data_tasks(cfg: Config) -> DataTasks:
+    t = cfg.training
+    return DataTasks(max(t.data_cpus_per_trial / t.data_tasks_per_trial, 0.05), t.data_tasks_per_trial)
+
+
+def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) -> bool:
+    """Decode every manifest image once into train_inputs/ (when training.decode_cache); True if built now."""
+    if not cfg.training.decode_cache:
+        return False
+    out = input_cache_dir(cfg)
+    settings = settings_hash(manifest_run_id, cfg.training.model, "v1")
+    if not force and stage_done(out, settings, cfg.data.s3):
+        return False
+    remove_tree(out, cfg.data.s3)
+    manifest = RunPaths(cfg.run_root).manifest
+    groups = row_groups(manifest, cfg.data.s3)
+    from mode_ray.train.transforms import input_spec
+
+    source = make_source(cfg, manifest, False, input_spec(cfg.training.model))
+    tasks = DataTasks(1.0, max(1, int(_cluster_cpus())))
+    ds = tasks.read(groups, decode_to_cache, source=source)
+    ds.write_parquet(out, partition_cols=["coarse_id"], filesystem=arrow_filesystem(out, cfg.data.s3))
+    mark_done(out, settings, cfg.data.s3)
+    return True
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1)
+
+
+def job_datasets(cfg: Config, job: Job, seed: int, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({'train': …, 'holdout': …}, facts) for one job; the hold-out dataset only when there is one. The
+    input spec comes from the driver, so a trial never imports open_clip just to size its rows."""
+    t = cfg.training
+    root = input_cache_dir(cfg) if t.decode_cache else RunPaths(cfg.run_root).manifest
+    source = make_source(cfg, root, t.decode_cache, spec)
+    groups = row_groups(root, cfg.data.s3)
+    if not groups:
+        raise ValueError(f"no training rows under {root}")
+    total = sum(g["rows"] for g in groups)
+    holdout = holdout_fraction(cfg, total)
+    draws = draws_per_execution(groups, job, cfg, holdout)
+    items = draw_items(groups, job, draws, t.ooc_ratio, seed)
+    tasks = data_tasks(cfg)
+    expert = -1 if job.expert is None else job.expert
+    datasets = {
+        "train": tasks.read(items, read_job_rows, source=source, expert=expert, ooc_ratio=t.ooc_ratio, holdout=holdout)
+    }
+    if holdout:
+        datasets["holdout"] = tasks.read(groups, read_holdout_rows, source=source, holdout=holdout)
+    return datasets, {"manifest_rows": total, "holdout_fraction": holdout, "draws_per_execution": draws}

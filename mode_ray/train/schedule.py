@@ -1,0 +1,113 @@
+"""The training plan of a MoDE run, counted in optimizer steps of one global batch (torch/Ray-free).
+
+MoDE's budget is counted in samples of one dense model (DESIGN §3): a seed trains the first part of the
+schedule on all data, then every data expert and the generalist continue it — weights, optimizer state and
+learning-rate position — for the same number of steps (the tail), each on its own data. The compute-matched
+control, `generalist-matched`, continues the seed for one tail per expert, so it costs what the whole ensemble
+costs; its learning-rate tail is the same curve stretched over its longer run, so it too ends at zero.
+
+With every model on the same global batch, steps and samples are interchangeable: samples = steps × batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SEED = "seed"
+GENERALIST = "generalist"
+MATCHED = "generalist-matched"
+
+
+def expert_name(expert: int) -> str:
+    return f"expert-{expert}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup, then cosine to zero over the dense schedule (seed + one tail), in steps."""
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int  # seed + one tail
+    tail_start: int  # the seed's last step: where every tail branches off
+
+    def position(self, step: int, stretch: float = 1.0) -> float:
+        """Where on the dense schedule `step` of a run whose tail is `stretch` times longer stands."""
+        if step <= self.tail_start:
+            return float(step)
+        return self.tail_start + (step - self.tail_start) / stretch
+
+    def lr(self, step: int, stretch: float = 1.0) -> float:
+        pos = self.position(step, stretch)
+        if self.warmup_steps and pos < self.warmup_steps:
+            return self.base_lr * (pos + 1) / self.warmup_steps
+        progress = min(max(pos / max(self.total_steps, 1), 0.0), 1.0)
+        return 0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train: steps [start_step, end_step) of the schedule, its data, where it starts from."""
+
+    name: str  # seed | expert-{e} | generalist | generalist-matched
+    expert: int | None  # the coarse cluster of a data expert; None: all data
+    start_step: int
+    end_step: int
+    stretch: float  # the tail's learning-rate curve is stretched this much (generalist-matched: n experts)
+    init_from_seed: bool
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+@dataclass(frozen=True)
+class Plan:
+    schedule: Schedule
+    samples_per_epoch: int
+    batch_size: int
+    seed: Job | None
+    tails: list[Job]  # experts, generalist, generalist-matched (longest first: it bounds the phase)
+    empty_experts: list[int]
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.samples_per_epoch / self.batch_size
+
+
+def plan_training(
+    *,
+    epochs: float,
+    seed_fraction: float,
+    samples_per_epoch: int,
+    batch_size: int,
+    base_lr: float,
+    warmup_steps: int,
+    per_expert: dict[str, int],
+    n_coarse: int,
+    use_seed: bool = True,
+    matched_control: bool = True,
+) -> Plan:
+    """Seed [0, S), each tail [S, S + T), generalist-matched [S, S + n·T); an empty partition trains nothing."""
+    steps_per_epoch = samples_per_epoch / batch_size
+    total = max(1, round(epochs * steps_per_epoch))
+    seed_steps = round(epochs * seed_fraction * steps_per_epoch) if use_seed and seed_fraction > 0 else 0
+    seed_steps = min(seed_steps, total - 1)
+    tail = total - seed_steps
+    from_seed = seed_steps > 0
+    seed = Job(SEED, None, 0, seed_steps, 1.0, False) if from_seed else None
+    empty = [e for e in range(n_coarse) if per_expert.get(str(e), 0) == 0]
+    experts = [Job(expert_name(e), e, seed_steps, total, 1.0, from_seed) for e in range(n_coarse) if e not in empty]
+    tails = [*experts, Job(GENERALIST, None, seed_steps, total, 1.0, from_seed)]
+    if matched_control and len(experts) > 1:
+        n = len(experts)
+        tails.insert(0, Job(MATCHED, None, seed_steps, seed_steps + n * tail, float(n), from_seed))
+    return Plan(
+        schedule=Schedule(base_lr, warmup_steps, total, seed_steps),
+        samples_per_epoch=samples_per_epoch,
+        batch_size=batch_size,
+        seed=seed,
+        tails=tails,
+        empty_experts=empty,
+    )
