@@ -1,138 +1,167 @@
-"""Training benchmark: the shared loop inside Ray Train vs a bare torch loop.
+"""Training benchmark: what a trial costs beyond learning, and how fast the loop learns inside Ray Train.
 
-    python bench/train.py [--samples 2048] [--passes 3] [--batch 64]
+    python bench/train.py [--samples 2000] [--epochs 2] [--batch 128]
 
-Samples/s of the training loop inside a 1-worker Ray Train TorchTrainer (data streamed by Ray Data) vs a bare
-torch loop of the same model, batch and in-memory, pre-transformed data, in the same run (goal: >= 0.9x). The
-first pass of each is warm-up and not counted; both run torch on one thread (the worker's one CPU).
-
-Not here yet: parallel vs sequential expert trials. On a 2-core machine each trial's data pipeline needs a
-whole CPU for its file listing, so trials can only run one at a time; that figure needs a bigger machine.
+(1) Fixed seconds per trial: the real `mode-ray train` on a small demo run (seed, 4 experts, generalist,
+    generalist-matched), each trial's time minus its learning time, by part (Ray Train start, imports, data
+    start, checkpoints, …, from the train summary) vs the floor measured in the same run: a Tune trial that
+    fits a TorchTrainer whose loop does nothing (goal: ≤ 15 s a trial, and close to that floor).
+(2) Learning speed: samples/s of the steps inside those trials (after each trial's first 20% of steps) vs a
+    bare torch loop over the same model, batch, augmentation and torch threads on in-memory data
+    (goal: ≥ 0.8×).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def make_inputs(samples: int) -> dict[str, np.ndarray]:
-    """Demo images and captions, decoded and transformed once, held in memory."""
-    import tempfile
-    from pathlib import Path
+def empty_loop(config: dict) -> None:
+    import ray.train
 
-    from mode_ray import demo_data
-    from mode_ray.shards import iter_tar_rows
-    from mode_ray.train.transforms import clip_inputs
+    ray.train.report({"done": 1})
+
+
+def trivial_trial(config: dict) -> None:
+    """The floor: a Tune trial fitting a TorchTrainer whose loop does nothing, with the run's poll interval."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(config["poll"])
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        TorchTrainer(
+            empty_loop,
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name="floor", storage_path=tmp),
+        ).fit()
+    ray.tune.report({"fit_seconds": time.time() - start})
+
+
+def floor_seconds(poll: float, trials: int = 3) -> float:
+    import ray.tune as tune
 
     with tempfile.TemporaryDirectory() as tmp:
-        demo_data.generate(tmp, samples=samples, shards=1, seed=0)
-        with open(Path(tmp) / "0/0.tar", "rb") as f:
-            rows = list(iter_tar_rows(f, "0.tar"))
-    import json
+        start = time.time()
+        tune.Tuner(
+            tune.with_resources(trivial_trial, {"CPU": 0.01}),
+            param_space={"poll": poll, "i": tune.grid_search(list(range(trials)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=tmp, verbose=0),
+        ).fit()
+        return (time.time() - start) / trials
 
-    captions = [json.loads(r["json"])["caption"] for r in rows]
-    return clip_inputs([r["image"] for r in rows], captions, np.zeros(len(rows), dtype=np.int32), "mode-tiny")
 
-
-def bare_loop(data: dict[str, np.ndarray], batch: int, passes: int) -> float:
+def bare_samples_per_s(cfg, steps: int) -> float:
+    """The loop's work alone: augment + forward + backward + fused AdamW step on in-memory decoded rows."""
+    import pyarrow.dataset as pads
     import torch
     from open_clip.loss import ClipLoss
 
     from mode_ray.models.clip import build_clip
     from mode_ray.train.loop import make_optimizer
+    from mode_ray.train.transforms import augment, decode_rows
 
-    torch.manual_seed(0)
-    model, _, _, _ = build_clip("mode-tiny")
-    opt = make_optimizer(model, {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.98), "eps": 1e-6})
-    loss_fn = ClipLoss()
-    images, texts = torch.from_numpy(data["image"]), torch.from_numpy(data["text"])
-    counted, start = 0, 0.0
-    for p in range(passes):
-        if p == 1:
-            counted, start = 0, time.perf_counter()
-        for i in range(0, len(images), batch):
-            img_f, txt_f, scale = model(images[i : i + batch], texts[i : i + batch])
-            loss = loss_fn(img_f, txt_f, scale)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            counted += len(images[i : i + batch])
-    return counted / (time.perf_counter() - start)
+    t = cfg.training
+    torch.set_num_threads(t.torch_threads or 1)
+    rows = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive").to_table(
+        columns=["image", "caption"]
+    )
+    data = decode_rows(rows["image"].to_pylist(), rows["caption"].to_pylist(), t.model)
+    pixels, text = torch.from_numpy(data["pixels"]), torch.from_numpy(data["text"]).long()
+    model, _, _, _ = build_clip(t.model)
+    opt = make_optimizer(model, t.model_dump(mode="json"))
+    loss_fn, batch, n = ClipLoss(), t.batch_size, len(pixels)
+    start = 0.0
+    for step in range(steps + 5):
+        if step == 5:
+            start = time.perf_counter()
+        idx = torch.randint(0, n, (batch,))
+        img, txt, scale = model(augment(pixels[idx], t.model, train=True), text[idx])
+        loss_fn(img, txt, scale).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * batch / (time.perf_counter() - start)
 
 
-def ray_train_loop(data: dict[str, np.ndarray], batch: int, passes: int) -> float:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from mode_ray.config import TrainingConfig
-    from mode_ray.train.loop import train_loop_per_worker
-
-    ds = ray.data.from_numpy(data["image"]).rename_columns({"data": "image"})
-    ds = ds.zip(ray.data.from_numpy(data["text"]).rename_columns({"data": "text"}))
-    ds = ds.zip(ray.data.from_numpy(data["ok"]).rename_columns({"data": "ok"}))
-    ds = ds.zip(ray.data.from_numpy(data["coarse_id"]).rename_columns({"data": "coarse_id"})).materialize()
-    t = TrainingConfig(lr=1e-3, weight_decay=0.1, batch_size=batch, warmup_steps=0, shuffle=False)
-    n = len(data["image"])
-    cfg = {
-        **t.model_dump(mode="json"),
-        "job": "bench",
-        "global_batch": batch,
-        "epoch_start": 0.0,
-        "epoch_end": float(passes),
-        "total_epochs": float(passes),
-        "rows_per_epoch": n,
-        "n_coarse": 1,
-        "log_every_steps": 10**9,
-        "init_state": None,
-    }
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=cfg,
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name="bench", storage_path=tmp),
-            datasets={"train": ds},
-        )
-        result = trainer.fit()
-        per_pass = sorted((m["passes"], m["pass_samples"], m["pass_seconds"]) for _, m in result.best_checkpoints)
-    # Passes after the first (warm-up, as for the bare loop), timed inside the worker, data streaming included.
-    timed = per_pass[1:]
-    return sum(s for _, s, _ in timed) / sum(t for _, _, t in timed)
+def in_trial_samples_per_s(models: dict) -> float:
+    """Steady-state rate from each trial's loss curve (compute seconds at each point), first 20% skipped."""
+    samples = seconds = 0.0
+    for m in models.values():
+        curve = m["loss_history"]
+        first = curve[len(curve) // 5]
+        last = curve[-1]
+        samples += (last["step"] - first["step"]) * m["batch_size"]
+        seconds += last["compute_s"] - first["compute_s"]
+    return samples / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=2048)
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--root", default=None, help="run root (default: a temporary folder)")
     args = parser.parse_args()
 
     import ray
-    import torch
 
-    data = make_inputs(args.samples)
-    torch.set_num_threads(1)  # the Ray Train worker gets 1 CPU: same for the bare loop
-    bare = bare_loop(data, args.batch, args.passes)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
-    try:
-        via_ray = ray_train_loop(data, args.batch, args.passes)
-    finally:
+    from mode_ray.config import load_config
+    from mode_ray.pipeline import run_all
+    from mode_ray.runtime import ray_runtime
+
+    root = args.root or tempfile.mkdtemp(prefix="bench-train-")
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"run_root={root}",
+            f"data.demo.samples={args.samples}",
+            f"training.samples_per_epoch={args.samples}",
+            f"training.epochs={args.epochs}",
+            f"training.batch_size={args.batch}",
+        ],
+    )
+    with ray_runtime(cfg):
+        run_all(cfg, only=["demo-data", "prep", "train"])
+        floor = floor_seconds(cfg.training.controller_poll_s)
         ray.shutdown()
-    print(f"\n(1) training samples/s, mode-tiny, batch {args.batch}, {args.samples} samples, 1 CPU thread each")
-    print(f"  bare torch loop        {bare:8.1f}")
-    print(f"  Ray Train, 1 worker    {via_ray:8.1f}   (passes after the first, Ray Data streaming included)")
-    print(f"  ratio Ray Train / bare: {via_ray / bare:.2f}x (goal >= 0.9)")
+    from mode_ray.storage import read_json
+
+    summary = read_json(f"{root}/experts/summary.json")
+    models = summary["models"]
+    bare = bare_samples_per_s(cfg, steps=60)
+    fixed = [m["timing"]["fixed"] for m in models.values()]
+    parts = [k for k in next(iter(models.values()))["timing"] if k not in ("trial", "fixed", "compute")]
+    print(f"\n(1) fixed seconds per trial ({len(models)} trials, mode-tiny, batch {args.batch}, 2 CPUs)")
+    for name, m in models.items():
+        t = m["timing"]
+        top = sorted(((t[p], p) for p in parts), reverse=True)[:4]
+        print(
+            f"  {name:20s} trial {t['trial']:6.1f}  learning {t['compute']:6.1f}  fixed {t['fixed']:5.1f}   "
+            + ", ".join(f"{p} {v:.1f}" for v, p in top)
+        )
+    print(f"  mean fixed per trial     {np.mean(fixed):6.1f} s (goal <= 15)")
+    print(f"  floor: a Tune trial fitting a TorchTrainer that does nothing: {floor:.1f} s")
+    print(f"  ratio fixed / floor: {np.mean(fixed) / floor:.2f}x")
+    rate = in_trial_samples_per_s(models)
+    print(f"\n(2) learning speed, samples/s, {cfg.training.torch_threads or 1} torch thread(s)")
+    print(f"  inside the trials (steady state)  {rate:8.1f}")
+    print(f"  bare torch loop, in memory        {bare:8.1f}")
+    print(f"  ratio in-trial / bare: {rate / bare:.2f}x (goal >= 0.8)")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
     main()

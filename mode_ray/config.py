@@ -132,6 +132,12 @@ class TrainingConfig(Section):
     )
     data_cpus_per_trial: float = Field(default=0.25, ge=0, description="CPUs kept for each trial's read tasks.")
     data_tasks_per_trial: int = Field(default=2, ge=1, description="Concurrent read tasks of a trial.")
+    data_buffer_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Object store a trial's data may fill ahead of training: the read tasks wait beyond it instead "
+        "of racing ahead (spilling, and taking the CPU the step needs).",
+    )
     decode_cache: bool = Field(
         default=False,
         description="Decode every image once per run into train_inputs/ (small data: decoding costs as much as "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections import Counter
@@ -86,18 +85,20 @@ def demo_config(run_root, shards, *overrides: str):
             "clustering.n_fine=16",
             "clustering.n_coarse=4",
             "embedding.batch_size=128",
+            "training.model=mode-tiny",
             *overrides,
         ],
     )
 
 
 TRAIN_BATCH = 32
+TRAIN_EPOCH = 256  # samples an epoch: 8 steps of TRAIN_BATCH; an expert's partition (~240 rows) is drawn twice
 
 
 @pytest.fixture(scope="session")
 def trained_run(ray_session, tmp_path_factory):
-    """A small demo run, prepped and trained once per session (seed, 2 experts, generalist); the
-    generalist fails once on purpose, to exercise recovery. Eval and Serve tests reuse it."""
+    """A small demo run, prepped and trained once per session (seed, 2 experts, generalist, generalist-matched);
+    the generalist fails once on purpose, to exercise recovery. Eval and Serve tests reuse it."""
     from mode_ray import demo_data
     from mode_ray.stages.prep import run_prep
     from mode_ray.stages.train import failure_marker_path, run_train
@@ -107,17 +108,18 @@ def trained_run(ray_session, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("train-run")
     base = (
         "clustering.n_coarse=2",
+        f"training.samples_per_epoch={TRAIN_EPOCH}",
         "training.epochs=4",
         "training.seed_fraction=0.5",
         f"training.batch_size={TRAIN_BATCH}",
         "training.warmup_steps=5",
-        "training.log_every_steps=5",
+        "training.log_every_steps=4",
+        "training.checkpoint_every_epochs=1",
     )
     prep = run_prep(demo_config(run_root, shards, *base))
-    rows = prep["in_manifest"]
-    steps_per_pass = math.ceil(rows / TRAIN_BATCH)
-    # The generalist raises once in its second pass: it must resume from its first-pass checkpoint.
-    fail_at = 2 * steps_per_pass + steps_per_pass + 3
+    steps_per_epoch = TRAIN_EPOCH // TRAIN_BATCH
+    # The generalist (steps 16..32) raises once after its first checkpoint (step 24): it must resume from it.
+    fail_at = 3 * steps_per_epoch + 3
     cfg = demo_config(run_root, shards, *base, f"training.fail_once_at_step={{generalist: {fail_at}}}")
     marker = failure_marker_path(cfg, "generalist")
     if os.path.exists(marker):

@@ -22,7 +22,8 @@ from mode_ray.stages.evaluate import run_eval
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]
 EXPERTS = ["expert-0", "expert-1"]
-MODELS = [*EXPERTS, "ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max", "generalist", "seed"]
+BASELINES = ["generalist", "generalist-matched", "seed"]
+MODELS = [*EXPERTS, "ensemble-reference", "ensemble-calibrated", "all_unit", "expert-max", *BASELINES]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,14 @@ def test_report_lists_every_model_and_task(evaluated):
     assert set(retrieval.metric) == {"i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5"}
     assert set(retrieval.model) == set(MODELS)
     assert (retrieval.value >= 0).all() and (retrieval.value <= 1).all()
-    compute = report.drop_duplicates("model").set_index("model")["compute_samples"]
-    assert compute["ensemble-reference"] > compute["expert-0"] > compute["seed"] > 0
+    compute = report.drop_duplicates("model").set_index("model")
+    samples, seconds = compute["compute_samples"], compute["train_seconds"]
+    assert samples["ensemble-reference"] > samples["expert-0"] > samples["seed"] > 0
+    assert abs(samples["generalist-matched"] - samples["ensemble-calibrated"]) <= 32 * 2  # compute-matched
+    assert seconds["ensemble-calibrated"] > seconds["expert-0"] > seconds["seed"] > 0
+    assert np.isnan(compute["trained_samples"]["ensemble-calibrated"])  # a mixture: no single count of its own
     md = (Path(cfg.run_root) / "eval" / "report.md").read_text()
-    assert all(f"| {m}" in md for m in MODELS) and "Routing weights per task" in md
+    assert all(f"| {m}" in md for m in MODELS) and "Routing weights per task" in md and "Routing hit rate" in md
     assert (Path(cfg.run_root) / "eval" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["accuracy"]["seed"]["average"] == pytest.approx(acc[acc.model == "seed"].value.mean())
 
@@ -125,3 +130,19 @@ def test_folder_task_and_skipped_images_are_counted(evaluated, capsys):
     assert (folder.n == 12).all()
     again = run_eval(cfg)
     assert again == result and "eval/ complete" in capsys.readouterr().err
+
+
+def test_routing_hit_rate_is_the_share_of_tasks_routed_to_the_oracles_pick(evaluated):
+    cfg, result = evaluated
+    report = _csv(cfg)
+    routing = json.loads((Path(cfg.run_root) / "eval/routing.json").read_text())
+    tasks = [r for r in routing if r["task"] != "retrieval"]
+    for method in ("reference", "calibrated"):
+        rows = [r for r in tasks if r["method"] == method]
+        for r in rows:
+            acc = report[(report.task == r["task"]) & (report.metric == "accuracy")].set_index("model").value
+            assert (
+                r["expert_max_pick"] == report[(report.model == "expert-max") & (report.task == r["task"])].note.item()
+            )
+            assert r["hit"] == (acc[r["top_expert"]] == acc[r["expert_max_pick"]])
+        assert result["routing_hit_rate"][method] == pytest.approx(np.mean([r["hit"] for r in rows]))

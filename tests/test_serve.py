@@ -121,7 +121,7 @@ def test_hf_client_batch_route_and_single_models(served, monkeypatch):
     batch = client.post("/v1/zero-shot-image-classification/batch", json=batch_body)
     assert batch.status_code == 200 and len(batch.json()) == 3
     assert [e["label"] for e in batch.json()[2]] == [e["label"] for e in single]
-    for model in ("expert-0", "expert-1", "generalist", "seed"):
+    for model in ("expert-0", "expert-1", "generalist", "generalist-matched", "seed"):
         r = client.post("/", json=_request(image, labels, model=model, return_expert_weights=True))
         assert r.status_code == 200 and r.json()["model"] == model and r.json()["expert_weights"] is None
     calibrated = client.post("/", json=_request(image, labels, routing="calibrated", return_expert_weights=True))
@@ -134,7 +134,7 @@ def test_health_experts_and_openapi(served):
     info = client.get("/v1/experts").json()
     assert info["encoder_id"] == "minilm:all-MiniLM-L6-v2" and info["n_fine"] == 16
     experts = {e["id"]: e for e in info["experts"]}
-    assert set(experts) == {"expert-0", "expert-1", "seed", "generalist"}
+    assert set(experts) == {"expert-0", "expert-1", "seed", "generalist", "generalist-matched"}
     prep = json.loads((Path(cfg.run_root) / "prep" / "summary.json").read_text())
     assert sum(experts[f"expert-{e}"]["cluster_size"] for e in (0, 1)) == prep["in_manifest"]
     assert experts["expert-0"]["checkpoint"].endswith("experts/expert-0/export")
@@ -251,6 +251,7 @@ def test_single_layout_gives_the_same_answers(served):
             "expert-0",
             "expert-1",
             "generalist",
+            "generalist-matched",
             "seed",
         }
     finally:

@@ -1,19 +1,26 @@
-"""Training on real Ray Train + Tune with tiny open_clip models: seed, experts, generalist."""
+"""Training on real Ray Train + Tune with tiny open_clip models: seed, experts, generalist, generalist-matched;
+and the plain pieces it is made of (schedule, plan, inputs, hold-out, validation)."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mode_ray.stages.train import experts_dir, failure_marker_path, run_train
+from mode_ray.stages.train_data import Source, draws_per_execution, held_out, read_job_rows, row_groups
 from mode_ray.storage import read_json
-from mode_ray.train.loop import lr_at
-from mode_ray.train.transforms import clip_inputs
+from mode_ray.train.schedule import MATCHED, Job, Schedule, plan_training
+from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
 from tests.conftest import TRAIN_BATCH as BATCH
+from tests.conftest import TRAIN_EPOCH
+
+EXPERTS = ("expert-0", "expert-1")
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +28,56 @@ def trained(trained_run):
     return trained_run
 
 
-def test_all_models_trained_on_what_they_should_see(trained):
+def _own_and_other(m: dict, expert: int) -> tuple[int, int]:
+    seen = {int(k): v for k, v in m["samples_seen_by_cluster"].items()}
+    return seen.get(expert, 0), sum(v for k, v in seen.items() if k != expert)
+
+
+def test_every_model_trains_its_planned_samples(trained):
     cfg, prep, summary = trained
-    per_expert = prep["per_expert"]
     models = summary["models"]
-    assert set(models) == {"seed", "expert-0", "expert-1", "generalist"}
+    assert set(models) == {"seed", *EXPERTS, "generalist", MATCHED}
+    epoch_steps = TRAIN_EPOCH // BATCH
     seed = models["seed"]
-    assert seed["passes"] == 2 and seed["samples_seen"] == 2 * prep["in_manifest"]
-    for e in (0, 1):
-        m = models[f"expert-{e}"]
-        seen = {int(k): v for k, v in m["samples_seen_by_cluster"].items()}
-        assert m["passes"] == 2
-        assert seen[e] == 2 * per_expert[str(e)]  # its whole partition, every pass
-        others = sum(v for k, v in seen.items() if k != e)
-        expected = 2 * cfg.training.ooc_ratio * (prep["in_manifest"] - per_expert[str(e)])
-        assert 0 < others <= 4 * expected + 5  # the out-of-cluster share, redrawn each pass, and nothing more
+    assert (seed["start_step"], seed["end_step"]) == (0, 2 * epoch_steps)
+    assert seed["samples_seen"] == 2 * TRAIN_EPOCH  # every step a full batch: samples = steps × batch
+    tail = 2 * TRAIN_EPOCH
+    for e, name in enumerate(EXPERTS):
+        m = models[name]
         assert m["start_step"] == seed["end_step"]  # continues the seed's schedule position
-    generalist = models["generalist"]
-    assert generalist["samples_seen"] == 2 * prep["in_manifest"]
-    compute = summary["compute_samples"]
-    assert compute["mode_total"] == seed["samples_seen"] + sum(models[f"expert-{e}"]["samples_seen"] for e in (0, 1))
+        assert abs(m["samples_seen"] - tail) <= BATCH  # an epoch counts samples, not passes over the partition
+        own, other = _own_and_other(m, e)
+        partition = prep["per_expert"][str(e)]
+        assert partition < tail  # so it was drawn more than once ...
+        rest = prep["in_manifest"] - partition
+        share = cfg.training.ooc_ratio * rest / (partition + cfg.training.ooc_ratio * rest)
+        assert 0 < other <= 3 * share * m["samples_seen"] + 4  # ... with a fresh out-of-cluster share, and no more
+        assert own >= (1 - 3 * share) * m["samples_seen"] - 4
+    assert abs(models["generalist"]["samples_seen"] - tail) <= BATCH
+    matched = models[MATCHED]
+    experts_total = sum(models[n]["samples_seen"] for n in EXPERTS)
+    assert abs(matched["samples_seen"] - experts_total) <= BATCH * len(EXPERTS)  # the ensemble's tails together
+    assert matched["job"]["stretch"] == len(EXPERTS)
+    compute = summary["compute"]
+    assert compute["ensemble"]["samples"] == seed["samples_seen"] + experts_total
+    assert compute[MATCHED]["samples"] == seed["samples_seen"] + matched["samples_seen"]
+    assert compute["generalist"]["samples"] == seed["samples_seen"] + models["generalist"]["samples_seen"]
+
+
+def test_learning_rate_at_each_tails_first_step_is_the_seeds_schedule(trained):
+    cfg, _, summary = trained
+    t, models = cfg.training, summary["models"]
+    seed_schedule = Schedule(t.lr, t.warmup_steps, models["seed"]["end_step"] + 2 * TRAIN_EPOCH // BATCH, 16)
+    assert Schedule(**summary["schedule"]) == seed_schedule
+    start = models["seed"]["end_step"]
+    for name in (*EXPERTS, "generalist", MATCHED):
+        assert models[name]["first_lr"] == pytest.approx(seed_schedule.lr(start), rel=1e-9)
+    last = [p["lr"] for p in models["seed"]["loss_history"]][-1]
+    assert seed_schedule.lr(start) < last  # and the seed's own curve was heading there
 
 
 def _clip_loss_on(cfg, model_name: str, expert: int | None) -> float:
-    """Mean CLIP loss of a trained model on its own data (eval transform, fixed batches): deterministic."""
+    """Mean CLIP loss of a trained model on its own data (no augmentation, fixed batches): deterministic."""
     import pyarrow.dataset as pads
     from open_clip.loss import ClipLoss
 
@@ -61,22 +94,46 @@ def _clip_loss_on(cfg, model_name: str, expert: int | None) -> float:
     with torch.no_grad():
         for i in range(0, len(rows) - BATCH + 1, BATCH):
             chunk = rows[i : i + BATCH]
-            data = clip_inputs(
-                [r["image"] for r in chunk], [r["caption"] for r in chunk], [0] * len(chunk), "mode-tiny", False
-            )
-            img, txt, scale = model(torch.from_numpy(data["image"]), torch.from_numpy(data["text"]))
+            data = decode_rows([r["image"] for r in chunk], [r["caption"] for r in chunk], "mode-tiny")
+            images = augment(torch.from_numpy(data["pixels"]), "mode-tiny", train=False)
+            img, txt, scale = model(images, torch.from_numpy(data["text"]).long())
             losses.append(float(ClipLoss()(img, txt, scale)))
     return float(np.mean(losses))
 
 
 def test_loss_goes_down_for_every_model(trained):
     cfg, _, summary = trained
-    seed_history = summary["models"]["seed"]["loss_history"]
-    assert seed_history[-1] < seed_history[0]
-    # Experts and the generalist start from the seed: on their own data they must end below it.
-    for name, expert in (("expert-0", 0), ("expert-1", 1), ("generalist", None)):
+    for name, m in summary["models"].items():
+        curve = [p["loss"] for p in m["loss_history"]]
+        assert curve[-1] < np.log(BATCH), name  # below guessing within a batch
+    seed_curve = [p["loss"] for p in summary["models"]["seed"]["loss_history"]]
+    assert seed_curve[-1] < seed_curve[0]
+    # Experts and both generalists start from the seed: on their own data they must end below it.
+    for name, expert in (("expert-0", 0), ("expert-1", 1), ("generalist", None), (MATCHED, None)):
         after, before = _clip_loss_on(cfg, name, expert), _clip_loss_on(cfg, "seed", expert)
         assert after < before, (name, before, after)
+
+
+def test_validation_on_held_out_rows_per_partition(trained):
+    cfg, _, summary = trained
+    for m in summary["models"].values():
+        assert m["holdout_fraction"] == cfg.training.holdout_fraction
+        last = m["val_history"][-1]
+        assert last["step"] == m["end_step"] and last["all"]["n"] > 0
+        assert set(last["by_cluster"]) <= {"0", "1"} and last["by_cluster"]
+        assert 0 <= last["all"]["i2t_acc"] <= 1 and np.isfinite(last["all"]["loss"])
+
+
+def test_time_breakdown_per_trial(trained):
+    _, _, summary = trained
+    for name, m in summary["models"].items():
+        timing = m["timing"]
+        assert all(v >= 0 for v in timing.values()), (name, timing)
+        assert timing["trial"] > timing["compute"] > 0 and timing["ray_train_start"] > 0 and timing["imports"] > 0
+        assert timing["fixed"] == pytest.approx(timing["trial"] - timing["compute"])
+        if name != "generalist":  # (its worker restarted once: its stamps are the second attempt's)
+            parts = sum(v for k, v in timing.items() if k not in ("trial", "fixed", "other"))
+            assert parts + timing["other"] == pytest.approx(timing["trial"], abs=0.5)
 
 
 def test_experts_resume_seed_optimizer_state(trained):
@@ -112,7 +169,8 @@ def test_export_loads_in_stock_open_clip_with_same_embeddings(trained):
 def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     cfg, _, summary = trained
     assert os.path.exists(failure_marker_path(cfg, "generalist"))  # the injected failure did fire ...
-    assert summary["models"]["generalist"]["passes"] == 2  # ... and the trial still finished its schedule
+    generalist = summary["models"]["generalist"]
+    assert generalist["end_step"] == summary["models"]["expert-0"]["end_step"]  # ... and it still finished
     markers = sorted(Path(experts_dir(cfg)).rglob("_SUCCESS"))
     before = [m.read_text() for m in markers]
     again = run_train(cfg)
@@ -122,23 +180,100 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     assert read_json(str(Path(experts_dir(cfg)) / "summary.json")) == again
 
 
-def test_lr_schedule_continues_across_the_seed_boundary():
-    base, warmup, total = 1e-3, 10, 4.0
-    assert lr_at(0, 0.0, base, warmup, total) == pytest.approx(base / warmup)
-    assert lr_at(10, 0.0, base, warmup, total) == pytest.approx(base)
-    mid = lr_at(100, 2.0, base, warmup, total)
-    assert mid == pytest.approx(base / 2)  # half way through the cosine, whoever continues it
-    assert lr_at(200, 4.0, base, warmup, total) == pytest.approx(0.0, abs=1e-12)
+def test_reads_without_the_decode_cache_decode_the_same_rows(trained):
+    cfg, _, _ = trained
+    spec = input_spec("mode-tiny")
+    manifest = row_groups(f"{cfg.run_root}/manifest", cfg.data.s3)
+    group = next(g for g in manifest if g["coarse_id"] == 1)
+    items = {k: np.array([group[k]]) for k in ("path", "row_group", "coarse_id")}
+    source = Source(f"{cfg.run_root}/manifest", False, "mode-tiny", {}, spec.load, spec.context_length)
+    rows = read_job_rows(items, source, expert=1, ooc_ratio=0.0, holdout=0.0)
+    assert rows["pixels"].shape == (group["rows"], spec.load, spec.load, 3) and rows["ok"].all()
+    assert (rows["coarse_id"] == 1).all() and rows["text"].shape == (group["rows"], spec.context_length)
+    none = read_job_rows(items, source, expert=0, ooc_ratio=0.0, holdout=0.0)  # another expert, no share
+    assert len(none["pixels"]) == 0
 
 
-def test_undecodable_training_image_is_flagged_not_fatal():
-    import io
+# --------------------------------------------------------------------------- the plain pieces
 
-    from PIL import Image
 
+def test_plan_counts_steps_for_every_job():
+    plan = plan_training(
+        epochs=4,
+        seed_fraction=0.5,
+        samples_per_epoch=1000,
+        batch_size=100,
+        base_lr=1e-3,
+        warmup_steps=5,
+        per_expert={"0": 10, "1": 0, "2": 30},
+        n_coarse=3,
+    )
+    assert plan.seed.steps == 20 and plan.schedule.total_steps == 40 and plan.empty_experts == [1]
+    names = [j.name for j in plan.tails]
+    assert names == [MATCHED, "expert-0", "expert-2", "generalist"]  # the longest first: it bounds the phase
+    matched = plan.tails[0]
+    assert (matched.start_step, matched.end_step, matched.stretch) == (20, 60, 2.0)
+    assert all(j.steps == 20 and j.init_from_seed for j in plan.tails[1:])
+    scratch = plan_training(
+        epochs=4,
+        seed_fraction=0.5,
+        samples_per_epoch=1000,
+        batch_size=100,
+        base_lr=1e-3,
+        warmup_steps=5,
+        per_expert={"0": 10, "1": 5},
+        n_coarse=2,
+        use_seed=False,
+        matched_control=False,
+    )
+    assert scratch.seed is None and [(j.start_step, j.end_step) for j in scratch.tails] == [(0, 40)] * 3
+
+
+def test_schedule_warmup_cosine_and_stretched_tail():
+    s = Schedule(base_lr=1e-3, warmup_steps=10, total_steps=200, tail_start=100)
+    assert s.lr(0) == pytest.approx(1e-4) and s.lr(9) == pytest.approx(1e-3)
+    assert s.lr(100) == pytest.approx(5e-4)  # half way through the cosine, whoever continues it
+    assert s.lr(200) == pytest.approx(0.0, abs=1e-12)
+    # generalist-matched: n tails long, the same curve stretched; equal at the branch point and at the end.
+    assert s.lr(100, stretch=4) == s.lr(100)
+    assert s.lr(100 + 4 * 50, stretch=4) == pytest.approx(s.lr(150))
+    assert s.lr(100 + 4 * 100, stretch=4) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_decode_flags_bad_images_and_crops_stay_inside():
     buf = io.BytesIO()
-    Image.new("RGB", (40, 40), (200, 10, 10)).save(buf, format="JPEG")
-    out = clip_inputs([buf.getvalue(), b"not an image", None], ["a", "b", "c"], [0, 1, 1], "mode-tiny")
+    Image.new("RGB", (40, 60), (200, 10, 10)).save(buf, format="JPEG")
+    spec = input_spec("mode-tiny")
+    out = decode_rows([buf.getvalue(), b"not an image", None], ["a", "b", "c"], "mode-tiny")
     assert out["ok"].tolist() == [True, False, False]
-    assert out["image"].shape == (3, 3, 32, 32) and np.abs(out["image"][0]).sum() > 0
-    assert out["text"].shape == (3, 32) and out["coarse_id"].tolist() == [0, 1, 1]
+    assert out["pixels"].shape == (3, spec.load, spec.load, 3) and out["pixels"][0].mean() > 50
+    assert out["text"].shape == (3, spec.context_length) and not out["pixels"][1:].any()
+    boxes = crop_boxes(500, spec.load, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= spec.load).all()
+    area = w * h / spec.load**2
+    assert area.min() >= 0.85 and area.max() <= 1.0 and (w != h).any()  # scale (0.9, 1), ratio (3/4, 4/3)
+    images = augment(torch.from_numpy(out["pixels"]), "mode-tiny", train=True)
+    assert images.shape == (3, 3, spec.size, spec.size)
+    red = augment(torch.from_numpy(out["pixels"][:1]), "mode-tiny", train=False)[0]
+    expected = (torch.tensor([200, 10, 10]) / 255 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    torch.testing.assert_close(red.mean(dim=(1, 2)), expected.float(), atol=0.08, rtol=0)
+
+
+def test_hold_out_is_fixed_by_key_and_sized_by_fraction():
+    keys = [f"k{i:05d}" for i in range(20000)]
+    first, again = held_out(keys, 0.05), held_out(list(reversed(keys)), 0.05)[::-1]
+    assert (first == again).all() and 0.04 < first.mean() < 0.06
+    assert not held_out(keys, 0.0).any()
+
+
+def test_one_execution_holds_the_whole_small_job():
+    from mode_ray.config import config_from_dict
+
+    cfg = config_from_dict({"run_root": "/tmp/x", "data": {"shards": "/tmp/x"}, "training": {"batch_size": 10}})
+    groups = [{"coarse_id": 0, "rows": 100}, {"coarse_id": 1, "rows": 300}]
+    expert = Job("expert-0", 0, 0, 50, 1.0, False)  # 500 samples from a partition of 100 (+2% of 300)
+    draws = draws_per_execution(groups, expert, cfg, holdout=0.0)
+    assert draws * (100 + 0.02 * 300) >= 500 and (draws - 1) * (100 + 0.02 * 300) < 500 * 1.02
+    dense = Job("generalist", None, 0, 40, 1.0, False)
+    assert draws_per_execution(groups, dense, cfg, holdout=0.0) == 2  # 400 samples from 400 rows, with a margin

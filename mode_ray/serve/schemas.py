@@ -19,7 +19,9 @@ class ZeroShotParameters(BaseModel):
     hypothesis_templates: list[str] | None = Field(
         default=None, description="Extra: several templates, averaged per label (as zero-shot evaluation does)."
     )
-    model: str = Field(default="ensemble", description="ensemble | moe | expert-N | generalist | generalist-matched | seed")
+    model: str = Field(
+        default="ensemble", description="ensemble | moe | expert-N | generalist | generalist-matched | seed"
+    )
     routing: Literal["reference", "calibrated"] | None = Field(
         default=None, description="Ensemble routing method; default from the server's config."
     )

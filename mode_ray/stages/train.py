@@ -127,7 +127,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(t)),
     )
     fit_start = time.time()
     trainer.fit()
@@ -136,6 +136,15 @@ def run_job_trial(config: dict[str, Any]) -> None:
         cfg, job, config, facts, {"trial_start": trial_start, "fit_start": fit_start, "fit_end": fit_end}
     )
     ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
+
+
+def ingest_options(t: Any) -> dict[str, Any]:
+    """Ray Train's ingest defaults, with the training data's object store budget capped."""
+    from ray.train import DataConfig
+
+    train = DataConfig.default_ingest_options()
+    train.resource_limits = train.resource_limits.copy(object_store_memory=t.data_buffer_mb * 1024 * 1024)
+    return {"train": train, "holdout": DataConfig.default_ingest_options()}
 
 
 def failure_marker_path(cfg: Config, job_name: str) -> str:
