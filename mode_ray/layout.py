@@ -16,6 +16,12 @@ import numpy as np
 from mode_ray.config import S3Config
 from mode_ray.storage import get_fs, join
 
+# The manifest and the decoded-input cache are written in row groups this small, so that one training read
+# task (row groups in a shuffled order, ~1,000 rows) holds rows of several partitions and a dense model's
+# batches mix every expert's data. Written as one big row group per partition file, each read task held one
+# partition, and the seed and the generalists trained on one domain at a time.
+ROW_GROUP_ROWS = 128
+
 
 @dataclass(frozen=True)
 class RunPaths:

@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from mode_ray.stages.train import experts_dir, failure_marker_path, run_train
-from mode_ray.stages.train_data import Source, draws_per_execution, held_out, read_job_rows, row_groups
+from mode_ray.stages.train_data import (
+    Source,
+    draws_per_execution,
+    held_out,
+    job_datasets,
+    read_job_rows,
+    row_groups,
+)
 from mode_ray.storage import read_json
 from mode_ray.train.schedule import MATCHED, Job, Schedule, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
@@ -178,6 +185,27 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     assert again["models"] == summary["models"]
     assert "all models complete" in capsys.readouterr().err
     assert read_json(str(Path(experts_dir(cfg)) / "summary.json")) == again
+
+
+def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(trained):
+    from mode_ray.stages.train import make_plan
+
+    cfg, prep, _ = trained
+    plan = make_plan(cfg, prep["per_expert"])
+    jobs = {j.name: j for j in plan.tails}
+    spec = input_spec(cfg.training.model)
+    shares = {}
+    for name in ("generalist", "expert-1"):
+        datasets, _ = job_datasets(cfg, jobs[name], 0, spec)
+        counts = [
+            np.bincount(b["coarse_id"], minlength=2)
+            for b in datasets["train"].iter_batches(batch_size=BATCH, batch_format="numpy", drop_last=True)
+        ]
+        shares[name] = np.array(counts) / BATCH
+    # A dense model's batches hold both partitions (row groups of several partitions in each read task) ...
+    assert (shares["generalist"].min(axis=1) > 0.1).mean() > 0.9
+    # ... an expert's hold its own, with the out-of-cluster share.
+    assert shares["expert-1"][:, 1].mean() > 0.9
 
 
 def test_reads_without_the_decode_cache_decode_the_same_rows(trained):

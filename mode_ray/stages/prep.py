@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from mode_ray import cluster
 from mode_ray.config import Config
 from mode_ray.encoders import build_encoder, encoder_id_for
-from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, read_centroids
 from mode_ray.progress import console, stage_log
 from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
@@ -273,7 +273,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
     import ray
 
     with stage_log("prep: assign") as log:
-        settings = settings_hash(upstream)
+        settings = settings_hash(upstream, ROW_GROUP_ROWS)
         if not force and stage_done(paths.manifest, settings, cfg.data.s3):
             log.skip("manifest/ complete")
             return _marker_run_id(paths.manifest, cfg)
@@ -294,7 +294,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
             compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
             num_cpus=emb.num_cpus_per_actor,
         )
-        ds.write_parquet(paths.manifest, partition_cols=["coarse_id"], filesystem=fs)
+        ds.write_parquet(paths.manifest, partition_cols=["coarse_id"], filesystem=fs, row_group_size=ROW_GROUP_ROWS)
         run_id = uuid.uuid4().hex
         mark_done(paths.manifest, settings, cfg.data.s3, run_id=run_id)
         log.done("manifest/ written, partitioned by coarse_id")

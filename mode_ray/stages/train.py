@@ -87,6 +87,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mode_ray.stages.data_backoff import quiet_training_data
     from mode_ray.train.loop import train_loop_per_worker
 
     cfg = Config.model_validate(config["cfg"])
@@ -95,6 +96,12 @@ def run_job_trial(config: dict[str, Any]) -> None:
     spe = config["samples_per_epoch"]
     # Read by the Train controller this trial starts (Ray Train propagates it from the driver's environment).
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.controller_poll_s)
+    if cfg.ray.address is None:
+        # An embedded one-node Ray: no node can be preempted and nobody scrapes Train's metrics, so the
+        # preemption watcher actor and the metrics callbacks would only cost each trial CPU and a process.
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
+    quiet_training_data()
     datasets, facts = job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), InputSpec(**config["input_spec"]))
     runs = join(cfg.run_root, "train_runs")
     loop_cfg = {
@@ -195,7 +202,7 @@ def finalize_job(
         "samples_per_epoch": config["samples_per_epoch"],
         "samples_seen": sum(seen.values()),
         "samples_seen_by_cluster": seen,
-        "passes": record["passes"],
+        "executions": record["executions"],
         "first_lr": record["first_lr"],
         "skipped_images": record["skipped_images"],
         "loss_history": record["loss_history"],

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, S3Config
-from mode_ray.layout import RunPaths
+from mode_ray.layout import ROW_GROUP_ROWS, RunPaths
 from mode_ray.samples import seeded_key_hash
 from mode_ray.storage import arrow_filesystem, get_fs, join, mark_done, remove_tree, settings_hash, stage_done
 from mode_ray.train.schedule import Job
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at imp
 
 MANIFEST_COLUMNS = ["key", "image", "caption"]
 CACHE_COLUMNS = ["key", "pixels", "text", "ok"]
-ROWS_PER_READ_TASK = 512
+ROWS_PER_READ_TASK = 1024
 EXECUTION_ROWS = 1_000_000  # up to this many rows, one execution of a job's dataset covers the whole job
 DRAW_MARGIN = 1.02  # out-of-cluster draws and the batch cut at the end vary: a little more, not one more pass
 HOLDOUT_SALT = 0x5EED  # the hold-out is fixed per run, whatever the training seed
@@ -228,7 +228,7 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     if not cfg.training.decode_cache:
         return False
     out = input_cache_dir(cfg)
-    settings = settings_hash(manifest_run_id, cfg.training.model, "v1")
+    settings = settings_hash(manifest_run_id, cfg.training.model, ROW_GROUP_ROWS)
     if not force and stage_done(out, settings, cfg.data.s3):
         return False
     remove_tree(out, cfg.data.s3)
@@ -239,7 +239,9 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     source = make_source(cfg, manifest, False, input_spec(cfg.training.model))
     tasks = DataTasks(1.0, max(1, int(_cluster_cpus())))
     ds = tasks.read(groups, decode_to_cache, source=source)
-    ds.write_parquet(out, partition_cols=["coarse_id"], filesystem=arrow_filesystem(out, cfg.data.s3))
+    ds.write_parquet(
+        out, partition_cols=["coarse_id"], filesystem=arrow_filesystem(out, cfg.data.s3), row_group_size=ROW_GROUP_ROWS
+    )
     mark_done(out, settings, cfg.data.s3)
     return True
 

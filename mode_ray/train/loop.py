@@ -1,7 +1,7 @@
 """The one CLIP training loop, run by every Ray Train worker (seed, data experts, generalists; later CLIP-MoE).
 
 nanoGPT-style: build, resume, then step through the worker's data until the job's last step — the data is an
-endless run of passes (each execution of the trial's dataset is one or more draws of the job's rows), so a
+endless stream of batches (executions of the trial's dataset, each one or more draws of the job's rows), so a
 job trains exactly its planned number of steps whatever its partition's size. The learning rate is the
 shared schedule at the global step, so an expert resumed from the seed continues the seed's curve exactly
 (the MoDE reference resumes optimizer, scaler and LR position too). Checkpoints, validation on held-out rows
@@ -94,7 +94,7 @@ def new_state(start_step: int) -> dict[str, Any]:
     return {
         "step": start_step,
         "init_step": start_step,
-        "passes": 0,
+        "executions": 0,  # executions of the job's dataset (each one or more draws of its rows)
         "seen": {},
         "skipped_images": 0,
         "loss_history": [],  # {step, loss, lr} every log_every_steps
@@ -114,15 +114,60 @@ def _fetch_seed_state(cfg: dict[str, Any], model: torch.nn.Module, opt: Any, sca
         return load_state(local, model, opt, scaler)
 
 
+class Batches:
+    """The worker's data as one endless stream of batches: executions of its dataset shard, one after another
+    (each holds one or more draws of the job's rows). The first execution starts in a thread at once, so
+    the pipeline (split coordinator, read tasks) warms up while the worker imports and builds its model —
+    waiting on Ray releases the GIL, so the two overlap."""
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shard, self.batch_size, self.shuffle_buffer = shard, batch_size, shuffle_buffer
+        self.executions = 0
+        self._iterator: Any = None
+        self._batches_this_execution = 0
+        pool = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
+        self._first: Any = pool.submit(self._start)
+        pool.shutdown(wait=False)  # the submitted start still runs; the thread exits after it
+
+    def _start(self) -> tuple[Any, Any]:
+        iterator = iter(
+            self.shard.iter_torch_batches(
+                batch_size=self.batch_size, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer or None
+            )
+        )
+        return iterator, next(iterator, None)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._first is not None:
+            self._iterator, batch = self._first.result()
+            self._first = None
+        else:
+            batch = next(self._iterator, None)
+        while batch is None:  # this execution ran out: start the next
+            if self._batches_this_execution == 0:
+                raise RuntimeError(f"an execution of the data gave no batch of {self.batch_size} rows")
+            self.executions += 1
+            self._batches_this_execution = 0
+            self._iterator, batch = self._start()
+        self._batches_this_execution += 1
+        return batch
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     stamps = {"worker_start": time.time()}
     import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    accum = cfg["grad_accum_steps"]
+    per_worker_batch = max(2, cfg["global_batch"] // (world * accum))
+    batches = Batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg["shuffle_buffer"])
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
     stamps["imports_done"] = time.time()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
@@ -148,95 +193,72 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     stamps["model_ready"] = time.time()
 
     loss_fn = ClipLoss(rank=rank, world_size=world)
-    shard = ray.train.get_dataset_shard("train")
     held_out = HeldOut(ray.train.get_dataset_shard("holdout"), cfg["model"]) if rank == 0 and cfg["holdout"] else None
-    accum = cfg["grad_accum_steps"]
-    per_worker_batch = max(2, cfg["global_batch"] // (world * accum))
     end_step = job["end_step"]
     ckpt_every = max(1, round(cfg["checkpoint_every_steps"]))
     seconds = state["seconds"]
     window: list[float] = []  # losses since the last loss-curve point
     local_seen: Counter[str] = Counter()  # samples per coarse cluster since the last checkpoint, this worker
     tic, samples_since = time.perf_counter(), 0
-
+    micro = 0
     while state["step"] < end_step:
-        batches = 0
-        iterator = iter(
-            shard.iter_torch_batches(
-                batch_size=per_worker_batch,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-            )
-        )
-        micro = 0
-        while state["step"] < end_step:
-            wait = time.perf_counter()
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            stamps.setdefault("first_batch", time.time())
-            seconds["data_wait"] += time.perf_counter() - wait
-            start = time.perf_counter()
-            batches += 1
-            ok = batch["ok"].bool()
-            state["skipped_images"] += int((~ok).sum())
-            if int(ok.sum()) < 2:
-                continue
-            images = augment(batch["pixels"][ok].to(device), cfg["model"], train=True)
-            texts = batch["text"][ok].long().to(device)
-            local_seen.update(str(c) for c in batch["coarse_id"][ok].tolist())
-            samples_since += len(images) * world
-            lr = schedule.lr(state["step"], job["stretch"])
-            if state["first_lr"] is None:
-                state["first_lr"] = lr
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                img_f, txt_f, logit_scale = model(images, texts)
-                loss = loss_fn(img_f, txt_f, logit_scale) / accum
-            scaler.scale(loss).backward()
-            micro += 1
-            if micro % accum:
-                seconds["compute"] += time.perf_counter() - start
-                continue
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
-            state["step"] += 1
-            window.append(float(loss) * accum)
+        wait = time.perf_counter()
+        batch = next(batches)
+        stamps.setdefault("first_batch", time.time())
+        seconds["data_wait"] += time.perf_counter() - wait
+        start = time.perf_counter()
+        ok = batch["ok"].bool()
+        state["skipped_images"] += int((~ok).sum())
+        if int(ok.sum()) < 2:
+            continue
+        images = augment(batch["pixels"][ok].to(device), cfg["model"], train=True)
+        texts = batch["text"][ok].long().to(device)
+        local_seen.update(str(c) for c in batch["coarse_id"][ok].tolist())
+        samples_since += len(images) * world
+        lr = schedule.lr(state["step"], job["stretch"])
+        if state["first_lr"] is None:
+            state["first_lr"] = lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            img_f, txt_f, logit_scale = model(images, texts)
+            loss = loss_fn(img_f, txt_f, logit_scale) / accum
+        scaler.scale(loss).backward()
+        micro += 1
+        if micro % accum:
             seconds["compute"] += time.perf_counter() - start
-            _maybe_fail(cfg, state["step"])
-            if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == end_step:
-                point = {
-                    "step": state["step"],
-                    "loss": sum(window) / len(window),
-                    "lr": lr,
-                    "compute_s": seconds["compute"],
-                }
-                state["loss_history"].append(point)
-                window = []
-            done = state["step"] - job["start_step"]
-            if done % ckpt_every == 0 or state["step"] == end_step:
-                reduced = _sum_over_workers(local_seen, cfg["n_coarse"], world, device)
-                state["seen"] = dict(Counter(state["seen"]) + reduced)
-                local_seen.clear()
-                elapsed = time.perf_counter() - tic
-                metrics = {
-                    "loss": state["loss_history"][-1]["loss"] if state["loss_history"] else float("nan"),
-                    "lr": lr,
-                    "step": state["step"],
-                    "samples_seen": sum(state["seen"].values()),
-                    "samples_per_s": samples_since / max(elapsed, 1e-9),
-                }
-                _validate_and_checkpoint(cfg, model, opt, scaler, state, held_out, device, metrics, rank)
-                tic, samples_since = time.perf_counter(), 0
-        state["passes"] += 1
-        if batches == 0:
-            raise RuntimeError(
-                f"{cfg['job']['name']}: a pass over its data gave no batch of {per_worker_batch} usable rows"
+            continue
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
+        state["step"] += 1
+        window.append(float(loss) * accum)
+        seconds["compute"] += time.perf_counter() - start
+        _maybe_fail(cfg, state["step"])
+        if state["step"] % cfg["log_every_steps"] == 0 or state["step"] == end_step:
+            loss_point = sum(window) / len(window)
+            state["loss_history"].append(
+                {"step": state["step"], "loss": loss_point, "lr": lr, "compute_s": seconds["compute"]}
             )
+            window = []
+        done = state["step"] - job["start_step"]
+        if done % ckpt_every == 0 or state["step"] == end_step:
+            reduced = _sum_over_workers(local_seen, cfg["n_coarse"], world, device)
+            state["seen"] = dict(Counter(state["seen"]) + reduced)
+            local_seen.clear()
+            elapsed = time.perf_counter() - tic
+            metrics = {
+                "loss": state["loss_history"][-1]["loss"] if state["loss_history"] else float("nan"),
+                "lr": lr,
+                "step": state["step"],
+                "samples_seen": sum(state["seen"].values()),
+                "samples_per_s": samples_since / max(elapsed, 1e-9),
+            }
+            _validate_and_checkpoint(cfg, model, opt, scaler, state, held_out, device, metrics, rank)
+            tic, samples_since = time.perf_counter(), 0
+    state["executions"] = state.get("executions", 0) + batches.executions + 1
     stamps["train_end"] = time.time()
     if rank == 0:
         _write_outputs(cfg, model, opt, scaler, state, stamps)
@@ -292,7 +314,7 @@ def _write_outputs(
             write_bytes(join(out, STATE_FILE), f.read(), s3)
     export_open_clip(model, cfg["model"], join(out, "export"), s3)
     stamps["outputs_written"] = time.time()
-    record = {key: state[key] for key in ("seen", "skipped_images", "loss_history", "val_history", "passes")}
+    record = {key: state[key] for key in ("seen", "skipped_images", "loss_history", "val_history", "executions")}
     record.update(
         start_step=state["init_step"],
         end_step=state["step"],
