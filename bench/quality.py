@@ -30,8 +30,12 @@ DIFFERENCES = (
     ("ensemble-calibrated", "generalist"),
     ("ensemble-calibrated", "generalist-matched"),
     ("ensemble-reference", "all_unit"),
+    ("moe", "generalist"),  # the CLIP-MoE against its base (moe.base: generalist by default)
+    ("moe", "generalist-matched"),
+    ("moe", "ensemble-calibrated"),
 )
 AVERAGE = "average"
+RETRIEVAL = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5")
 
 
 def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
@@ -68,24 +72,31 @@ def train_and_evaluate(config: str, overrides: list[str], run: Path, seed: int) 
     from mode_ray.config import load_config
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.evaluate import run_eval
+    from mode_ray.stages.moe import run_moe_if_enabled
     from mode_ray.stages.train import run_train
 
     cfg = load_config(config, [*overrides, f"run_root={run}", f"training.seed={seed}"])
     with ray_runtime(cfg):
         summary = run_train(cfg)
+        moe = run_moe_if_enabled(cfg)
         run_eval(cfg)
-    return {"accuracy": accuracy_rows(run / "eval" / "report.csv"), "compute": summary["compute"]}
+    compute = {**summary["compute"], **({"moe": moe["compute"]} if moe else {})}
+    return {"accuracy": accuracy_rows(run / "eval" / "report.csv"), "compute": compute}
 
 
 def accuracy_rows(report_csv: Path) -> dict[str, dict[str, float]]:
-    """model → {task: accuracy, 'average': mean over tasks} from a report.csv."""
+    """model → {task: accuracy, 'average': mean over tasks, retrieval recall: value} from a report.csv."""
     table: dict[str, dict[str, float]] = {}
+    recall: dict[str, dict[str, float]] = {}
     with open(report_csv) as f:
         for row in csv.DictReader(f):
             if row["metric"] == "accuracy":
                 table.setdefault(row["model"], {})[row["task"]] = float(row["value"])
-    for row in table.values():
+            elif row["metric"] in RETRIEVAL:
+                recall.setdefault(row["model"], {})[row["metric"]] = float(row["value"])
+    for model, row in table.items():
         row[AVERAGE] = sum(row.values()) / len(row)
+        row.update(recall.get(model, {}))
     return table
 
 
@@ -104,14 +115,16 @@ def tables(per_seed: dict[int, dict[str, Any]]) -> str:
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]["accuracy"]
     models = list(first)
-    columns = [*[t for t in next(iter(first.values())) if t != AVERAGE], AVERAGE]
+    tasks = [t for t in next(iter(first.values())) if t != AVERAGE and t not in RETRIEVAL]
+    columns = [*tasks, AVERAGE, *[m for m in RETRIEVAL if all(m in row for row in first.values())]]
 
     def values(model: str, column: str) -> list[float]:
         return [100 * per_seed[s]["accuracy"][model][column] for s in seeds]
 
     lines = [
-        f"Zero-shot accuracy (%), mean ± sd over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
-        "training compute per model (the seed's share included; an ensemble pays for the seed and every expert).",
+        f"Zero-shot accuracy and retrieval recall (%), mean ± sd over {len(seeds)} training seeds "
+        f"({', '.join(map(str, seeds))}); training compute per model (the seed's share included; an ensemble "
+        "pays for the seed and every expert, the MoE for its base, its MCL stages and its router).",
         "",
         "| model | " + " | ".join(columns) + " | compute (samples) | learning (s) |",
         "|" + "---|" * (len(columns) + 3),

@@ -62,6 +62,14 @@ def train(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> No
     _run_stage(run_train, _load(config, set_), force)
 
 
+@app.command()
+def moe(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Build a CLIP-MoE from a trained dense CLIP: MCL stages, upcycling, router fine-tuning (moe/)."""
+    from mode_ray.stages.moe import run_moe
+
+    _run_stage(run_moe, _load(config, set_), force)
+
+
 @app.command("eval")
 def evaluate(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Zero-shot tasks and retrieval for every model, the routed ensembles and controls → eval/report.*"""

@@ -240,3 +240,16 @@ def two_step(
         "fine_size_max_over_mean": float(sizes.max() / sizes.mean()),
     }
     return TwoStepClusters(fine.centroids, coarse.centroids, f2c[:, 0].astype(np.int64), sizes, info)
+
+
+def mcl_stage_labels(
+    image: np.ndarray, text: np.ndarray, k_image: int, k_text: int, previous: np.ndarray | None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One MCL stage's pseudo labels (CLIP-MoE): k-means of the image and of the text embeddings separately
+    (faiss spherical: the embeddings are compared by cosine), label = text · k_image + image, accumulated over
+    stages as `acc · (k_image · k_text) + label`. Returns (this stage's labels, the accumulated labels)."""
+    image_ids = spherical_kmeans(image, k_image, iterations=20, seed=seed, balanced=False).labels
+    text_ids = spherical_kmeans(text, k_text, iterations=20, seed=seed + 1, balanced=False).labels
+    label = text_ids * k_image + image_ids
+    acc = label if previous is None else previous * (k_image * k_text) + label
+    return label, acc

@@ -161,13 +161,45 @@ class TrainingConfig(Section):
 
 
 class MoEConfig(Section):
-    stages: int = Field(default=4, ge=1, description="Experts = MCL stages (stage 0 is the base model).")
+    """CLIP-MoE (DESIGN §4): MCL stages fine-tune a base CLIP's MLPs on cluster-homogeneous batches, the stage
+    MLPs become the experts of one MoE per block, then only the routers train. Batch size, precision, workers
+    and data settings are training's. Defaults are the reference's."""
+
+    enabled: bool = Field(default=True, description="Build the CLIP-MoE in `mode-ray run` (after training).")
+    base: str = Field(
+        default="generalist",
+        description="The dense CLIP to upcycle: a trained model of this run (generalist, generalist-matched, seed, "
+        "expert-E) or the URL of any stock-open_clip export folder ({name}.json + open_clip_model.pt).",
+    )
+    stages: int = Field(default=4, ge=2, description="Experts per MoE layer = MCL stages; stage 0 is the base.")
     image_clusters: int = Field(default=3, ge=1)
     text_clusters: int = Field(default=3, ge=1)
+    stage_epochs: float = Field(default=1.0, gt=0, description="Passes over the clustered rows, per MCL stage.")
+    lr: float = Field(default=1e-5, gt=0, description="MCL stages: AdamW on the MLP weights only.")
+    weight_decay: float = Field(default=0.2, ge=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    temperature: float = Field(default=0.01, gt=0, description="MCL: fixed CLIP temperature (logit scale 1/T).")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="MCL: in the CLIP loss, as the reference.")
     top_k: int = Field(default=2, ge=1)
-    lr: float = Field(default=1e-5, gt=0)
+    towers: list[Literal["image", "text"]] = Field(default=["image", "text"], description="Towers made MoE.")
+    router_epochs: float = Field(default=1.0, gt=0, description="Router fine-tuning, in training epochs.")
     router_lr: float = Field(default=1e-6, gt=0)
+    router_weight_decay: float = Field(default=0.01, ge=0)
+    router_warmup_steps: int = Field(default=0, ge=0)
+    expert_dropout: float = Field(default=0.1, ge=0, lt=1, description="Router fine-tuning: dropout inside experts.")
     balance_coef: float = Field(default=0.01, ge=0)
+    balance_counts: Literal["top1", "topk"] = Field(
+        default="top1",
+        description="f_e of the balance loss counts each token's top-1 pick (the paper) or every top-k slot "
+        "(the reference code). Either way it is computed per layer and averaged over a tower's layers.",
+    )
+    balance_text_weight: float = Field(default=0.5, ge=0, description="Loss = CLIP + coef·(image + w·text).")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        if self.top_k > self.stages:
+            raise ValueError(f"moe.top_k ({self.top_k}) exceeds the experts per layer (moe.stages = {self.stages})")
+        return self
 
 
 class DeploymentConfig(Section):

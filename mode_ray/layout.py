@@ -2,6 +2,7 @@
 
 run_root/ embeddings/ rejects/ clusters/centroids.npz manifest/ prep/summary.json
           experts/{seed,expert-E,generalist}/{state.pt,export/,metrics.json} experts/summary.json
+          moe/{stage-S/,router/,model/,summary.json}   (CLIP-MoE: MCL stages, router fine-tuning, the MoE)
           eval/{report.csv,report.md,report.png,predictions.parquet,logits/}
 """
 
@@ -21,6 +22,7 @@ from mode_ray.storage import get_fs, join
 # batches mix every expert's data. Written as one big row group per partition file, each read task held one
 # partition, and the seed and the generalists trained on one domain at a time.
 ROW_GROUP_ROWS = 128
+MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,19 @@ class RunPaths:
         return join(self.root, "experts", name) if name else join(self.root, "experts")
 
     def export(self, name: str) -> str:
-        """The stock-open_clip export of one trained model."""
+        """Where one trained model loads from (`mode_ray.models.load_model`): the stock-open_clip export of a
+        dense model, the MoE's own folder for `moe`."""
+        if name == MOE:
+            return self.moe("model")
         return join(self.root, "experts", name, "export")
+
+    def moe(self, name: str = "") -> str:
+        """moe/ itself, or one of its parts: stage-S (an MCL stage), router, model (the upcycled MoE)."""
+        return join(self.root, "moe", name) if name else join(self.root, "moe")
+
+    @property
+    def moe_summary(self) -> str:
+        return join(self.root, "moe", "summary.json")
 
     @property
     def experts_summary(self) -> str:

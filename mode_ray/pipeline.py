@@ -10,6 +10,7 @@ from mode_ray.progress import console
 from mode_ray.runtime import ray_runtime
 from mode_ray.stages.demo import run_demo_data
 from mode_ray.stages.evaluate import run_eval
+from mode_ray.stages.moe import run_moe_if_enabled
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.serve import run_serve
 from mode_ray.stages.train import run_train
@@ -22,6 +23,7 @@ STAGES: list[tuple[str, StageFn]] = [
     ("demo-data", run_demo_data),
     ("prep", run_prep),
     ("train", run_train),
+    ("moe", run_moe_if_enabled),
     ("eval", run_eval),
     ("serve", run_serve),
 ]

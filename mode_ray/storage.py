@@ -69,9 +69,13 @@ def write_json(url: str, payload: Any, s3: S3Config | None = None) -> None:
 
 
 def read_json(url: str, s3: S3Config | None = None) -> Any:
+    return json.loads(read_bytes(url, s3))
+
+
+def read_bytes(url: str, s3: S3Config | None = None) -> bytes:
     fs, path = get_fs(url, s3)
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    with fs.open(path, "rb") as f:
+        return f.read()
 
 
 def exists(url: str, s3: S3Config | None = None) -> bool:

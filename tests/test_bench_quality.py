@@ -32,6 +32,7 @@ def test_quality_benchmark_prints_means_and_paired_intervals(ray_session, tmp_pa
         "training.log_every_steps=2",
         "training.checkpoint_every_epochs=2",
         "eval.retrieval=false",
+        "moe.enabled=false",  # the MoE's own end-to-end test covers it; here it would only add minutes
     ]
     args = ["--seeds", "2", "--root", str(tmp_path)]
     text = _bench().main([*args, *[x for o in tiny for x in ("--set", o)]])

@@ -1,6 +1,6 @@
 """The evaluation report: report.csv (long form), report.md (readable tables), report.png (plots),
 plus what it was computed from — predictions.parquet, logits.npz and routing.json — so every number can
-be recomputed without the models."""
+be recomputed without the models; with a CLIP-MoE, also its expert usage: moe_usage.{json,png}."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mode_ray.config import S3Config
+from mode_ray.eval import moe_usage
 from mode_ray.eval.scoring import RETRIEVAL, Scores
+from mode_ray.layout import MOE
 from mode_ray.storage import join, write_bytes, write_json
 
 CSV_COLUMNS = [
@@ -66,7 +68,12 @@ def _fmt(value: float | None, pct: bool = True) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:,}"
 
 
-def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], header: dict[str, Any]) -> str:
+def markdown(
+    metrics: list[dict[str, Any]],
+    routing: list[dict[str, Any]],
+    header: dict[str, Any],
+    usage: dict[str, Any] | None = None,
+) -> str:
     tasks, table = accuracy_table(metrics)
     retrieval = {(m["model"], m["metric"]): m["value"] for m in metrics if m["task"] == RETRIEVAL}
     shown = [r for r in RETRIEVAL_SHOWN if any(k[1] == r for k in retrieval)]
@@ -96,6 +103,7 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
         "the seed continued for one tail per expert, so its compute equals the ensemble's.",
         "Training compute counts every sample a model's training processed and the seconds spent learning "
         "(forward, backward, step), the seed's included (the ensemble pays for the seed and every expert).",
+        *_moe_lines(metrics),
         *_hit_rate_lines(routing),
         "",
         "## Routing weights per task",
@@ -118,7 +126,18 @@ def markdown(metrics: list[dict[str, Any]], routing: list[dict[str, Any]], heade
             {True: "yes", False: "no"}.get(r.get("hit"), "–"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if usage is not None:
+        lines += moe_usage.markdown_lines(usage)
     return "\n".join(lines) + "\n"
+
+
+def _moe_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    if not any(m["model"] == MOE for m in metrics):
+        return []
+    return [
+        f"`{MOE}`: the CLIP-MoE upcycled from the generalist (MCL stages as experts, then router fine-tuning), "
+        "one model, not part of the ensembles; its compute counts the base's training, the stages and the router."
+    ]
 
 
 def routing_hit_rates(routing: list[dict[str, Any]]) -> dict[str, float]:
@@ -180,7 +199,9 @@ def write_report(
     compute: dict[str, dict[str, int]],
     header: dict[str, Any],
     s3: S3Config | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, str]:
+    """Every report file; `usage`: the CLIP-MoE's expert usage record (moe_usage.usage_record), if any."""
     metrics = with_compute(scores.metrics, compute)
     files = {
         "csv": join(out_dir, "report.csv"),
@@ -191,7 +212,7 @@ def write_report(
         "routing": join(out_dir, "routing.json"),
     }
     write_bytes(files["csv"], _csv(metrics), s3)
-    write_bytes(files["md"], markdown(metrics, scores.routing, header).encode(), s3)
+    write_bytes(files["md"], markdown(metrics, scores.routing, header, usage).encode(), s3)
     write_bytes(files["png"], plot(metrics, scores.routing), s3)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(scores.predictions), buf)
@@ -200,4 +221,8 @@ def write_report(
     np.savez_compressed(buf, **scores.arrays)
     write_bytes(files["logits"], buf.getvalue(), s3)
     write_json(files["routing"], scores.routing, s3)
+    if usage is not None:
+        files["moe_usage"], files["moe_usage_png"] = join(out_dir, "moe_usage.json"), join(out_dir, "moe_usage.png")
+        write_json(files["moe_usage"], usage, s3)
+        write_bytes(files["moe_usage_png"], moe_usage.plot(usage), s3)
     return files

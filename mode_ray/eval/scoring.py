@@ -2,7 +2,8 @@
 
 Models, in report order: each data expert; the routed ensembles (one per routing method); the two
 controls the reference prints — `all_unit` (uniform average of the experts) and `expert-max` (per task,
-the best single expert: an oracle no deployment could pick); then the baselines (generalist, seed).
+the best single expert: an oracle no deployment could pick); then the single models (the CLIP-MoE `moe`,
+when the run has one, and the baselines: generalist, generalist-matched, seed).
 Routing weights for experts that were not trained (empty clusters) are dropped and the rest renormalised.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from mode_ray.eval.retrieval import ensemble_retrieval, recall_at_k, unique_texts
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits
+from mode_ray.layout import MOE
 from mode_ray.routing import Routing, distance_from_uniform
 
 METHODS = ("reference", "calibrated")
@@ -57,6 +59,8 @@ def kind_of(model: str) -> str:
         return "ensemble"
     if model in (ALL_UNIT, EXPERT_MAX):
         return "control"
+    if model == MOE:
+        return "moe"
     return "baseline"
 
 

@@ -6,6 +6,7 @@
                → fan out to the experts concurrently (asyncio.gather over deployment handles)
                → Σ_e w_e · cosine_e, softmax at the experts' mean logit scale → [{label, score}] by score
       models:  ExpertDeployment replicas, @serve.batch fusing concurrent requests per forward pass
+               (the data experts, the baselines and, once trained, the CLIP-MoE `moe`: `model=` picks one)
 
 `build_app(cfg)` wires it from a run root (local or s3://); `app_builder(args)` is the import path for
 `serve build` / `serve deploy` config files.
@@ -31,7 +32,7 @@ from mode_ray.config import Config, load_config
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
-from mode_ray.layout import RunPaths
+from mode_ray.layout import MOE, RunPaths
 from mode_ray.serve.experts import ExpertDeployment
 from mode_ray.serve.schemas import (
     BatchZeroShotRequest,
@@ -44,7 +45,7 @@ from mode_ray.serve.schemas import (
     ZeroShotRequest,
 )
 from mode_ray.serve.validation import RequestError, RequestLimits, check_parameters, decode_image
-from mode_ray.storage import exists, read_json
+from mode_ray.storage import exists, join, read_json
 
 log = logging.getLogger("ray.serve")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -148,7 +149,7 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
         experts.append(
             ExpertInfo(
                 id=name,
-                kind="expert" if expert is not None else ("moe" if name == "moe" else "baseline"),
+                kind="expert" if expert is not None else ("moe" if name == MOE else "baseline"),
                 cluster_size=per_expert.get(str(expert)) if expert is not None else None,
                 fine_clusters=int(fine_counts[expert]) if expert is not None else None,
                 samples_seen=trained.get(name, {}).get("samples_seen"),
@@ -250,7 +251,7 @@ class ZeroShotIngress:
         """(models to call, their weights [E] or [C, E], routing method, expert weights to report)."""
         if params.model != "ensemble":
             if params.model not in self.models:
-                hint = " (no MoE model in this run yet)" if params.model == "moe" else ""
+                hint = " (no MoE model in this run yet)" if params.model == MOE else ""
                 raise RequestError(
                     404, f"unknown model {params.model!r}{hint}; available: ensemble, {', '.join(self.models)}"
                 )
@@ -290,11 +291,16 @@ class ZeroShotIngress:
 
 
 def served_models(cfg: Config) -> list[str]:
-    """The configured models, or every trained one; refuses names the run does not have."""
+    """The configured models, or every trained one (the CLIP-MoE too, once moe/model holds one, as
+    `load_model` tells them apart); refuses names the run does not have."""
+    from mode_ray.models.moe import MOE_CONFIG_FILE
+
     paths = RunPaths(cfg.run_root)
     if not exists(paths.experts_summary, cfg.data.s3):
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
     trained = list(read_json(paths.experts_summary, cfg.data.s3)["models"])
+    if exists(join(paths.export(MOE), MOE_CONFIG_FILE), cfg.data.s3):
+        trained.append(MOE)
     names = cfg.serve.models or trained
     missing = sorted(set(names) - set(trained))
     if missing:

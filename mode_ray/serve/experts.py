@@ -18,13 +18,14 @@ TEXT_CACHE_SIZE = 512
 
 
 class ExpertModels:
-    """Trained CLIPs loaded from their stock-open_clip exports (local or s3://): cosine logits and scale."""
+    """Trained CLIPs (local or s3://) — stock-open_clip exports and the CLIP-MoE's folder alike, both load as
+    open_clip models (`mode_ray.models.load_model`): cosine logits and scale."""
 
     def __init__(self, exports: dict[str, str], s3: S3Config | None = None, device: str = "cpu") -> None:
-        from mode_ray.models.clip import load_exported
+        from mode_ray.models import load_model
 
         self.device = device
-        self.models = {name: load_exported(url, s3, device) for name, url in exports.items()}
+        self.models = {name: load_model(url, s3, device) for name, url in exports.items()}
         self._text = lru_cache(maxsize=TEXT_CACHE_SIZE)(self._text_uncached)
 
     def _text_uncached(self, name: str, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:

@@ -7,6 +7,8 @@ retrieval → eval/report.{csv,md,png} (+ predictions, logits and routing weight
 
 Each image is read and decoded once, and all models see it in the same actor, so adding models costs
 forward passes only. Images that cannot be used are counted per task and reason, never dropped silently.
+A run's CLIP-MoE (`moe`, when moe/ has a finished model) is evaluated as one more single model, with its
+expert usage on the images and class prompts counted on the way (mode_ray/eval/moe_usage.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, EvalTaskConfig, S3Config
+from mode_ray.eval import moe_usage
 from mode_ray.eval.retrieval import unique_texts
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
-from mode_ray.layout import RunPaths
+from mode_ray.layout import MOE, RunPaths
 from mode_ray.progress import console, stage_log
 from mode_ray.rejects import Reason
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
@@ -101,13 +104,18 @@ def folder_rows(batch: pa.Table, limits: Limits, root: str) -> pa.Table:
 
 class ImageFeaturizer:
     """Actor: every model once; each batch decoded once per distinct preprocessing, then every model's
-    normalised image features as fixed-size-list columns `f:{model}`."""
+    normalised image features as fixed-size-list columns `f:{model}`, and for a MoE the batch's expert
+    counts as `u:{model}` (see mode_ray/eval/moe_usage.py)."""
 
     def __init__(self, exports: dict[str, str], s3: dict[str, Any] | None, device: str) -> None:
-        from mode_ray.models.clip import load_exported
+        from mode_ray.models import load_model
+        from mode_ray.models.moe import track_usage
 
         self.device = device
-        self.models = {name: load_exported(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
+        self.models = {name: load_model(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
+        self.moes = [name for name, (model, _) in self.models.items() if moe_usage.is_moe(model)]
+        for name in self.moes:
+            track_usage(self.models[name][0], True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from mode_ray.eval.zero_shot import image_features, preprocess
@@ -125,6 +133,9 @@ class ImageFeaturizer:
             if ok.any():
                 feats[ok] = image_features(model, pixels[key], self.device)
             out = out.append_column(f"f:{name}", embeddings_to_arrow(feats, ok))
+        for name in self.moes:
+            counts = moe_usage.take_counts(self.models[name][0], "image")
+            out = out.append_column(f"u:{name}", moe_usage.batch_column(counts, len(batch)))
         return out
 
 
@@ -181,24 +192,30 @@ def featurize(cfg: Config, source: str, location: str | list[str], exports: dict
 
 def text_features(
     cfg: Config, exports: dict[str, str], prompts: dict[str, tuple[list[str], list[str]]], corpus: list[str]
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Per model: class-text features per task, and features of the retrieval captions — in one Ray task."""
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, moe_usage.Counts]]:
+    """Per model: class-text features per task, and features of the retrieval captions — in one Ray task;
+    and per MoE, its text tower's expert counts over the class prompts."""
     import ray
 
     def encode(exports, s3, prompts, corpus, device):
         from mode_ray.eval.zero_shot import class_text_features
         from mode_ray.eval.zero_shot import text_features as encode_texts
-        from mode_ray.models.clip import load_exported
+        from mode_ray.models import load_model
+        from mode_ray.models.moe import track_usage
 
-        per_task, per_caption = {}, {}
+        per_task, per_caption, usage = {}, {}, {}
         for name, url in exports.items():
-            model, _, tokenizer = load_exported(url, S3Config(**s3), device)
+            model, _, tokenizer = load_model(url, S3Config(**s3), device)
+            track_usage(model, True)  # a no-op for a dense model
             per_task[name] = {
                 task: class_text_features(model, tokenizer, names, templates, device)
                 for task, (names, templates) in prompts.items()
             }
+            if moe_usage.is_moe(model):
+                usage[name] = moe_usage.take_counts(model, "text")
+            track_usage(model, False)
             per_caption[name] = encode_texts(model, tokenizer, corpus, device)
-        return per_task, per_caption
+        return per_task, per_caption, usage
 
     remote = ray.remote(num_cpus=cfg.eval.num_cpus, num_gpus=1 if cfg.eval.use_gpu else 0)(encode)
     device = "cuda" if cfg.eval.use_gpu else "cpu"
@@ -240,10 +257,11 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
     )
 
 
-def _compute(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _compute(summary: dict[str, Any], moe: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per report row: the samples behind the model's weights, and the training compute it took to make it
     (samples and seconds spent learning; a model continuing the seed carries the seed's share, and every
-    ensemble the seed's and all experts')."""
+    ensemble the seed's and all experts'; the MoE its base's, its MCL stages' and its router's, as the
+    moe summary counts them)."""
     compute = summary["compute"]
 
     def row(c: dict[str, Any], trained: bool) -> dict[str, Any]:
@@ -256,6 +274,8 @@ def _compute(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     out = {name: row(compute[name], True) for name in summary["models"]}
     out.update({name: row(compute["ensemble"], False) for name in ENSEMBLE_MODELS})
+    if moe is not None:
+        out[MOE] = row(moe["compute"], True)
     return out
 
 
@@ -273,17 +293,19 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     retrieval = bool(cfg.eval.retrieval and cfg.eval.shards)
     if not tasks and not retrieval:
         raise ValueError("nothing to evaluate: set eval.tasks, eval.demo_tasks or eval.retrieval with eval.shards")
-    models = list(summary["models"])
+    moe = moe_usage.trained_moe(paths, s3)
+    models = list(summary["models"]) + ([MOE] if moe is not None else [])
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
     if not present:
         raise ValueError(f"no data experts under {paths.experts()}: nothing to ensemble")
-    baselines = [m for m in (GENERALIST, MATCHED, SEED) if m in models]
+    singles = [m for m in (MOE, GENERALIST, MATCHED, SEED) if m in models]  # single models after the ensembles
     settings = settings_hash(
         cfg.eval.model_dump(mode="json"),
         [t.model_dump(mode="json") for t in tasks],
         cfg.embedding.encoder,
         summary,
         marker_info(paths.clusters, s3).get("run_id", ""),
+        *([moe] if moe is not None else []),  # a run without a MoE keeps the hash it had before MoEs
     )
     with stage_log("eval") as log:
         if not force and stage_done(paths.eval, settings, s3):
@@ -311,13 +333,13 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             captions = corpus_rows["caption"].to_pylist() if corpus_rows is not None else []
             texts, _ = unique_texts(captions)
             log.info(f"text features: {len(data)} tasks, {len(texts)} distinct captions")
-            per_task, per_caption = text_features(
+            per_task, per_caption, text_usage = text_features(
                 cfg, exports, {d.name: (d.class_names, d.templates) for d in data}, texts
             )
-        parts = [score_task(d, {m: per_task[m][d.name] for m in models}, router, present, baselines) for d in data]
+        parts = [score_task(d, {m: per_task[m][d.name] for m in models}, router, present, singles) for d in data]
         if corpus_rows is not None:
             image_feats = {m: embeddings_to_numpy(corpus_rows[f"f:{m}"]) for m in models}
-            parts.append(score_retrieval(captions, image_feats, per_caption, router, present, baselines))
+            parts.append(score_retrieval(captions, image_feats, per_caption, router, present, singles))
         scores = merge(parts)
         for r in scores.routing:  # the reference weights can be near-uniform: say so, with the distances
             log.info(
@@ -333,7 +355,13 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             "routing": cfg.eval.routing.model_dump(),
             "routing encoder": router.encoder_id,
         }
-        files = write_report(paths.eval, scores, _compute(summary), header, s3)
+        usage = None
+        if moe is not None:
+            image_usage: moe_usage.Counts = {}
+            for table in sources.values():
+                image_usage = moe_usage.add(image_usage, moe_usage.column_counts(table, f"u:{MOE}"))
+            usage = moe_usage.usage_record(image_usage, text_usage[MOE], MOE)
+        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage)
         tasks_order, table = accuracy_table(scores.metrics)
         result = {
             "files": files,

@@ -92,6 +92,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = Job(**config["job"])
+    task = config.get("task") or {}  # CLIP-MoE jobs: their data plan, loop settings and output folder
     t = cfg.training
     spe = config["samples_per_epoch"]
     # Read by the Train controller this trial starts (Ray Train propagates it from the driver's environment).
@@ -102,7 +103,14 @@ def run_job_trial(config: dict[str, Any]) -> None:
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
     quiet_training_data()
-    datasets, facts = job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), InputSpec(**config["input_spec"]))
+    spec = InputSpec(**config["input_spec"])
+    if task.get("plan"):  # an MCL stage: each worker reads its planned share of every global batch, in order
+        from mode_ray.stages.train_data import mcl_datasets
+
+        datasets, facts = mcl_datasets(cfg, task["plan"], {int(r): n for r, n in task["ranks"].items()}, spec), {}
+    else:
+        datasets, facts = job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), spec)
+    out_dir = task.get("out_dir") or experts_dir(cfg, job.name)
     runs = join(cfg.run_root, "train_runs")
     loop_cfg = {
         **t.model_dump(mode="json"),
@@ -114,10 +122,11 @@ def run_job_trial(config: dict[str, Any]) -> None:
         "holdout": "holdout" in datasets,
         "torch_threads": config["torch_threads"],
         "init_state": join(experts_dir(cfg, SEED), STATE_FILE) if job.init_from_seed else None,
-        "out_dir": experts_dir(cfg, job.name),
+        "out_dir": out_dir,
         "s3": cfg.data.s3.model_dump(),
         "failure_marker": failure_marker_path(cfg, job.name),
         "fail_once_at_step": t.fail_once_at_step.get(job.name) if t.fail_once_at_step else None,
+        **task.get("loop", {}),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -134,24 +143,32 @@ def run_job_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(t)),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if task.get("plan") else ["train"], execution_options=ingest_options(t, datasets)
+        ),
     )
     fit_start = time.time()
     trainer.fit()
     fit_end = time.time()
     metrics = finalize_job(
-        cfg, job, config, facts, {"trial_start": trial_start, "fit_start": fit_start, "fit_end": fit_end}
+        cfg, job, config, facts, {"trial_start": trial_start, "fit_start": fit_start, "fit_end": fit_end}, out_dir
     )
     ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
 
 
-def ingest_options(t: Any) -> dict[str, Any]:
-    """Ray Train's ingest defaults, with the training data's object store budget capped."""
+def ingest_options(t: Any, datasets: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ingest defaults, with the training data's object store budget capped; an MCL rank's data
+    keeps its planned order (every global batch is one cluster)."""
     from ray.train import DataConfig
 
-    train = DataConfig.default_ingest_options()
-    train.resource_limits = train.resource_limits.copy(object_store_memory=t.data_buffer_mb * 1024 * 1024)
-    return {"train": train, "holdout": DataConfig.default_ingest_options()}
+    options = {}
+    for name in datasets:
+        opts = DataConfig.default_ingest_options()
+        if name.startswith("train"):
+            opts.resource_limits = opts.resource_limits.copy(object_store_memory=t.data_buffer_mb * 1024 * 1024)
+            opts.preserve_order = name != "train"
+        options[name] = opts
+    return options
 
 
 def failure_marker_path(cfg: Config, job_name: str) -> str:
@@ -186,10 +203,9 @@ def time_breakdown(record: dict[str, Any], trial: dict[str, float], done: float)
 
 
 def finalize_job(
-    cfg: Config, job: Job, config: dict[str, Any], facts: dict[str, Any], trial: dict[str, float]
+    cfg: Config, job: Job, config: dict[str, Any], facts: dict[str, Any], trial: dict[str, float], out: str
 ) -> dict[str, Any]:
     """metrics.json from the worker's record and the trial's timing, then the completion marker."""
-    out = experts_dir(cfg, job.name)
     record = read_json(join(out, TRAIN_RECORD), cfg.data.s3)
     seen = {k: int(v) for k, v in record["seen"].items()}
     metrics = {
@@ -248,7 +264,17 @@ def train_run_name(job: Job, settings: str) -> str:
     return f"{job.name}-{settings[:10]}"
 
 
-def run_phase(cfg: Config, phase: str, plan: Plan, jobs: list[Job], settings: dict[str, str], force: bool) -> None:
+def run_phase(
+    cfg: Config,
+    phase: str,
+    jobs: list[Job],
+    settings: dict[str, str],
+    force: bool,
+    shared: dict[str, Any],
+    tasks: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """The jobs as parallel Tune trials of `run_job_trial`. `shared`: schedule and samples_per_epoch of every
+    job; `tasks`: per job name, what a CLIP-MoE job adds (data plan, loop settings, output folder)."""
     import ray.tune as tune
 
     if not jobs:
@@ -273,8 +299,8 @@ def run_phase(cfg: Config, phase: str, plan: Plan, jobs: list[Job], settings: di
             param_space={
                 "job": tune.grid_search([asdict(j) for j in jobs]),  # in plan order: the longest job first
                 "cfg": cfg.model_dump(mode="json"),
-                "schedule": asdict(plan.schedule),
-                "samples_per_epoch": plan.samples_per_epoch,
+                **shared,
+                "task": tune.sample_from(lambda spec: (tasks or {}).get(spec.config["job"]["name"], {})),
                 "torch_threads": _torch_threads(cfg, concurrent),
                 "input_spec": asdict(input_spec(cfg.training.model)),
                 "settings": tune.sample_from(lambda spec: settings[spec.config["job"]["name"]]),
@@ -296,6 +322,10 @@ def run_phase(cfg: Config, phase: str, plan: Plan, jobs: list[Job], settings: di
     failed = [r for r in grid if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} training trial(s) failed: " + "; ".join(str(r.error)[:300] for r in failed))
+
+
+def plan_shared(plan: Plan) -> dict[str, Any]:
+    return {"schedule": asdict(plan.schedule), "samples_per_epoch": plan.samples_per_epoch}
 
 
 def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
@@ -339,7 +369,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
             elif not todo:
                 log.skip("experts/seed complete")
             else:
-                run_phase(cfg, "seed", plan, todo, settings, force)
+                run_phase(cfg, "seed", todo, settings, force, plan_shared(plan))
                 log.done(f"steps [0, {seed.end_step})")
         with stage_log("train: experts + generalists") as log:
             todo = pending(plan.tails)
@@ -347,7 +377,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
                 log.skip("all models complete")
             else:
                 log.info("training " + ", ".join(j.name for j in todo) + " as parallel Tune trials")
-                run_phase(cfg, "tails", plan, todo, settings, force)
+                run_phase(cfg, "tails", todo, settings, force, plan_shared(plan))
                 log.done(f"{len(todo)} models")
     summary = training_summary(cfg, plan)
     write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)

@@ -273,3 +273,93 @@ def job_datasets(cfg: Config, job: Job, seed: int, spec: InputSpec) -> tuple[dic
     if holdout:
         datasets["holdout"] = tasks.read(groups, read_holdout_rows, source=source, holdout=holdout)
     return datasets, {"manifest_rows": total, "holdout_fraction": holdout, "draws_per_execution": draws}
+
+
+# --------------------------------------------------------------------------- CLIP-MoE: MCL stages
+
+PLANNED_ROWS_PER_TASK = 2048  # rows of one MCL read task (a whole number of per-worker batches)
+
+
+def locate_rows(items: dict[str, np.ndarray], source: Source, holdout: float) -> tuple[dict[str, np.ndarray], pa.Table]:
+    """The row groups' usable training rows (outside the hold-out), with where each one lives (path, row group,
+    row) — what an MCL stage clusters and then reads back in its planned order."""
+    import pyarrow.parquet as pq
+
+    fs, _ = get_fs(source.root, S3Config(**source.s3))
+    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
+    tables, where = [], {"path": [], "row_group": [], "row": []}
+    for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
+        with fs.open(str(path), "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
+        rows = np.flatnonzero(~held_out(table["key"].to_pylist(), holdout))
+        table = table.take(pa.array(rows))
+        tables.append(table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32))))
+        where["path"] += [str(path)] * len(rows)
+        where["row_group"] += [int(group)] * len(rows)
+        where["row"] += rows.tolist()
+    return {k: np.asarray(v) for k, v in where.items()}, pa.concat_tables(tables)
+
+
+def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: str) -> dict[str, np.ndarray]:
+    """An MCL read task: rows [start, stop) of one rank's planned sequence, in exactly that order (each row
+    group read once per task)."""
+    import pyarrow.parquet as pq
+
+    plan = _load_plan(plan_url, tuple(sorted(source.s3.items())))
+    fs, _ = get_fs(source.root, S3Config(**source.s3))
+    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
+    parts = []
+    for rank, start, stop in zip(items["rank"], items["start"], items["stop"], strict=True):
+        ids = plan[f"rank{int(rank)}"][int(start) : int(stop)]
+        paths, groups, rows = plan["path"][ids], plan["row_group"][ids], plan["row"][ids]
+        tables: dict[tuple[str, int], pa.Table] = {}
+        for path, group in {(str(p), int(g)) for p, g in zip(paths, groups, strict=True)}:
+            with fs.open(path, "rb") as f:
+                tables[path, group] = pq.ParquetFile(f).read_row_group(group, columns=columns)
+        picked = [tables[str(p), int(g)].slice(int(r), 1) for p, g, r in zip(paths, groups, rows, strict=True)]
+        table = pa.concat_tables(picked)
+        parts.append(table.append_column("coarse_id", pa.array(plan["coarse_id"][ids].astype(np.int32))))
+    return _inputs(pa.concat_tables(parts), source)
+
+
+_PLANS: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _load_plan(url: str, s3: tuple) -> dict[str, np.ndarray]:
+    """A stage's batch plan, read once per read-task process."""
+    if url not in _PLANS:
+        import io
+
+        from mode_ray.storage import read_bytes
+
+        with np.load(io.BytesIO(read_bytes(url, S3Config(**dict(s3))))) as data:
+            _PLANS[url] = {name: data[name] for name in data.files}
+    return _PLANS[url]
+
+
+def mcl_datasets(cfg: Config, plan_url: str, ranks: dict[int, int], spec: InputSpec) -> dict[str, Any]:
+    """One dataset per worker rank ({rank: planned rows}), each reading its rows in order, plus the hold-out."""
+    import ray
+
+    t = cfg.training
+    root = input_cache_dir(cfg) if t.decode_cache else RunPaths(cfg.run_root).manifest
+    source = make_source(cfg, root, t.decode_cache, spec)
+    per_worker = t.batch_size // t.num_workers
+    chunk = max(per_worker, PLANNED_ROWS_PER_TASK // per_worker * per_worker)
+    tasks = data_tasks(cfg)
+    datasets = {}
+    for rank, n in ranks.items():
+        items = [{"rank": rank, "start": s, "stop": min(s + chunk, n)} for s in range(0, n, chunk)]
+        datasets[f"train_rank{rank}"] = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_planned_rows,
+            fn_kwargs={"source": source, "plan_url": plan_url},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=tasks.cpus,
+            compute=ray.data.TaskPoolStrategy(size=tasks.concurrency),
+        )
+    groups = row_groups(root, cfg.data.s3)
+    holdout = holdout_fraction(cfg, sum(g["rows"] for g in groups))
+    if holdout:
+        datasets["holdout"] = tasks.read(groups, read_holdout_rows, source=source, holdout=holdout)
+    return datasets

@@ -1,4 +1,6 @@
-"""The one CLIP training loop, run by every Ray Train worker (seed, data experts, generalists; later CLIP-MoE).
+"""The one CLIP training loop, run by every Ray Train worker: seed, data experts, generalists, and CLIP-MoE's MCL
+stages (only the MLPs train, fixed temperature, cluster-homogeneous batches) and router fine-tuning (only the
+routers train, plus the load-balancing loss) — what differs is in the job's config, not in a second loop.
 
 nanoGPT-style: build, resume, then step through the worker's data until the job's last step — the data is an
 endless stream of batches (executions of the trial's dataset, each one or more draws of the job's rows), so a
@@ -21,8 +23,9 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.models.clip import build_clip
 from mode_ray.storage import get_fs
+from mode_ray.train.build import build_job_model
+from mode_ray.train.losses import SmoothedClipLoss, training_loss
 from mode_ray.train.schedule import Schedule
 from mode_ray.train.transforms import augment
 from mode_ray.train.validation import HeldOut, validate
@@ -163,16 +166,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     accum = cfg["grad_accum_steps"]
     per_worker_batch = max(2, cfg["global_batch"] // (world * accum))
-    batches = Batches(ray.train.get_dataset_shard("train"), per_worker_batch, cfg["shuffle_buffer"])
+    # MCL plans each worker's share of every global batch: one dataset per rank, read in order
+    data_name = f"train_rank{rank}" if cfg.get("per_rank_data") else "train"
+    batches = Batches(ray.train.get_dataset_shard(data_name), per_worker_batch, cfg["shuffle_buffer"])
     import ray.train.torch
-    from open_clip.loss import ClipLoss
 
     stamps["imports_done"] = time.time()
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg["seed"] + rank)
-    model, _, _, _ = build_clip(cfg["model"], device=device)
+    model = build_job_model(cfg, device)
     opt = make_optimizer(model, cfg)
     use_amp = cfg["precision"] in ("amp", "amp_bf16") and device.type == "cuda"
     amp_dtype = torch.bfloat16 if cfg["precision"] == "amp_bf16" else torch.float16
@@ -192,7 +196,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     stamps["model_ready"] = time.time()
 
-    loss_fn = ClipLoss(rank=rank, world_size=world)
+    loss_fn = SmoothedClipLoss(cfg.get("label_smoothing", 0.0), rank=rank, world_size=world)
     held_out = HeldOut(ray.train.get_dataset_shard("holdout"), cfg["model"]) if rank == 0 and cfg["holdout"] else None
     end_step = job["end_step"]
     ckpt_every = max(1, round(cfg["checkpoint_every_steps"]))
@@ -221,8 +225,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            img_f, txt_f, logit_scale = model(images, texts)
-            loss = loss_fn(img_f, txt_f, logit_scale) / accum
+            loss = training_loss(loss_fn, model, model(images, texts), cfg.get("balance")) / accum
         scaler.scale(loss).backward()
         micro += 1
         if micro % accum:
@@ -312,7 +315,16 @@ def _write_outputs(
         save_state(local, model, opt, scaler, state)
         with open(local, "rb") as f:
             write_bytes(join(out, STATE_FILE), f.read(), s3)
-    export_open_clip(model, cfg["model"], join(out, "export"), s3)
+    export_dir = cfg.get("export_dir") or join(out, "export")
+    if cfg.get("moe"):  # a CLIP-MoE is not a stock open_clip model: its own folder, `mode_ray.models.load_model`
+        from mode_ray.models.moe import MoESpec, moe_layers, save_moe
+
+        layers: dict[str, list[int]] = {}
+        for tower, block, _ in moe_layers(model):
+            layers.setdefault(tower, []).append(block)
+        save_moe(model, MoESpec(**{**cfg["moe"]["spec"], "layers": layers}), export_dir, s3)
+    else:
+        export_open_clip(model, cfg["model"], export_dir, s3)
     stamps["outputs_written"] = time.time()
     record = {key: state[key] for key in ("seen", "skipped_images", "loss_history", "val_history", "executions")}
     record.update(
