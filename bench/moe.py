@@ -23,20 +23,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def time_encoders(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per 1,000 images / captions over `repeats` passes (after one warm-up pass)."""
-    out = {}
+def time_models(
+    models: dict[str, torch.nn.Module], images: torch.Tensor, texts: torch.Tensor, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds per 1,000 images / captions over `repeats` rounds, after a warm-up round. Each round
+    times every model in turn, so a machine whose speed drifts (this one varies by ~40% between runs) slows
+    every model alike instead of whichever ran last."""
+    runs: dict[str, dict[str, list[float]]] = {name: {"image": [], "text": []} for name in models}
     with torch.no_grad():
-        for name, fn, data in (("image", model.encode_image, images), ("text", model.encode_text, texts)):
-            runs = []
-            for r in range(repeats + 1):
-                start = time.perf_counter()
-                for i in range(0, len(data), 256):
-                    fn(data[i : i + 256])
-                if r:
-                    runs.append(time.perf_counter() - start)
-            out[name] = statistics.median(runs) * 1000 / len(data)
-    return out
+        for r in range(repeats + 1):
+            for name, model in models.items():
+                for tower, fn, data in (("image", model.encode_image, images), ("text", model.encode_text, texts)):
+                    start = time.perf_counter()
+                    for i in range(0, len(data), 256):
+                        fn(data[i : i + 256])
+                    if r:
+                        runs[name][tower].append(time.perf_counter() - start)
+    return {
+        name: {tower: statistics.median(t) * 1000 / len(images) for tower, t in towers.items()}
+        for name, towers in runs.items()
+    }
 
 
 def main() -> None:
@@ -59,19 +65,17 @@ def main() -> None:
     images = torch.randn(args.images, 3, side, side)
     texts = torch.randint(1, 1000, (args.images, context))
 
-    base = build_clip(args.model)[0].eval()
-    rows = {"dense base": time_encoders(base, images, texts, args.repeats)}
+    models = {"dense base": build_clip(args.model)[0].eval()}
     if args.model_dir:
         moe = load_model(args.model_dir)[0]
         layer = next(iter(moe_layers(moe)))[2]
-        rows[f"trained MoE ({layer.n_experts} experts, top-{layer.top_k})"] = time_encoders(
-            moe, images, texts, args.repeats
-        )
+        models[f"trained MoE ({layer.n_experts} experts, top-{layer.top_k})"] = moe
     else:
         for k in sorted({1, 2, args.experts}):
             donors = [mlp_state(build_clip(args.model)[0]) for _ in range(args.experts)]
             moe = upcycle(build_clip(args.model)[0], donors, MoESpec(args.model, cfg, args.experts, k)).eval()
-            rows[f"MoE {args.experts} experts, top-{k}"] = time_encoders(moe, images, texts, args.repeats)
+            models[f"MoE {args.experts} experts, top-{k}"] = moe
+    rows = time_models(models, images, texts, args.repeats)
 
     ref = rows["dense base"]
     print(f"{'model':<32} {'ms/1k images':>13} {'× base':>7} {'ms/1k captions':>15} {'× base':>7}")
