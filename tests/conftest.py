@@ -115,6 +115,7 @@ def trained_run(ray_session, tmp_path_factory):
         "training.warmup_steps=5",
         "training.log_every_steps=4",
         "training.checkpoint_every_epochs=1",
+        "training.matched_control=true",  # off in the demo config, checked here
     )
     prep = run_prep(demo_config(run_root, shards, *base))
     steps_per_epoch = TRAIN_EPOCH // TRAIN_BATCH
