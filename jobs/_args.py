@@ -1,10 +1,19 @@
-"""The one argument parser every job entry point shares: --config, repeatable --set, --force."""
+"""What every job entry point shares: --config, repeatable --set, --force, and how a job ends.
+
+A job joins the cluster it was submitted to (Ray sets RAY_ADDRESS for the driver; `mode_ray.runtime`), logs
+its stages to the job log, and on failure exits non-zero with a one-line reason as the log's last line (the
+traceback above it), so `ray job status` / `ray job logs` say why.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-from mode_ray.config import Config, load_config
+from mode_ray.config import Config, ConfigError, load_config
 
 
 def parse(description: str) -> tuple[Config, bool]:
@@ -13,4 +22,23 @@ def parse(description: str) -> tuple[Config, bool]:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="dotted.key=value")
     parser.add_argument("--force", action="store_true", help="redo stages even when complete")
     args = parser.parse_args()
-    return load_config(args.config, args.overrides), args.force
+    try:
+        return load_config(args.config, args.overrides), args.force
+    except (ConfigError, OSError) as err:
+        print(f"job failed: bad config: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_job(description: str, stage: Callable[[Config, bool], Any]) -> None:
+    """Parse the arguments, run one stage function (or the pipeline) on the cluster, end with a clear reason."""
+    from mode_ray.runtime import ray_runtime
+
+    cfg, force = parse(description)
+    try:
+        with ray_runtime(cfg):
+            stage(cfg, force)
+    except Exception as err:  # noqa: BLE001 — any failure ends the job with its reason on one line
+        traceback.print_exc()
+        reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"job failed: {type(err).__name__}: {reason[:500]}", file=sys.stderr)
+        raise SystemExit(1) from None

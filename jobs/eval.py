@@ -5,9 +5,8 @@ ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.eval
 
 from __future__ import annotations
 
-from jobs._args import parse
+from jobs._args import run_job
 from mode_ray.stages.evaluate import run_eval
 
 if __name__ == "__main__":
-    cfg, force = parse(__doc__)
-    run_eval(cfg, force)
+    run_job(__doc__, run_eval)

@@ -7,9 +7,8 @@ ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.serv
 
 from __future__ import annotations
 
-from jobs._args import parse
+from jobs._args import run_job
 from mode_ray.stages.serve import run_serve
 
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__)
-    run_serve(cfg, keep_running=False, detach=True)
+    run_job(__doc__, lambda cfg, _: run_serve(cfg, keep_running=False, detach=True))

@@ -5,9 +5,8 @@ ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.trai
 
 from __future__ import annotations
 
-from jobs._args import parse
+from jobs._args import run_job
 from mode_ray.stages.train import run_train
 
 if __name__ == "__main__":
-    cfg, force = parse(__doc__)
-    run_train(cfg, force)
+    run_job(__doc__, run_train)

@@ -22,6 +22,12 @@ _FORWARDED_ENV = (
 IDLE_WORKERS = 8
 
 
+def cluster_address(cfg: Config) -> str | None:
+    """The Ray cluster to join: `ray.address`, or the one a `ray job submit` driver runs in (Ray sets
+    RAY_ADDRESS for it); None means start an embedded Ray from the `ray` section."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
 def ray_runtime(cfg: Config) -> Iterator[None]:
     """Use the running Ray if there is one (tests, `ray job submit`); else start one and shut it down after."""
@@ -38,8 +44,14 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if cfg.ray.address:
-        kwargs["address"] = cfg.ray.address
+    address = cluster_address(cfg)
+    if address:  # joining: the cluster's own resources apply; the `ray` section's local-start settings do not
+        kwargs["address"] = address
+        ignored = [k for k in ("num_cpus", "object_store_memory_mb") if getattr(cfg.ray, k) is not None]
+        if ignored:
+            from mode_ray.progress import console
+
+            console.print(f"  joining the Ray cluster at {address}: ray.{', ray.'.join(ignored)} ignored")
     else:
         kwargs["num_cpus"] = cfg.ray.num_cpus
         kwargs["include_dashboard"] = cfg.ray.include_dashboard

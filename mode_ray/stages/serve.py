@@ -13,6 +13,7 @@ from typing import Any
 from mode_ray.config import Config
 from mode_ray.eval.tasks import configured_tasks, templates_of, webdataset_label
 from mode_ray.progress import console, stage_log
+from mode_ray.runtime import cluster_address
 from mode_ray.shards import iter_tar_rows, list_shards
 from mode_ray.storage import get_fs
 
@@ -35,7 +36,7 @@ def check_resources(cfg: Config, n_models: int) -> None:
             f"the Serve app needs {need_cpu:g} CPUs ({groups} model deployment(s) × serve.experts.num_cpus "
             f"+ the ingress) but Ray has {have_cpu:g}: lower serve.experts.num_cpus or use serve.layout=single"
         )
-        if cfg.ray.address is None:
+        if cluster_address(cfg) is None:  # an embedded Ray never grows
             raise ValueError(message)
         console.print(f"[yellow]{message} (waiting for the autoscaler)[/yellow]")
 

@@ -24,6 +24,7 @@ from typing import Any
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log
+from mode_ray.runtime import cluster_address
 from mode_ray.stages.train_data import build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
     arrow_filesystem,
@@ -97,7 +98,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     spe = config["samples_per_epoch"]
     # Read by the Train controller this trial starts (Ray Train propagates it from the driver's environment).
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.controller_poll_s)
-    if cfg.ray.address is None:
+    if config.get("embedded_ray"):
         # An embedded one-node Ray: no node can be preempted and nobody scrapes Train's metrics, so the
         # preemption watcher actor and the metrics callbacks would only cost each trial CPU and a process.
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
@@ -304,6 +305,7 @@ def run_phase(
                 "torch_threads": _torch_threads(cfg, concurrent),
                 "input_spec": asdict(input_spec(cfg.training.model)),
                 "settings": tune.sample_from(lambda spec: settings[spec.config["job"]["name"]]),
+                "embedded_ray": cluster_address(cfg) is None,  # decided here: a trial runs inside Ray
             },
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
