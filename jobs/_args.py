@@ -31,8 +31,9 @@ def parse(description: str) -> tuple[Config, bool]:
 
 def run_job(description: str, stage: Callable[[Config, bool], Any]) -> None:
     """Parse the arguments, run one stage function (or the pipeline) on the cluster, end with a clear reason."""
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.runtime import quiet_at_the_source, ray_runtime
 
+    quiet_at_the_source()
     cfg, force = parse(description)
     try:
         with ray_runtime(cfg):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mode_ray.config import Config, ConfigError, load_config
-from mode_ray.progress import console
+from mode_ray.progress import VERBOSE_ENV, console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 
@@ -18,6 +19,27 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even when their outputs are complete.")]
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Ray's, Tune's and the workers' own output live.")
+    ] = False,
+) -> None:
+    """mode_ray: CLIP data experts (MoDE) and CLIP mixtures of experts on Ray."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    from mode_ray.runtime import quiet_at_the_source
+
+    quiet_at_the_source()  # before any stage imports Ray Data, Tune or transformers
+
+
+def _fail(err: Exception, code: int) -> typer.Exit:
+    from mode_ray.runtime import log_hint
+
+    console.print(f"[red]{err}[/red]{log_hint()}")
+    return typer.Exit(code)
 
 
 def _load(config: Path, overrides: list[str] | None) -> Config:
@@ -42,8 +64,9 @@ def run(
     try:
         run_all(cfg, force=force, only=only)
     except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(err, 2) from None
+    except RuntimeError as err:  # a failed trial or stage: its reason, where the full logs are
+        raise _fail(err, 1) from None
 
 
 @app.command()
@@ -95,8 +118,9 @@ def _run_stage(fn, cfg: Config, force: bool) -> None:
     try:
         fn(cfg, force)
     except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(err, 2) from None
+    except RuntimeError as err:
+        raise _fail(err, 1) from None
 
 
 @app.command("demo-data")

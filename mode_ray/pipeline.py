@@ -14,7 +14,7 @@ from mode_ray.stages.moe import run_moe_if_enabled
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.serve import run_serve
 from mode_ray.stages.train import run_train
-from mode_ray.storage import join, write_bytes
+from mode_ray.storage import exists, join, write_bytes
 
 StageFn = Callable[[Config, bool], object]
 
@@ -51,3 +51,20 @@ def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> 
     with ray_runtime(cfg) if needs_ray else nullcontext():
         for _, fn in selected:
             fn(cfg, force)
+    print_closing_summary(cfg)
+
+
+def print_closing_summary(cfg: Config) -> None:
+    """Time per stage, and where the report and the logs are."""
+    from mode_ray.layout import RunPaths
+    from mode_ray.progress import STAGE_SECONDS
+    from mode_ray.runtime import LOG_DIR
+
+    total = sum(STAGE_SECONDS.values())
+    parts = ", ".join(f"{name} {s:.0f}s" if s else f"{name} (already complete)" for name, s in STAGE_SECONDS.items())
+    console.print(f"[bold]done[/bold] in {total:.0f}s of stages: {parts}")
+    report = join(RunPaths(cfg.run_root).eval, "report.md")
+    where = [f"report: {report}"] if exists(report, cfg.data.s3) else []
+    where += [f"Ray's logs: {LOG_DIR[0]}"] if LOG_DIR else []
+    if where:
+        console.print("   ".join(where))

@@ -1,7 +1,15 @@
-"""One clear line per stage with its elapsed time (Ray Data draws its own progress bars inside stages)."""
+"""What an operator sees: one clear line per stage with its elapsed time, and little else.
+
+Ray, Tune, Ray Data and Serve log progress at INFO and stream every worker's output to the driver; on the
+console that buried the stage lines under thousands of others. Unless `--verbose` (MODE_RAY_VERBOSE=1), their
+loggers keep WARNING and up (a real error still prints), Tune prints no result tables, and worker output stays
+in Ray's own log folder, whose path is printed when Ray starts and again with any error.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +17,21 @@ from contextlib import contextmanager
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+VERBOSE_ENV = "MODE_RAY_VERBOSE"
+RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "ray.air")
+STAGE_SECONDS: dict[str, float] = {}  # every finished or skipped stage of this process: the closing summary
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_logs() -> None:
+    """Ray's library loggers at WARNING (their INFO progress is the noise), unless verbose."""
+    if verbose():
+        return
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class StageLog:
@@ -25,14 +48,17 @@ class StageLog:
 
     def skip(self, why: str) -> None:
         self.skipped = True
+        STAGE_SECONDS.setdefault(self.name, 0.0)
         console.print(f"[yellow]↷ {self.name}[/yellow] skipped: {why}")
 
     def done(self, summary: str = "") -> None:
+        STAGE_SECONDS[self.name] = self.elapsed()
         console.print(f"[green]✓ {self.name}[/green] {summary} [dim]({self.elapsed():.1f}s)[/dim]")
 
 
 @contextmanager
 def stage_log(name: str) -> Iterator[StageLog]:
+    quiet_ray_logs()  # again: a library imported by the previous stage (Serve) sets its own logger up
     log = StageLog(name)
     console.print(f"[bold]▶ {name}[/bold]")
     try:

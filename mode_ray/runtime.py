@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from mode_ray.config import Config
 # Passed to every worker, so the offline encoder and the s3 settings behave the same on a cluster.
 _FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "RAY_DATA_LOGGING_CONFIG",
     "TRANSFORMERS_OFFLINE",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -20,6 +23,7 @@ _FORWARDED_ENV = (
 
 
 IDLE_WORKERS = 8
+LOG_DIR: list[str] = []  # Ray's log folder of the running session, once known (printed with errors)
 
 
 def cluster_address(cfg: Config) -> str | None:
@@ -38,12 +42,20 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    quiet_at_the_source()
     # Keep idle worker processes (Ray's default keeps one per CPU): each training trial's read tasks then
     # reuse processes that already imported their libraries instead of paying for it again (measured on 2
     # cores: a trial's first steps ran 3x slower beside cold processes).
     os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    from mode_ray.progress import verbose
+
+    # Worker output goes to Ray's log folder; streamed to the driver only when asked for (--verbose).
+    kwargs: dict = {
+        "runtime_env": {"env_vars": env},
+        "log_to_driver": verbose(),
+        "logging_level": logging.INFO if verbose() else logging.WARNING,
+    }
     address = cluster_address(cfg)
     if address:  # joining: the cluster's own resources apply; the `ray` section's local-start settings do not
         kwargs["address"] = address
@@ -58,7 +70,39 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
         if cfg.ray.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     ray.init(**kwargs)
+    _quiet_after_init()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def quiet_at_the_source() -> None:
+    """Unless verbose: Ray Data's console logging at WARNING (its documented RAY_DATA_LOGGING_CONFIG; the full
+    log still goes to Ray's session folder), Tune's silent output engine (its new one prints a header per
+    experiment whatever the verbosity), no Hugging Face download/loading bars."""
+    from mode_ray.progress import verbose
+
+    if verbose():
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_after_init() -> None:
+    """Ray's loggers after `ray.init` (which sets them up), Ray Data's progress bars off, the log folder noted."""
+    from mode_ray.progress import console, quiet_ray_logs
+
+    quiet_ray_logs()
+    try:  # no public accessor for the session folder
+        from ray._private.worker import _global_node
+
+        LOG_DIR[:] = [os.path.join(_global_node.get_session_dir_path(), "logs")]
+        console.print(f"  [dim]Ray's logs: {LOG_DIR[0]} (`mode-ray --verbose` shows them live)[/dim]")
+    except Exception:  # noqa: BLE001 — only a hint
+        pass
+
+
+def log_hint() -> str:
+    return f" (full logs: {LOG_DIR[0]})" if LOG_DIR else ""

@@ -49,3 +49,13 @@ def test_bad_config_is_a_clear_error(tmp_path):
     proc = _mode_ray("run", "--config", "configs/demo.yaml", "--set", "training.lr=fast")
     assert proc.returncode == 2
     assert "training.lr" in proc.stderr
+
+
+def test_a_failing_stage_prints_its_reason_and_where_the_logs_are(tmp_path):
+    proc = _mode_ray(
+        "run", "--config", "configs/demo.yaml", "--set", f"run_root={tmp_path}", "--set", "data.demo=null",
+        "--set", f"data.shards={tmp_path / 'nowhere'}", "--only", "prep",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "nowhere" in proc.stderr and "full logs: " in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import REPO, _free_port
@@ -40,7 +41,9 @@ TINY = (
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    """This venv first on PATH: the head, and so every job's `python`, run this project's interpreter."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +55,44 @@ def head():
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--temp-dir={temp}", "--object-store-memory=300000000", "--disable-usage-stats",
+        # its own agent ports: another Ray on this machine (the test session's) holds the default ones, and a
+        # job agent that cannot bind leaves "No available agent to submit job"
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
     ]  # fmt: skip
     subprocess.run(start, check=True, env=_env(), capture_output=True, timeout=180)
     url = f"http://127.0.0.1:{dashboard}"
     try:
         yield url
     finally:
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(temp in part for part in proc.info["cmdline"] or []):
-                    proc.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        _kill_processes_mentioning(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _kill_processes_mentioning(marker: str) -> None:
+    """Kill every process whose command line holds `marker` (this head's temp dir): never `ray stop`, which
+    would stop the test session's own Ray too."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def _submit(url: str, *args: str) -> str:
-    out = subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--no-wait", "--", *args],
-        check=True, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    return next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+    job = f"mode-ray-test-{uuid.uuid4().hex[:12]}"
+    command = [RAY, "job", "submit", "--address", url, "--submission-id", job, "--working-dir", str(REPO),
+               "--no-wait", "--", *args]  # fmt: skip
+    for _ in range(30):  # a fresh head's job agent takes a while to come up ("No available agent")
+        out = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+        if out.returncode == 0 or "No available agent" not in out.stderr:
+            break
+        time.sleep(3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return job
 
 
 def _wait(url: str, job: str, timeout: float) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
-from mode_ray.progress import console, stage_log
+from mode_ray.progress import console, stage_log, verbose
 from mode_ray.runtime import cluster_address
 from mode_ray.stages.train_data import build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
@@ -301,10 +301,10 @@ def run_phase(
                 "job": tune.grid_search([asdict(j) for j in jobs]),  # in plan order: the longest job first
                 "cfg": cfg.model_dump(mode="json"),
                 **shared,
-                "task": tune.sample_from(lambda spec: (tasks or {}).get(spec.config["job"]["name"], {})),
+                "task": tune.sample_from(lambda config: (tasks or {}).get(config["job"]["name"], {})),
                 "torch_threads": _torch_threads(cfg, concurrent),
                 "input_spec": asdict(input_spec(cfg.training.model)),
-                "settings": tune.sample_from(lambda spec: settings[spec.config["job"]["name"]]),
+                "settings": tune.sample_from(lambda config: settings[config["job"]["name"]]),
                 "embedded_ray": cluster_address(cfg) is None,  # decided here: a trial runs inside Ray
             },
             tune_config=tune.TuneConfig(
@@ -317,7 +317,7 @@ def run_phase(
                 storage_path=tune_root,
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
-                verbose=1,
+                verbose=1 if verbose() else 0,  # Tune's result tables were most of the console
             ),
         )
     grid = tuner.fit()

@@ -214,7 +214,7 @@ class DataTasks:
             batch_size=math.ceil(len(items) / blocks),
             batch_format="numpy",
             num_cpus=self.cpus,
-            compute=ray.data.TaskPoolStrategy(size=self.concurrency),
+            compute=ray.data.TaskPoolStrategy(size=min(self.concurrency, blocks)),  # no more tasks than blocks
         )
 
 
@@ -356,7 +356,7 @@ def mcl_datasets(cfg: Config, plan_url: str, ranks: dict[int, int], spec: InputS
             batch_size=1,
             batch_format="numpy",
             num_cpus=tasks.cpus,
-            compute=ray.data.TaskPoolStrategy(size=tasks.concurrency),
+            compute=ray.data.TaskPoolStrategy(size=min(tasks.concurrency, len(items))),
         )
     groups = row_groups(root, cfg.data.s3)
     holdout = holdout_fraction(cfg, sum(g["rows"] for g in groups))
