@@ -11,7 +11,6 @@ Counts, not shares, travel, so batches of any size add up exactly; shares are ta
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -131,20 +130,14 @@ def plot(record: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mode_ray.eval.report import png_bytes, share_heatmap
+
     towers = list(record["shares"])
     fig, axes = plt.subplots(1, len(towers), figsize=(5.5 * len(towers), 4.5), squeeze=False)
     for ax, tower in zip(axes[0], towers, strict=True):
         blocks = record["shares"][tower]
         values = np.array(list(blocks.values()))
-        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks], fontsize=7)
-        ax.set_xticks(range(values.shape[1]), [f"expert {e}" for e in range(values.shape[1])], fontsize=7)
-        for (i, j), w in np.ndenumerate(values):
-            ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=8, color="w" if w < 0.6 else "k")
-        ax.set_title(f"{record['model']}: {tower} tower, share of routed slots")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+        rows = [f"block {b}" for b in blocks]
+        columns = [f"expert {e}" for e in range(values.shape[1])]
+        share_heatmap(fig, ax, values, rows, columns, f"{record['model']}: {tower} tower, share of routed slots", 8)
+    return png_bytes(fig)

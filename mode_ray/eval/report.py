@@ -179,13 +179,28 @@ def plot(metrics: list[dict[str, Any]], routing: list[dict[str, Any]]) -> bytes:
     ax_acc.legend(fontsize=7, ncol=2)
     if routing:
         weights = np.array([r["weights"] for r in routing])
-        image = ax_w.imshow(weights, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax_w.set_yticks(range(len(routing)), [f"{r['task']} / {r['method']}" for r in routing], fontsize=7)
-        ax_w.set_xticks(range(weights.shape[1]), [f"expert-{e}" for e in range(weights.shape[1])], fontsize=7)
-        for (i, j), w in np.ndenumerate(weights):
-            ax_w.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=6, color="w" if w < 0.6 else "k")
-        ax_w.set_title("routing weights")
-        fig.colorbar(image, ax=ax_w, fraction=0.046)
+        rows = [f"{r['task']} / {r['method']}" for r in routing]
+        columns = [f"expert-{e}" for e in range(weights.shape[1])]
+        share_heatmap(fig, ax_w, weights, rows, columns, "routing weights", fontsize=6)
+    return png_bytes(fig)
+
+
+def share_heatmap(
+    fig: Any, ax: Any, values: np.ndarray, rows: list[str], columns: list[str], title: str, fontsize: int
+) -> None:
+    """Shares in [0, 1] as an annotated heatmap (routing weights, MoE expert usage)."""
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    for (i, j), w in np.ndenumerate(values):
+        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=fontsize, color="w" if w < 0.6 else "k")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+
+
+def png_bytes(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
