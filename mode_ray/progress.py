@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# A file or a job log gets tables as wide as their content needs (rich's default there is 80 columns, which
+# folded every table into unreadable cells).
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 VERBOSE_ENV = "MODE_RAY_VERBOSE"
 RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "ray.air")
 STAGE_SECONDS: dict[str, float] = {}  # every finished or skipped stage of this process: the closing summary

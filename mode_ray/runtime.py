@@ -24,6 +24,12 @@ _FORWARDED_ENV = (
 
 IDLE_WORKERS = 8
 LOG_DIR: list[str] = []  # Ray's log folder of the running session, once known (printed with errors)
+_STARTED_HERE: list[bool] = []  # [True] while the Ray this process started is up (it ends with the process)
+
+
+def started_here() -> bool:
+    """Whether the running Ray is the embedded one this process started (and will shut down)."""
+    return bool(_STARTED_HERE)
 
 
 def cluster_address(cfg: Config) -> str | None:
@@ -47,6 +53,9 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     # reuse processes that already imported their libraries instead of paying for it again (measured on 2
     # cores: a trial's first steps ran 3x slower beside cold processes).
     os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
+    # Fractional-CPU actors and tasks are this workload's design, so more worker processes than CPUs start at
+    # once; tell the raylet (its default expects one per CPU and warns on the console at every multiple).
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(IDLE_WORKERS))
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     from mode_ray.progress import verbose
 
@@ -71,9 +80,11 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     ray.init(**kwargs)
     _quiet_after_init()
+    _STARTED_HERE[:] = [] if address else [True]
     try:
         yield
     finally:
+        _STARTED_HERE.clear()
         ray.shutdown()
 
 
@@ -106,3 +117,20 @@ def _quiet_after_init() -> None:
 
 def log_hint() -> str:
     return f" (full logs: {LOG_DIR[0]})" if LOG_DIR else ""
+
+
+def wait_for_released_cpus(timeout_s: float = 10.0) -> None:
+    """Before a Ray Data write: wait (bounded) until earlier pipelines' actors have given their CPUs back.
+
+    Ray Data stops an actor pool asynchronously; a pipeline started right after may find no free CPU, wait
+    for it, and warn that it may hang. On the embedded Ray every CPU is ours, so wait for all of them; on a
+    shared cluster for any; after `timeout_s` go on and let Ray schedule as usual.
+    """
+    import time
+
+    import ray
+
+    want = ray.cluster_resources().get("CPU", 0) if started_here() else min(1.0, ray.cluster_resources().get("CPU", 0))
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < want and time.monotonic() < deadline:
+        time.sleep(0.1)

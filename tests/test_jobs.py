@@ -122,6 +122,10 @@ def test_whole_pipeline_as_a_job_succeeds_and_writes_its_outputs(head, tmp_path)
     for done in ("manifest/_SUCCESS", "experts/generalist/_SUCCESS", "eval/report.md"):
         assert (root / done).exists(), done
     assert "serve self-check" in logs
+    # What an operator reads: a line per stage, a bar per trial with its loss, no traceback, under 100 lines.
+    lines = logs.strip().splitlines()
+    assert len(lines) < 100 and "Traceback" not in logs, "\n".join(lines)
+    assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), logs[-3000:]
 
 
 def test_a_job_on_missing_shards_fails_with_its_reason(head, tmp_path):

@@ -27,7 +27,9 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import MOE, RunPaths
-from mode_ray.progress import console, stage_log
+from mode_ray.progress import console, stage_log, verbose
+from mode_ray.progress_bars import progress_bars
+from mode_ray.progress_bars import report as report_progress
 from mode_ray.rejects import Reason
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
 from mode_ray.shards import list_shards
@@ -107,11 +109,11 @@ class ImageFeaturizer:
     normalised image features as fixed-size-list columns `f:{model}`, and for a MoE the batch's expert
     counts as `u:{model}` (see mode_ray/eval/moe_usage.py)."""
 
-    def __init__(self, exports: dict[str, str], s3: dict[str, Any] | None, device: str) -> None:
+    def __init__(self, exports: dict[str, str], s3: dict[str, Any] | None, device: str, board: str | None) -> None:
         from mode_ray.models import load_model
         from mode_ray.models.moe import track_usage
 
-        self.device = device
+        self.device, self.board = device, board
         self.models = {name: load_model(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
         self.moes = [name for name, (model, _) in self.models.items() if moe_usage.is_moe(model)]
         for name in self.moes:
@@ -136,6 +138,7 @@ class ImageFeaturizer:
         for name in self.moes:
             counts = moe_usage.take_counts(self.models[name][0], "image")
             out = out.append_column(f"u:{name}", moe_usage.batch_column(counts, len(batch)))
+        report_progress(self.board, f"images through {len(self.models)} models", advance=len(batch))
         return out
 
 
@@ -173,20 +176,22 @@ def featurize(cfg: Config, source: str, location: str | list[str], exports: dict
         ds = ds.map_batches(
             folder_rows, fn_kwargs={"limits": limits, "root": location}, batch_format="pyarrow", num_cpus=0.5
         )
-    ds = ds.map_batches(
-        ImageFeaturizer,
-        fn_constructor_kwargs={
-            "exports": exports,
-            "s3": s3.model_dump(),
-            "device": "cuda" if cfg.eval.use_gpu else "cpu",
-        },
-        batch_size=cfg.eval.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=cfg.eval.num_cpus,
-        num_gpus=1 if cfg.eval.use_gpu else None,
-    )
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    with progress_bars("eval-images") as board:
+        ds = ds.map_batches(
+            ImageFeaturizer,
+            fn_constructor_kwargs={
+                "exports": exports,
+                "s3": s3.model_dump(),
+                "device": "cuda" if cfg.eval.use_gpu else "cpu",
+                "board": board,
+            },
+            batch_size=cfg.eval.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=cfg.eval.num_cpus,
+            num_gpus=1 if cfg.eval.use_gpu else None,
+        )
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     return table.sort_by("key")
 
 
@@ -341,7 +346,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             image_feats = {m: embeddings_to_numpy(corpus_rows[f"f:{m}"]) for m in models}
             parts.append(score_retrieval(captions, image_feats, per_caption, router, present, singles))
         scores = merge(parts)
-        for r in scores.routing:  # the reference weights can be near-uniform: say so, with the distances
+        for r in scores.routing if verbose() else []:  # the weights per task (also in the report)
             log.info(
                 f"routing {r['task']}/{r['method']}: [{', '.join(f'{w:.3f}' for w in r['weights'])}], "
                 f"{r['distance_from_uniform']:.3f} from uniform; label→centre d mean {r['distance_mean']:.3f} "

@@ -26,6 +26,9 @@ from mode_ray.config import Config
 from mode_ray.encoders import build_encoder, encoder_id_for
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, read_centroids
 from mode_ray.progress import console, stage_log
+from mode_ray.progress_bars import progress_bars
+from mode_ray.progress_bars import report as report_progress
+from mode_ray.runtime import wait_for_released_cpus
 from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
 from mode_ray.storage import (
@@ -73,7 +76,10 @@ def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) ->
 class CaptionEmbedder:
     """Actor: loads the text encoder once, embeds the captions of valid rows (rejects pass through)."""
 
-    def __init__(self, encoder: str, device: str, dtype: str, batch_size: int, num_threads: int | None) -> None:
+    def __init__(
+        self, encoder: str, device: str, dtype: str, batch_size: int, num_threads: int | None, board: str | None
+    ) -> None:
+        self.board = board
         if num_threads:
             import torch
 
@@ -86,6 +92,7 @@ class CaptionEmbedder:
         captions = [c for c, ok in zip(batch["caption"].to_pylist(), valid, strict=True) if ok]
         if captions:
             vectors[valid] = self.encoder.encode(captions)
+        report_progress(self.board, "samples read, validated and embedded", advance=len(batch))
         return batch.append_column("embedding", embeddings_to_arrow(vectors, valid))
 
 
@@ -140,23 +147,26 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
         source = ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], cfg.data.s3))
         ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
         ds = ds.map_batches(validate_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
-        ds = ds.map_batches(
-            CaptionEmbedder,
-            fn_constructor_kwargs={
-                "encoder": emb.encoder,
-                "device": emb.device,
-                "dtype": emb.dtype,
-                "batch_size": emb.batch_size,
-                "num_threads": emb.num_threads,
-            },
-            batch_size=emb.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
-            num_cpus=emb.num_cpus_per_actor,
-            num_gpus=emb.num_gpus_per_actor or None,
-        )
         out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
-        ds.write_parquet(paths.embeddings, filesystem=out_fs)
+        with progress_bars("prep-embed") as board:
+            ds = ds.map_batches(
+                CaptionEmbedder,
+                fn_constructor_kwargs={
+                    "encoder": emb.encoder,
+                    "device": emb.device,
+                    "dtype": emb.dtype,
+                    "batch_size": emb.batch_size,
+                    "num_threads": emb.num_threads,
+                    "board": board,
+                },
+                batch_size=emb.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
+                num_cpus=emb.num_cpus_per_actor,
+                num_gpus=emb.num_gpus_per_actor or None,
+            )
+            ds.write_parquet(paths.embeddings, filesystem=out_fs)
+        wait_for_released_cpus()
         log.info(f"embeddings/ written after {log.elapsed():.1f}s")
 
         rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
@@ -294,6 +304,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
             compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
             num_cpus=emb.num_cpus_per_actor,
         )
+        wait_for_released_cpus()
         ds.write_parquet(paths.manifest, partition_cols=["coarse_id"], filesystem=fs, row_group_size=ROW_GROUP_ROWS)
         run_id = uuid.uuid4().hex
         mark_done(paths.manifest, settings, cfg.data.s3, run_id=run_id)

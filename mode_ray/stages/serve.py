@@ -12,8 +12,8 @@ from typing import Any
 
 from mode_ray.config import Config
 from mode_ray.eval.tasks import configured_tasks, templates_of, webdataset_label
-from mode_ray.progress import console, stage_log
-from mode_ray.runtime import cluster_address
+from mode_ray.progress import console, stage_log, verbose
+from mode_ray.runtime import cluster_address, started_here
 from mode_ray.shards import iter_tar_rows, list_shards
 from mode_ray.storage import get_fs
 
@@ -132,7 +132,8 @@ def self_check(cfg: Config, url: str) -> dict[str, Any]:
         )
         correct += top["label"] == pick["label"]
         total += 1
-    console.print(table)
+    if verbose():  # the count is in the stage's closing line
+        console.print(table)
     return {"url": url, "checked": total, "correct": correct}
 
 
@@ -167,5 +168,7 @@ def run_serve(
             log.done(f"self-check: {result['correct']}/{result['checked']} held-out images right over HTTP")
             return result
         finally:
-            if not detach:
+            if started_here():  # the embedded Ray ends with this command: the app goes, Ray stops the rest
+                serve.delete(cfg.serve.app_name)
+            elif not detach:
                 serve.shutdown()
