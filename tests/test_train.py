@@ -222,6 +222,21 @@ def test_reads_without_the_decode_cache_decode_the_same_rows(trained):
     assert len(none["pixels"]) == 0
 
 
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(trained, capsys):
+    """Runs last among the trained-run tests: it retrains the generalist's last epoch."""
+    cfg, _, summary = trained
+    before = summary["models"]["generalist"]
+    run_dir = next(d for d in Path(cfg.run_root, "train_runs").glob("generalist-*") if MATCHED not in d.name)
+    latest = sorted(run_dir.glob("checkpoint_2*"))[-1] / "state.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a full disk, a killed upload
+    os.remove(Path(experts_dir(cfg, "generalist")) / "_SUCCESS")
+    again = run_train(cfg)["models"]["generalist"]
+    assert again["end_step"] == before["end_step"]
+    assert "unreadable" in again["recovery"][0] and f"step {before['end_step'] - 8}" in again["recovery"][1]
+    assert again["loss_history"][-1]["step"] == before["end_step"]
+    assert "unreadable" in capsys.readouterr().err  # said on the console too
+
+
 # --------------------------------------------------------------------------- the plain pieces
 
 

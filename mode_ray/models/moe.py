@@ -260,7 +260,8 @@ def load_moe(model_dir: str, s3: Any = None, device: str = "cpu") -> tuple[nn.Mo
 
     spec = MoESpec(**json.loads(read_bytes(join(model_dir, MOE_CONFIG_FILE), s3)))
     model = build_moe_skeleton(spec)
-    state = torch.load(io.BytesIO(read_bytes(join(model_dir, MOE_WEIGHTS_FILE), s3)), map_location="cpu")
+    weights = io.BytesIO(read_bytes(join(model_dir, MOE_WEIGHTS_FILE), s3))
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: never run a pickle
     model.load_state_dict(state)
     cfg = spec.open_clip_config["vision_cfg"]
     eval_tf = open_clip.image_transform(cfg["image_size"], is_train=False)

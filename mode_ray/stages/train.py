@@ -24,6 +24,7 @@ from typing import Any
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log, verbose
+from mode_ray.progress_bars import progress_bars
 from mode_ray.runtime import cluster_address
 from mode_ray.stages.train_data import build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
@@ -127,6 +128,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
         "s3": cfg.data.s3.model_dump(),
         "failure_marker": failure_marker_path(cfg, job.name),
         "fail_once_at_step": t.fail_once_at_step.get(job.name) if t.fail_once_at_step else None,
+        "progress_board": config.get("progress_board"),  # rank 0 reports steps and loss to the stage's bars
         **task.get("loop", {}),
     }
     trainer = TorchTrainer(
@@ -224,6 +226,7 @@ def finalize_job(
         "skipped_images": record["skipped_images"],
         "loss_history": record["loss_history"],
         "val_history": record["val_history"],
+        "recovery": record.get("recovery", []),  # unreadable checkpoints skipped on the way
         "torch_threads": config["torch_threads"],
         **facts,
     }
@@ -283,7 +286,6 @@ def run_phase(
     tune_root = join(cfg.run_root, "tune")
     name = f"{phase}-{settings_hash(sorted(j.name for j in jobs), sorted(settings.values()))}"
     if force:  # nothing to resume: --force means from the start
-        remove_tree(join(tune_root, name), cfg.data.s3)
         for job in jobs:
             remove_tree(join(cfg.run_root, "train_runs", train_run_name(job, settings[job.name])), cfg.data.s3)
     # The trial only drives its TorchTrainer; its workers ask for their own CPUs/GPUs.
@@ -291,10 +293,11 @@ def run_phase(
     fs = arrow_filesystem(tune_root, cfg.data.s3)
     exp_path = join(tune_root, name)
     concurrent = min(len(jobs), _max_concurrent(cfg))
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        console.print(f"  resuming Tune experiment {exp_path}")
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
+    # Never Tune's resume: its experiment state is pickled, and a run root on shared storage must not run
+    # code from a file. Each job resumes from its own Train checkpoints (a JSON index and weights-only state
+    # files, see mode_ray/train/loop.py); Tune's folder holds only its bookkeeping and starts afresh.
+    remove_tree(exp_path, cfg.data.s3)
+    with progress_bars(phase) as board:
         tuner = tune.Tuner(
             trainable,
             param_space={
@@ -306,6 +309,7 @@ def run_phase(
                 "input_spec": asdict(input_spec(cfg.training.model)),
                 "settings": tune.sample_from(lambda config: settings[config["job"]["name"]]),
                 "embedded_ray": cluster_address(cfg) is None,  # decided here: a trial runs inside Ray
+                "progress_board": board,
             },
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
@@ -320,7 +324,7 @@ def run_phase(
                 verbose=1 if verbose() else 0,  # Tune's result tables were most of the console
             ),
         )
-    grid = tuner.fit()
+        grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} training trial(s) failed: " + "; ".join(str(r.error)[:300] for r in failed))
@@ -452,13 +456,17 @@ def print_training_summary(summary: dict[str, Any]) -> None:
             f"{timing['fixed']:.1f}",
         )
     console.print(table)
-    breakdown = Table(title="where each trial's fixed seconds went")
-    parts = [k for k in next(iter(summary["models"].values()))["timing"] if k not in ("trial", "fixed", "compute")]
-    for col in ("model", *parts):
-        breakdown.add_column(col.replace("_", " "))
     for name, m in summary["models"].items():
-        breakdown.add_row(name, *(f"{m['timing'][p]:.1f}" for p in parts))
-    console.print(breakdown)
+        for note in m.get("recovery", []):
+            console.print(f"[yellow]{name}: {note}[/yellow]")
+    if verbose():  # also in each model's metrics.json ("timing")
+        breakdown = Table(title="where each trial's fixed seconds went")
+        parts = [k for k in next(iter(summary["models"].values()))["timing"] if k not in ("trial", "fixed", "compute")]
+        for col in ("model", *parts):
+            breakdown.add_column(col.replace("_", " "))
+        for name, m in summary["models"].items():
+            breakdown.add_row(name, *(f"{m['timing'][p]:.1f}" for p in parts))
+        console.print(breakdown)
     c = summary["compute"]
     line = ", ".join(f"{n} {v['samples']:,} samples / {v['train_seconds']:.0f} s" for n, v in c.items())
     console.print(f"training compute (seed included where continued): {line}")

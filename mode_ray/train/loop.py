@@ -13,6 +13,7 @@ round trip, so they are sparse; the loss curve is kept in the training state ins
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
+from mode_ray.progress_bars import report as report_progress
 from mode_ray.storage import get_fs
 from mode_ray.train.build import build_job_model
 from mode_ray.train.losses import SmoothedClipLoss, training_loss
@@ -62,8 +64,12 @@ def save_state(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, sc
     )
 
 
-def load_state(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer | None, scaler: Any) -> dict:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+def load_state(source: Any, model: torch.nn.Module, opt: torch.optim.Optimizer | None, scaler: Any) -> dict:
+    """Weights, optimizer and scaler state and the loop's plain-value state from a path or file object.
+
+    `weights_only=True`: tensors, dicts, lists and plain values only. A run root can sit on shared storage;
+    unpickling arbitrary objects from it would run whatever code a crafted file carries."""
+    blob = torch.load(source, map_location="cpu", weights_only=True)
     getattr(model, "module", model).load_state_dict(blob["model"])
     if opt is not None:
         opt.load_state_dict(blob["optimizer"])
@@ -115,6 +121,35 @@ def _fetch_seed_state(cfg: dict[str, Any], model: torch.nn.Module, opt: Any, sca
         fs, path = get_fs(cfg["init_state"], S3Config(**cfg.get("s3") or {}))
         fs.get(path, local)
         return load_state(local, model, opt, scaler)
+
+
+def restore_checkpoint(
+    checkpoint: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The job's latest checkpoint or, when its file does not load (truncated by a full disk or a killed
+    upload), the newest earlier one of the same run; no state when none loads, and the job starts over.
+    Returns (state, what was skipped and why): the notes end in the model's metrics and the console."""
+    import pyarrow.fs as pafs
+
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = latest.rsplit("/", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    earlier = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.path != latest), reverse=True)
+    notes: list[str] = []
+    for path in [latest] + [p for p in earlier if p.rsplit("/", 1)[-1].startswith("checkpoint_")]:
+        try:
+            with fs.open_input_file(f"{path}/{STATE_FILE}") as f:
+                state = load_state(io.BytesIO(f.read()), model, opt, scaler)
+        except Exception as e:  # noqa: BLE001 — any unreadable file: try the one before
+            notes.append(f"checkpoint {path.rsplit('/', 1)[-1]} unreadable ({type(e).__name__}: {str(e)[:120]})")
+            print(f"WARNING: {notes[-1]}; trying an earlier one", flush=True)
+            continue
+        if notes:
+            notes.append(f"resumed from {path.rsplit('/', 1)[-1]} at step {state['step']}")
+        return state, notes
+    notes.append("no readable checkpoint: the job starts again from its beginning")
+    print(f"WARNING: {notes[-1]}", flush=True)
+    return None, notes
 
 
 class Batches:
@@ -186,13 +221,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     schedule = Schedule(**cfg["schedule"])
     state = new_state(job["start_step"])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # this job's own latest checkpoint: a restarted worker or a rerun command
-        with checkpoint.as_directory() as d:
-            state = load_state(os.path.join(d, STATE_FILE), model, opt, scaler)
+    # This job's own latest readable checkpoint: a restarted worker or a rerun command.
+    restored, notes = restore_checkpoint(checkpoint, model, opt, scaler) if checkpoint else (None, [])
+    if restored is not None:
+        state = restored
     elif cfg.get("init_state"):  # continuing the seed: weights, optimizer state, schedule position
         seed_state = _fetch_seed_state(cfg, model, opt, scaler)
         if seed_state["step"] != job["start_step"]:
             raise RuntimeError(f"the seed ended at step {seed_state['step']}, the plan expects {job['start_step']}")
+    state["recovery"] = state.get("recovery", []) + notes
     model = ray.train.torch.prepare_model(model)
     stamps["model_ready"] = time.time()
 
@@ -205,6 +242,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     local_seen: Counter[str] = Counter()  # samples per coarse cluster since the last checkpoint, this worker
     tic, samples_since = time.perf_counter(), 0
     micro = 0
+    board = cfg.get("progress_board") if rank == 0 else None
+    report_progress(board, job["name"], completed=state["step"] - job["start_step"], total=end_step - job["start_step"])
     while state["step"] < end_step:
         wait = time.perf_counter()
         batch = next(batches)
@@ -246,6 +285,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 {"step": state["step"], "loss": loss_point, "lr": lr, "compute_s": seconds["compute"]}
             )
             window = []
+            done_steps = state["step"] - job["start_step"]
+            report_progress(board, job["name"], completed=done_steps, note=f"loss {loss_point:.3f}")
         done = state["step"] - job["start_step"]
         if done % ckpt_every == 0 or state["step"] == end_step:
             reduced = _sum_over_workers(local_seen, cfg["n_coarse"], world, device)
@@ -326,7 +367,8 @@ def _write_outputs(
     else:
         export_open_clip(model, cfg["model"], export_dir, s3)
     stamps["outputs_written"] = time.time()
-    record = {key: state[key] for key in ("seen", "skipped_images", "loss_history", "val_history", "executions")}
+    keys = ("seen", "skipped_images", "loss_history", "val_history", "executions", "recovery")
+    record = {key: state[key] for key in keys}
     record.update(
         start_step=state["init_step"],
         end_step=state["step"],
