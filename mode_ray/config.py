@@ -38,6 +38,12 @@ class S3Config(Section):
     endpoint_url: str | None = None
     region: str | None = None
     anon: bool = False
+    max_attempts: int = Field(
+        default=6, ge=1, description="Attempts per request, exponential backoff with jitter (botocore's standard "
+        "mode): rides out an endpoint that is gone for some seconds; after the last, a shard is a reject.",
+    )  # fmt: skip
+    connect_timeout_s: float = Field(default=5, gt=0, description="A request never hangs on a dead endpoint.")
+    read_timeout_s: float = Field(default=30, gt=0)
 
 
 class DemoDataConfig(Section):
@@ -228,6 +234,7 @@ class ServeConfig(Section):
     max_labels: int = Field(default=100, ge=2)
     max_label_chars: int = Field(default=200, ge=1)
     max_request_bytes: int = Field(default=8_000_000, ge=1)
+    body_timeout_s: float = Field(default=10.0, gt=0, description="A body still arriving after this: 408.")
     max_image_bytes: int = Field(default=5_000_000, ge=1)
     max_image_pixels: int = Field(default=4_000_000, ge=1, description="Decompression bombs are refused.")
     max_batch_images: int = Field(default=32, ge=1)

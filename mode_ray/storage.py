@@ -20,7 +20,14 @@ def storage_options(url: str, s3: S3Config | None = None) -> dict[str, Any]:
     """fsspec options for a URL: the configured endpoint/region for s3://, nothing otherwise."""
     if not url.startswith(("s3://", "s3a://")) or s3 is None:
         return {}
-    opts: dict[str, Any] = {"anon": s3.anon}
+    opts: dict[str, Any] = {
+        "anon": s3.anon,
+        "config_kwargs": {
+            "retries": {"max_attempts": s3.max_attempts, "mode": "standard"},
+            "connect_timeout": s3.connect_timeout_s,
+            "read_timeout": s3.read_timeout_s,
+        },
+    }
     client_kwargs: dict[str, Any] = {}
     if s3.endpoint_url:
         opts["endpoint_url"] = s3.endpoint_url

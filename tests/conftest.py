@@ -57,19 +57,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class S3Server:
+    """moto's S3 server on a fixed port, which a test can stop (an outage) and start again: the objects live
+    in moto's in-process backend, so they outlast the HTTP server."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        if self.server is not None:
+            return
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()  # moto's stop keeps the port bound: free it for start()
+            self.server = None
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint():
+def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1, with one bucket."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = S3Server()
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="mode-test")
-    yield endpoint
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket="mode-test")
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server.endpoint
 
 
 def demo_config(run_root, shards, *overrides: str):

@@ -170,3 +170,118 @@ def test_s3_run_matches_local(ray_session, s3_endpoint, shards, local_run):
     assert any(p.endswith(".parquet") for p in fs.find("mode-test/run/manifest/coarse_id=1"))
     with fs.open("mode-test/run/prep/summary.json") as f:
         assert json.load(io.TextIOWrapper(f))["samples_in"] == record["samples"]
+
+
+def _outage_after_listing(monkeypatch, s3_server, restart_after_s: float | None) -> list[str]:
+    """The S3 endpoint goes away right after the shards are listed, before any is read; it comes back
+    after `restart_after_s` (None: not during the run). Returns the shards listed, once it went down."""
+    import threading
+
+    from mode_ray.shards import list_shards as listed
+    from mode_ray.stages import prep
+
+    down: list[str] = []
+
+    def list_then_fail(*args, **kwargs):
+        out = listed(*args, **kwargs)
+        s3_server.stop()
+        down.extend(out[0])
+        if restart_after_s is not None:
+            threading.Timer(restart_after_s, s3_server.start).start()
+        return out
+
+    monkeypatch.setattr(prep, "list_shards", list_then_fail)
+    return down
+
+
+def test_s3_outage_is_ridden_out_or_each_shard_rejected_with_its_reason(
+    ray_session, s3_server, shards, local_run, tmp_path, monkeypatch
+):
+    import time
+
+    from mode_ray.rejects import Reason
+
+    _, summary = local_run
+    s3 = S3Config(endpoint_url=s3_server.endpoint, region="us-east-1")
+    demo_data.generate("s3://mode-test/outage", samples=800, shards=4, seed=11, faults=True, s3=s3)
+    sets = ("data.s3.endpoint_url=" + s3_server.endpoint, "data.s3.region=us-east-1")
+
+    # Down for 3 s while the shards are read: the reads are retried with backoff, nothing is lost.
+    down = _outage_after_listing(monkeypatch, s3_server, restart_after_s=3.0)
+    brief = run_prep(demo_config(tmp_path / "brief", "s3://mode-test/outage", *sets))
+    assert down and s3_server.server is not None
+    for field in ("samples_in", "in_manifest", "rejected_samples", "rejects_by_reason", "per_expert"):
+        assert brief[field] == summary[field], field
+
+    # Down for good: after its attempts every shard is a shard-level reject with the reason — never a hang.
+    down = _outage_after_listing(monkeypatch, s3_server, restart_after_s=None)
+    cfg = demo_config(tmp_path / "gone", "s3://mode-test/outage", *sets, "data.s3.max_attempts=2")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match="no valid samples|no samples"):
+            run_prep(cfg)
+    finally:
+        s3_server.start()
+    assert time.monotonic() - start < 120
+    lost = [r for r in _rejects(cfg.run_root) if r["stage"] == "read"]
+    assert {r["shard"] for r in lost} == set(down)  # every listed shard, each with the reason
+    assert all(r["reason"] == Reason.UNREADABLE_SHARD and "could not open the shard" in r["detail"] for r in lost)
+
+
+def _pids_titled(title: str) -> list[int]:
+    """Ray worker processes whose title (`ray::<actor class>...`) names `title`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::") and title in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_pool_actors_killed_mid_run_lose_nothing(ray_session, shards, local_run, tmp_path):
+    """SIGKILL (not an exception) to the embedding actor and to the assignment actor while they work: Ray
+    restarts them and retries their batches; manifest and rejects equal an undisturbed run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    root, _ = shards
+    cfg, _ = local_run
+    killed: list[str] = []
+    stop = threading.Event()
+
+    out = tmp_path / "killed"
+
+    def mid_way(actor: str) -> bool:  # the embedder once its first output is written; the assigner at once
+        return actor != "CaptionEmbedder" or any((out / "embeddings").glob("*.parquet"))
+
+    def kill_each_once() -> None:
+        for actor in ("CaptionEmbedder", "CentroidAssigner"):
+            while not stop.is_set():
+                pids = _pids_titled(actor)
+                if pids and mid_way(actor):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(actor)
+                    break
+                time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_each_once, daemon=True)
+    killer.start()
+    try:
+        disturbed = demo_config(out, root)
+        run_prep(disturbed)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed == ["CaptionEmbedder", "CentroidAssigner"]
+    ours, theirs = _manifest(disturbed.run_root), _manifest(cfg.run_root)
+    assert {k: v[:2] for k, v in ours.items()} == {k: v[:2] for k, v in theirs.items()}
+    key = ("shard", "key", "reason")
+    assert sorted(tuple(r[c] or "" for c in key) for r in _rejects(disturbed.run_root)) == sorted(
+        tuple(r[c] or "" for c in key) for r in _rejects(cfg.run_root)
+    )

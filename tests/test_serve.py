@@ -142,7 +142,14 @@ def test_health_experts_and_openapi(served):
     assert {"/", "/v1/zero-shot-image-classification", "/v1/zero-shot-image-classification/batch"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["ZeroShotParameters"]["properties"]
     assert {"candidate_labels", "hypothesis_template", "model", "routing", "return_expert_weights"} <= set(props)
-    assert {"400", "413", "422"} <= set(spec["paths"]["/"]["post"]["responses"])
+    assert {"400", "408", "413", "422"} <= set(spec["paths"]["/"]["post"]["responses"])
+    # The schema states the limits the server enforces (serve.max_labels=20 here) and the models it has.
+    labels = props["candidate_labels"]
+    assert (labels["minItems"], labels["maxItems"], labels["uniqueItems"]) == (2, 20, True)
+    assert labels["items"]["maxLength"] == cfg.serve.max_label_chars and labels["items"]["pattern"]
+    assert set(props["model"]["enum"]) == {"ensemble", *experts}
+    batch = spec["components"]["schemas"]["BatchZeroShotRequest"]["properties"]["inputs"]
+    assert batch["maxItems"] == cfg.serve.max_batch_images and batch["items"]["contentEncoding"] == "base64"
 
 
 def _png(width: int, height: int) -> bytes:
@@ -179,6 +186,49 @@ def test_every_bad_input_gets_its_4xx(served):
     assert r.status_code == 413 and "larger than" in r.json()["error"]
     r = client.post("/", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]))
     assert r.status_code == 413
+
+
+def test_hostile_requests_are_refused_cheaply_and_others_still_answered(served):
+    import socket
+    from urllib.parse import urlparse
+
+    cfg, url, client = served
+    _, image, _ = _eval_images(cfg)["shape"][0]
+    labels = ["circle", "square"]
+    nested = b'{"inputs": "x", "parameters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    cases = {
+        "10,000 labels": (422, json.dumps(_request(image, [f"c{i}" for i in range(10_000)])).encode()),
+        "a 1 MB label": (413, json.dumps(_request(image, ["circle", "x" * 1_000_000])).encode()),
+        "a 200 kB label": (422, json.dumps(_request(image, ["circle", "x" * 200_000])).encode()),
+        "deeply nested JSON": (400, nested),
+        "a template as code": (200, json.dumps(_request(image, labels, hypothesis_template="{} {0.__class__} {x}"))),
+    }
+    for name, (status, body) in cases.items():
+        start = time.perf_counter()
+        r = client.post("/", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status and (status == 200 or r.json()["error"]), (name, r.status_code, r.text[:200])
+        assert time.perf_counter() - start < 10, name  # refused cheaply
+
+    # A body that trickles in: a bounded wait (serve.body_timeout_s), then 408 — meanwhile others are answered.
+    host, port = urlparse(url).hostname, urlparse(url).port
+    with socket.create_connection((host, port), timeout=60) as slow:
+        slow.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        assert client.post("/", json=_request(image, labels)).status_code == 200
+        start = time.perf_counter()
+        answer = slow.recv(4096)
+        assert b" 408 " in answer.split(b"\r\n", 1)[0], answer[:200]
+        assert time.perf_counter() - start <= cfg.serve.body_timeout_s + 5
+
+    # Large images at once: each answered or refused, none lost, and the server still healthy.
+    def noise_png(side: int) -> bytes:  # incompressible: ~3 bytes a pixel
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    bodies = [_request(noise_png(side), labels) for side in (200, 500) * 4]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda body: client.post("/", json=body).status_code, bodies))
+    assert codes == [200, 413] * 4 and client.get("/health").status_code == 200, codes
 
 
 def test_load_concurrent_clients_no_errors(served):

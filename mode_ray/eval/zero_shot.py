@@ -37,7 +37,8 @@ def template_averaged(
 ) -> np.ndarray:
     """[C, D]: each name's prompts (every template filled in) encoded as unit vectors, averaged, and the
     mean renormalised — as the reference builds class embeddings, for CLIP and routing encoders alike."""
-    prompts = [t.format(name) for name in names for t in templates]
+    # replace, not str.format: a template is a request field, and "{x}" or "{0.__class__}" must not be code
+    prompts = [t.replace("{}", name) for name in names for t in templates]
     mean = encode(prompts).reshape(len(names), len(templates), -1).mean(axis=1)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 

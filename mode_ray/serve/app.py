@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mode_ray import __version__
 from mode_ray.config import Config, load_config
@@ -33,6 +34,7 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.serve.contract import stated_limits
 from mode_ray.serve.experts import ExpertDeployment
 from mode_ray.serve.schemas import (
     BatchZeroShotRequest,
@@ -53,6 +55,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, why in {
         400: "bad base64 or not a decodable image",
         404: "unknown model",
+        408: "the body took longer than serve.body_timeout_s to arrive",
         413: "body, image bytes or pixels over the limits",
         422: "bad labels, templates or fields",
         503: "an expert failed or timed out; retry",
@@ -62,17 +65,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 api = FastAPI(
     title="mode_ray zero-shot image classification",
     version=__version__,
-    description="MoDE data experts behind the Hugging Face Inference API's zero-shot image classification shape.",
+    description="MoDE data experts behind the Hugging Face Inference API's zero-shot image classification shape. "
+    "The schema states the server's limits; a body over `serve.max_request_bytes` is refused with 413, one "
+    "that takes longer than `serve.body_timeout_s` to arrive with 408.",
 )
 
 
 class BodySizeLimit:
     """ASGI middleware: refuse a body over the limit from its Content-Length, or while it streams in —
-    before FastAPI parses any of it. The body is read here (up to the limit) and replayed to the app:
-    FastAPI would turn an error raised while it reads into a 400. The limit is a class attribute set by
-    the ingress from its config (the ingress is pickled by value, this class by reference: both see it)."""
+    before FastAPI parses any of it — and one that trickles in for longer than `timeout_s` (408): a slow
+    client holds a connection, never a replica's time. The body is read here (up to the limit) and
+    replayed to the app: FastAPI would turn an error raised while it reads into a 400. The limits are
+    class attributes set by the ingress from its config (the ingress is pickled by value, this class by
+    reference: both see them)."""
 
     limit = 8_000_000
+    timeout_s = 10.0
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -87,8 +95,14 @@ class BodySizeLimit:
             await _too_large(limit)(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except (TimeoutError, asyncio.TimeoutError):
+                message = {"error": f"request body not received within {self.timeout_s:g}s"}
+                await JSONResponse(message, status_code=408)(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
@@ -120,6 +134,13 @@ api.add_middleware(BodySizeLimit)
 @api.exception_handler(RequestError)
 async def _request_error(_: Any, err: RequestError) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Any, err: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own refusals (a body it cannot parse — JSON nested past the parser's depth limit among them —
+    # an unknown path, a wrong method) in the same {"error": ...} shape as ours.
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -174,12 +195,14 @@ class ZeroShotIngress:
         cfg = Config.model_validate(settings)
         self.cfg = cfg
         BodySizeLimit.limit = cfg.serve.max_request_bytes
+        BodySizeLimit.timeout_s = cfg.serve.body_timeout_s
         self.limits = RequestLimits.from_config(cfg.serve)
         self.router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, cfg.data.s3)
         self.groups = [(handle, names) for handle, names in zip(handles, groups, strict=True)]
         self.models = [n for names in groups for n in names]
         self.present = sorted(int(n.split("-")[1]) for n in self.models if n.startswith("expert-"))
         self.info = _experts_info(cfg, self.models, self.router)
+        api.openapi_schema = stated_limits(api.openapi(), self.limits, self.models)
 
     # ------------------------------------------------------------------ routes
 

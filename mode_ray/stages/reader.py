@@ -19,6 +19,26 @@ from mode_ray.shards import iter_tar_rows
 ROWS_PER_BLOCK = 256
 
 
+class _Unopenable:
+    """Stands in for a shard that would not open: reading it raises the open's error as an OSError, which
+    `iter_tar_rows` turns into the shard's reject row."""
+
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+    def read(self, *_: Any) -> bytes:
+        raise OSError(f"could not open the shard: {type(self.err).__name__}: {self.err}")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Unopenable:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+
 class ShardDatasource(FileBasedDatasource):
     _FILE_EXTENSIONS = ["tar"]
 
@@ -26,6 +46,14 @@ class ShardDatasource(FileBasedDatasource):
         super().__init__(urls, filesystem=filesystem)
         # Ray may hand paths back without their scheme; map them to the URL the user gave.
         self._names = {url.split("://", 1)[-1]: url for url in urls}
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
+        """A shard that cannot be opened (after the store's own retries) becomes a shard-level reject with the
+        reason, like a shard damaged mid-read, instead of failing the whole read."""
+        try:
+            return super()._open_input_source(filesystem, path, **open_args)
+        except Exception as err:  # noqa: BLE001 — any failure to open: the reason goes to rejects
+            return _Unopenable(err)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         shard = self._names.get(path.split("://", 1)[-1], path)
