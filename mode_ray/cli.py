@@ -93,6 +93,68 @@ def moe(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None
     _run_stage(run_moe, _load(config, set_), force)
 
 
+@app.command("add-data")
+def add_data(
+    config: ConfigOpt,
+    shards: Annotated[str, typer.Option(help="The new webdataset shards (directory, glob or URL).")],
+    name: Annotated[str | None, typer.Option(help="The new data's generation name (default: from the URL).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Grow a trained run: prep the new shards, new experts for what its clusters do not cover, trained alone."""
+    from mode_ray.stages.grow import run_add_data
+
+    extra = [f"continual.shards={shards}"] + ([f"continual.name={name}"] if name else [])
+    _run_stage(run_add_data, _load(config, [*(set_ or []), *extra]), force)
+
+
+experts_app = typer.Typer(no_args_is_help=True, help="The run's data experts in service.")
+app.add_typer(experts_app, name="experts")
+
+
+@experts_app.command("list")
+def experts_list(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Every trained model, whether it is in service, and when an added expert came."""
+    from mode_ray.layout import RunPaths
+    from mode_ray.registry import read_registry
+    from mode_ray.storage import read_json
+
+    cfg = _load(config, set_)
+    models = read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)["models"]
+    registry = read_registry(cfg)["experts"]
+    for name in models:
+        entry = registry.get(name, {})
+        state = "in service" if entry.get("active", True) else "removed"
+        added = f", added {entry['added']} from {entry['generation']}" if entry.get("added") else ""
+        console.print(f"{name}: {state}{added}")
+
+
+def _set_active(config: Path, name: str, set_: list[str] | None, active: bool) -> None:
+    from mode_ray.layout import RunPaths
+    from mode_ray.registry import set_active
+    from mode_ray.storage import read_json
+
+    cfg = _load(config, set_)
+    models = list(read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)["models"])
+    try:
+        set_active(cfg, name, active, models)
+    except ValueError as err:
+        raise _fail(err, 2) from None
+    console.print(f"{name}: {'back in service' if active else 'out of routing, evaluation and serving (files kept)'}")
+
+
+@experts_app.command("remove")
+def experts_remove(config: ConfigOpt, name: str, set_: SetOpt = None) -> None:
+    """Take a data expert out of routing, evaluation and serving; its files stay."""
+    _set_active(config, name, set_, False)
+
+
+@experts_app.command("restore")
+def experts_restore(config: ConfigOpt, name: str, set_: SetOpt = None) -> None:
+    """Put a removed data expert back in service."""
+    _set_active(config, name, set_, True)
+
+
 @app.command("eval")
 def evaluate(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Zero-shot tasks and retrieval for every model, the routed ensembles and controls → eval/report.*"""

@@ -55,6 +55,9 @@ class DemoDataConfig(Section):
     eval_shards: int = Field(default=2, ge=1)
     seed: int = 0
     faults: bool = False
+    domains: list[str] | None = Field(
+        default=None, description="Training domains (default: all four); the eval split always has every one."
+    )
 
 
 class DataConfig(Section):
@@ -301,6 +304,22 @@ class EvalConfig(Section):
     max_retrieval_texts: int = Field(default=5000, ge=1, description="Caps the retrieval corpus (first N images).")
 
 
+class ContinualConfig(Section):
+    """`mode-ray add-data`: grow a trained run with new data (mode_ray/stages/grow.py)."""
+
+    shards: str | list[str] | None = Field(default=None, description="The new data (add-data --shards).")
+    name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The generation's name (add-data --name)."
+    )
+    coverage_percentile: float = Field(
+        default=1.0, gt=0, lt=100, description="Below this percentile of the run's own assignment scores, a new "
+        "sample is not covered by the existing clusters.",
+    )  # fmt: skip
+    min_expert_samples: int = Field(
+        default=100, ge=1, description="Uncovered samples needed for new experts; fewer join their nearest expert."
+    )
+
+
 class Config(Section):
     run_root: str
     ray: RayConfig = RayConfig()
@@ -311,6 +330,7 @@ class Config(Section):
     moe: MoEConfig = MoEConfig()
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
+    continual: ContinualConfig = ContinualConfig()
 
     @field_validator("run_root")
     @classmethod

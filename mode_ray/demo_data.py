@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -268,9 +269,9 @@ def _web_caption(rng: np.random.Generator) -> str:
     return template.format(n=int(rng.integers(1000, 9999)), m=int(rng.integers(10, 99)))
 
 
-def make_sample(key: str, rng: np.random.Generator, split: str) -> Sample:
+def make_sample(key: str, rng: np.random.Generator, split: str, domains: Sequence[str] = DOMAINS) -> Sample:
     """One clean sample: a domain image and its caption (or, rarely, an uninformative web caption)."""
-    domain = DOMAINS[int(rng.integers(len(DOMAINS)))]
+    domain = domains[int(rng.integers(len(domains)))]
     img, attrs = DRAW[domain](rng, split)
     if rng.random() < WEB_SHARE:
         texts = [_web_caption(rng), _web_caption(rng)]
@@ -336,8 +337,14 @@ def generate(
     faults: bool = False,
     max_image_pixels: int = 4_000_000,
     s3: S3Config | None = None,
+    domains: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the demo shards under `out` (any fsspec URL) and return the `dataset.json` record."""
+    """Write the demo shards under `out` (any fsspec URL) and return the `dataset.json` record. `domains`:
+    only these of DOMAINS (a system built without one, to grow it later with `mode-ray add-data`)."""
+    domains = tuple(domains or DOMAINS)
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown:
+        raise ValueError(f"unknown demo domains {unknown}; the demo has {list(DOMAINS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if shards > samples:
@@ -348,7 +355,8 @@ def generate(
     per_shard: list[list[Sample]] = []
     bounds = np.linspace(0, samples, shards + 1).astype(int)
     for s in range(shards):
-        per_shard.append([make_sample(f"{prefix}{i:08d}", rng, split) for i in range(bounds[s], bounds[s + 1])])
+        keys = range(bounds[s], bounds[s + 1])
+        per_shard.append([make_sample(f"{prefix}{i:08d}", rng, split, domains) for i in keys])
 
     fault_records: list[dict[str, Any]] = []
     if faults:
@@ -380,7 +388,7 @@ def generate(
     if faults:
         # One more shard, cut off in the middle of a sample's image: a download that died.
         s = shards
-        truncated = [make_sample(f"{prefix}t{i:07d}", rng, split) for i in range(TRUNCATED_SHARD_SAMPLES)]
+        truncated = [make_sample(f"{prefix}t{i:07d}", rng, split, domains) for i in range(TRUNCATED_SHARD_SAMPLES)]
         blob = _tar_bytes(truncated)
         cut = _offset_inside_last_image(blob)
         _write(fs, f"{root}/{shard_path(s)}", blob[:cut])

@@ -121,6 +121,19 @@ TRAIN_BATCH = 32
 TRAIN_EPOCH = 256  # samples an epoch: 8 steps of TRAIN_BATCH; an expert's partition (~240 rows) is drawn twice
 
 
+TRAINED_RUN_SETTINGS = (
+    "clustering.n_coarse=2",
+    f"training.samples_per_epoch={TRAIN_EPOCH}",
+    "training.epochs=4",
+    "training.seed_fraction=0.5",
+    f"training.batch_size={TRAIN_BATCH}",
+    "training.warmup_steps=5",
+    "training.log_every_steps=4",
+    "training.checkpoint_every_epochs=1",
+    "training.matched_control=true",  # off in the demo config, checked here
+)
+
+
 @pytest.fixture(scope="session")
 def trained_run(ray_session, tmp_path_factory):
     """A small demo run, prepped and trained once per session (seed, 2 experts, generalist, generalist-matched);
@@ -132,17 +145,7 @@ def trained_run(ray_session, tmp_path_factory):
     shards = tmp_path_factory.mktemp("train-shards")
     demo_data.generate(str(shards), samples=500, shards=2, seed=5)
     run_root = tmp_path_factory.mktemp("train-run")
-    base = (
-        "clustering.n_coarse=2",
-        f"training.samples_per_epoch={TRAIN_EPOCH}",
-        "training.epochs=4",
-        "training.seed_fraction=0.5",
-        f"training.batch_size={TRAIN_BATCH}",
-        "training.warmup_steps=5",
-        "training.log_every_steps=4",
-        "training.checkpoint_every_epochs=1",
-        "training.matched_control=true",  # off in the demo config, checked here
-    )
+    base = TRAINED_RUN_SETTINGS
     prep = run_prep(demo_config(run_root, shards, *base))
     steps_per_epoch = TRAIN_EPOCH // TRAIN_BATCH
     # The generalist (steps 16..32) raises once after its first checkpoint (step 24): it must resume from it.

@@ -34,6 +34,7 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.registry import in_service, read_registry
 from mode_ray.serve.contract import stated_limits
 from mode_ray.serve.experts import ExpertDeployment
 from mode_ray.serve.schemas import (
@@ -163,18 +164,22 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
     s3 = cfg.data.s3
     per_expert = read_json(paths.prep_summary, s3).get("per_expert", {}) if exists(paths.prep_summary, s3) else {}
     trained = read_json(paths.experts_summary, s3)["models"]
+    added = read_registry(cfg)["experts"]
     fine_counts = np.bincount(router.fine_to_coarse, minlength=router.n_experts)
     experts = []
     for name in models:
         expert = int(name.split("-")[1]) if name.startswith("expert-") else None
+        entry = added.get(name, {})
         experts.append(
             ExpertInfo(
                 id=name,
                 kind="expert" if expert is not None else ("moe" if name == MOE else "baseline"),
-                cluster_size=per_expert.get(str(expert)) if expert is not None else None,
+                cluster_size=entry.get("cluster_size") or (per_expert.get(str(expert)) if expert is not None else None),
                 fine_clusters=int(fine_counts[expert]) if expert is not None else None,
                 samples_seen=trained.get(name, {}).get("samples_seen"),
                 checkpoint=paths.export(name),
+                added=entry.get("added"),
+                generation=entry.get("generation"),
             )
         )
     return ExpertsResponse(
@@ -321,7 +326,7 @@ def served_models(cfg: Config) -> list[str]:
     paths = RunPaths(cfg.run_root)
     if not exists(paths.experts_summary, cfg.data.s3):
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
-    trained = list(read_json(paths.experts_summary, cfg.data.s3)["models"])
+    trained = in_service(cfg, list(read_json(paths.experts_summary, cfg.data.s3)["models"]))
     if exists(join(paths.export(MOE), MOE_CONFIG_FILE), cfg.data.s3):
         trained.append(MOE)
     names = cfg.serve.models or trained

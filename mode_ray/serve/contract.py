@@ -17,6 +17,9 @@ from mode_ray.serve.validation import RequestLimits
 
 NON_BLANK = r"\S"  # at least one character that is not whitespace
 HAS_SLOT = r"\{\}"  # a template carries '{}' for the label
+BASE64 = r"^(data:[^,]*,)?[A-Za-z0-9+/=\s]+$"  # base64, optionally behind a data: URL prefix
+# An 8x8 white PNG: the example a client (or a fuzzer's example phase) can send as is.
+EXAMPLE_IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR42mP8zwABTAwUMQBJQQEPkWFcdwAAAABJRU5ErkJggg=="
 
 
 def _base64_image(limits: RequestLimits) -> dict[str, Any]:
@@ -24,6 +27,7 @@ def _base64_image(limits: RequestLimits) -> dict[str, Any]:
     return {
         "minLength": 1,
         "maxLength": longest,
+        "pattern": BASE64,
         "contentEncoding": "base64",
         "contentMediaType": "image/*",
         "description": f"A base64 JPEG/PNG/WebP image (a data: URL prefix is accepted): at most "
@@ -51,7 +55,9 @@ def stated_limits(schema: dict[str, Any], limits: RequestLimits, models: list[st
     params["hypothesis_template"].update(template)
     _array_of(params["hypothesis_templates"]).update(minItems=1, items=template)
     params["model"]["enum"] = ["ensemble", *models]
-    defs["ZeroShotRequest"]["properties"]["inputs"].update(_base64_image(limits))
+    params["candidate_labels"]["examples"] = [["circle", "square", "star"]]
+    defs["ZeroShotRequest"]["properties"]["inputs"].update(_base64_image(limits), examples=[EXAMPLE_IMAGE])
     batch = defs["BatchZeroShotRequest"]["properties"]["inputs"]
     batch.update(minItems=1, maxItems=limits.max_batch_images, items={"type": "string", **_base64_image(limits)})
+    batch["examples"] = [[EXAMPLE_IMAGE]]
     return out

@@ -65,6 +65,8 @@ class ExpertInfo(BaseModel):
     fine_clusters: int | None
     samples_seen: int | None
     checkpoint: str
+    added: str | None = Field(default=None, description="When `mode-ray add-data` added this expert (UTC).")
+    generation: str | None = Field(default=None, description="The data generation it was trained on.")
 
 
 class ExpertsResponse(BaseModel):

@@ -30,7 +30,7 @@ def run_demo_data(cfg: Config, force: bool = False) -> list[dict]:
         assert demo is not None
         settings = (
             f"{demo_data.GENERATOR_VERSION}/{split}/{samples}/{shards}/{demo.seed}/{demo.faults}/"
-            f"{cfg.data.max_image_pixels}"
+            f"{cfg.data.max_image_pixels}" + (f"/{'+'.join(demo.domains)}" if demo.domains and split == "train" else "")
         )
         with stage_log(f"demo-data ({split})") as log:
             if not force and stage_done(out, settings, cfg.data.s3):
@@ -46,6 +46,7 @@ def run_demo_data(cfg: Config, force: bool = False) -> list[dict]:
                 faults=demo.faults and split == "train",
                 max_image_pixels=cfg.data.max_image_pixels,
                 s3=cfg.data.s3,
+                domains=demo.domains if split == "train" else None,
             )
             mark_done(out, settings, cfg.data.s3, samples=record["samples"])
             log.done(f"{record['samples']} samples in {len(record['shards'])} shards at {out}")

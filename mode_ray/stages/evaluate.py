@@ -30,6 +30,7 @@ from mode_ray.layout import MOE, RunPaths
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
 from mode_ray.progress_bars import report as report_progress
+from mode_ray.registry import in_service
 from mode_ray.rejects import Reason
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
 from mode_ray.shards import list_shards
@@ -299,7 +300,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     if not tasks and not retrieval:
         raise ValueError("nothing to evaluate: set eval.tasks, eval.demo_tasks or eval.retrieval with eval.shards")
     moe = moe_usage.trained_moe(paths, s3)
-    models = list(summary["models"]) + ([MOE] if moe is not None else [])
+    models = in_service(cfg, list(summary["models"])) + ([MOE] if moe is not None else [])
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
     if not present:
         raise ValueError(f"no data experts under {paths.experts()}: nothing to ensemble")

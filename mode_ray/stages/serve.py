@@ -4,6 +4,7 @@ over real HTTP with held-out images, then keep serving (until Ctrl-C) or shut it
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import urllib.error
@@ -137,6 +138,21 @@ def self_check(cfg: Config, url: str) -> dict[str, Any]:
     return {"url": url, "checked": total, "correct": correct}
 
 
+def serve_until_interrupted(cfg: Config, log: Any, poll_s: float = 5.0) -> None:
+    """Serve; when experts/registry.json changes (`mode-ray add-data`, `mode-ray experts remove`), redeploy
+    the app in place: Serve brings the new version's replicas up and only then retires the old ones."""
+    from mode_ray.registry import read_registry
+
+    seen = read_registry(cfg)["version"]
+    while True:
+        time.sleep(poll_s)
+        version = read_registry(cfg)["version"]
+        if version != seen:
+            seen = version
+            deploy(cfg)
+            log.info(f"experts changed (registry version {version}): redeployed {cfg.serve.app_name!r} in place")
+
+
 def run_serve(
     cfg: Config, force: bool = False, keep_running: bool | None = None, detach: bool = False
 ) -> dict[str, Any]:
@@ -159,12 +175,9 @@ def run_serve(
             )
             log.info(f"try it: {example}")
             if keep:
-                log.info("serving; Ctrl-C to stop")
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+                log.info("serving; Ctrl-C to stop (experts added or removed are picked up as they change)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    serve_until_interrupted(cfg, log)
             log.done(f"self-check: {result['correct']}/{result['checked']} held-out images right over HTTP")
             return result
         finally:

@@ -66,10 +66,27 @@ def input_cache_dir(cfg: Config) -> str:
     return join(cfg.run_root, "train_inputs")
 
 
-def row_groups(root: str, s3: S3Config) -> list[dict[str, Any]]:
+def training_roots(cfg: Config) -> list[str]:
+    """The run's training rows: its manifest (or decoded cache) and those of every complete generation that
+    `mode-ray add-data` added (each a manifest written beside the run's, never into it)."""
+    sub = "train_inputs" if cfg.training.decode_cache else "manifest"
+    roots = [input_cache_dir(cfg) if cfg.training.decode_cache else RunPaths(cfg.run_root).manifest]
+    fs, base = get_fs(join(cfg.run_root, "generations"), cfg.data.s3)
+    if fs.exists(base):
+        prefix = cfg.run_root.split("://", 1)[0] + "://" if "://" in cfg.run_root else ""
+        for gen in sorted(fs.ls(base, detail=False)):
+            root = prefix + gen.rstrip("/") + "/" + sub
+            if fs.exists(f"{gen.rstrip('/')}/{sub}/_SUCCESS"):
+                roots.append(root)
+    return roots
+
+
+def row_groups(root: str | list[str], s3: S3Config) -> list[dict[str, Any]]:
     """Every row group under a coarse_id-partitioned folder: path, index, coarse cluster, row count."""
     import pyarrow.parquet as pq
 
+    if isinstance(root, list):
+        return [g for r in root for g in row_groups(r, s3)]
     fs, path = get_fs(root, s3)
     groups = []
     for file in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
@@ -256,11 +273,11 @@ def job_datasets(cfg: Config, job: Job, seed: int, spec: InputSpec) -> tuple[dic
     """({'train': …, 'holdout': …}, facts) for one job; the hold-out dataset only when there is one. The
     input spec comes from the driver, so a trial never imports open_clip just to size its rows."""
     t = cfg.training
-    root = input_cache_dir(cfg) if t.decode_cache else RunPaths(cfg.run_root).manifest
-    source = make_source(cfg, root, t.decode_cache, spec)
-    groups = row_groups(root, cfg.data.s3)
+    roots = training_roots(cfg)
+    source = make_source(cfg, roots[0], t.decode_cache, spec)  # the root only names the file system
+    groups = row_groups(roots, cfg.data.s3)
     if not groups:
-        raise ValueError(f"no training rows under {root}")
+        raise ValueError(f"no training rows under {roots}")
     total = sum(g["rows"] for g in groups)
     holdout = holdout_fraction(cfg, total)
     draws = draws_per_execution(groups, job, cfg, holdout)

@@ -1,0 +1,293 @@
+"""`mode-ray add-data`: grow a trained MoDE system with data it has never seen — new experts for what its
+clusters do not cover — without retraining or touching the experts it has (MoDE's continual claim).
+
+    new shards ─▶ read + validate + embed (prep's own Ray Data path)  ─▶ generations/NAME/{embeddings,rejects}
+               ─▶ score against the fine centres: below the run's coverage threshold = not covered
+               ─▶ enough uncovered samples: two-step clustering of them → new fine centres → new coarse
+                  clusters = new experts; clusters/centroids.npz gains them (the previous version is kept
+                  under clusters/versions/); too few: they join their nearest expert, and the summary says so
+               ─▶ assign every new sample to the grown centres  ─▶ generations/NAME/manifest (a new manifest
+                  generation: the run's manifest is never rewritten)
+               ─▶ train only the new experts, from the seed, on the seed's schedule, as Tune trials
+               ─▶ experts/summary.json and experts/registry.json list them; eval and serve pick them up
+
+The coverage threshold is calibrated on the run's own data: a low percentile (`continual.coverage_percentile`)
+of the assignment scores of its manifest, stored with the centroids and reported. Samples the clusters cover
+join their existing partition (in the new generation), for the next retraining of that expert.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mode_ray import cluster
+from mode_ray.config import Config
+from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.progress import console, stage_log
+from mode_ray.registry import record_added
+from mode_ray.stages.prep import (
+    _only_valid,
+    assign_stage,
+    embed_stage,
+    embeddings_to_numpy,
+    print_summary,
+    summarise,
+)
+from mode_ray.stages.train import experts_dir, model_compute, plan_shared, run_phase
+from mode_ray.stages.train_data import build_input_cache
+from mode_ray.storage import (
+    arrow_filesystem,
+    exists,
+    join,
+    mark_done,
+    marker_info,
+    read_bytes,
+    read_json,
+    settings_hash,
+    stage_done,
+    write_bytes,
+    write_json,
+)
+from mode_ray.train.schedule import SEED, Job, Plan, Schedule, expert_name
+
+
+def generation_paths(cfg: Config, name: str) -> RunPaths:
+    return RunPaths(join(cfg.run_root, "generations", name))
+
+
+def generation_config(cfg: Config, name: str, shards: str | list[str]) -> Config:
+    """The run's config pointed at the generation: its own embeddings/rejects/manifest, the new shards."""
+    data = cfg.data.model_copy(update={"shards": shards, "demo": None})
+    return cfg.model_copy(update={"run_root": generation_paths(cfg, name).root, "data": data})
+
+
+def coverage_threshold(cfg: Config, cents: dict[str, Any]) -> float:
+    """The run's own low percentile of assignment scores (computed once, then read from the centroids)."""
+    if "coverage_threshold" in cents:
+        return float(cents["coverage_threshold"])
+    import pyarrow.dataset as pads
+
+    manifest = RunPaths(cfg.run_root).manifest
+    fs = arrow_filesystem(manifest, cfg.data.s3)
+    scores = pads.dataset(manifest, format="parquet", filesystem=fs).to_table(columns=["score"])["score"]
+    return float(np.percentile(scores.to_numpy(), cfg.continual.coverage_percentile))
+
+
+def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float) -> pa.Table:
+    """Each valid row's best fine-centre score; only the uncovered rows keep their embedding."""
+    x = embeddings_to_numpy(batch["embedding"])
+    scores, _ = cluster.nearest(x, fine, 1)
+    covered = scores[:, 0] >= threshold
+    out = batch.select(["key"]).append_column("score", pa.array(scores[:, 0].astype(np.float32)))
+    out = out.append_column("covered", pa.array(covered))
+    return out.append_column("embedding", pc.if_else(pa.array(covered), None, batch["embedding"]))
+
+
+def uncovered_embeddings(cfg: Config, paths: RunPaths, fine: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
+    """(valid rows, embeddings of the rows the fine centres do not cover); only the latter reach the driver."""
+    import ray
+
+    fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+    ds = ray.data.read_parquet(paths.embeddings, columns=["key", "reason", "embedding"], filesystem=fs)
+    ds = ds.map_batches(_only_valid, batch_format="pyarrow").map_batches(
+        _score_rows, fn_kwargs={"fine": fine, "threshold": threshold}, batch_format="pyarrow"
+    )
+    valid, parts = 0, []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+        valid += len(batch)
+        uncovered = batch.filter(pc.invert(batch["covered"]))
+        if len(uncovered):
+            parts.append(embeddings_to_numpy(uncovered["embedding"]))
+    dim = fine.shape[1]
+    return valid, np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+
+
+def grown_centroids(cfg: Config, cents: dict[str, Any], x: np.ndarray, per_expert: dict[str, int]) -> dict[str, Any]:
+    """New fine centres over the uncovered samples, mapped to new coarse clusters (one per typical expert's
+    worth of samples); ids continue after the existing ones, so every existing expert keeps its own."""
+    typical = float(np.median([n for n in per_expert.values() if n])) if per_expert else float(len(x))
+    n_experts = max(1, round(len(x) / max(typical, 1.0)))
+    fine_per_expert = max(1, round(len(cents["fine"]) / len(cents["coarse"])))
+    n_fine = int(min(n_experts * fine_per_expert, max(1, len(x) // 8)))
+    n_experts = min(n_experts, n_fine)
+    c = cfg.clustering
+    fit = cluster.two_step(x, n_fine, n_experts, c.iterations, c.coarse_iterations, c.tol, c.seed, c.balanced)
+    old_fine, old_coarse = len(cents["fine"]), len(cents["coarse"])
+    return {
+        **cents,
+        "fine": np.vstack([cents["fine"], fit.fine]).astype(np.float32),
+        "coarse": np.vstack([cents["coarse"], fit.coarse]).astype(np.float32),
+        "fine_to_coarse": np.concatenate([cents["fine_to_coarse"], fit.fine_to_coarse + old_coarse]),
+        "fine_sizes": np.concatenate([cents["fine_sizes"], fit.fine_sizes]),
+        "new_fine": np.arange(old_fine, old_fine + n_fine),
+    }
+
+
+def _npz(cents: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in cents.items()})
+    return buf.getvalue()
+
+
+def decide_stage(cfg: Config, name: str, upstream: str, force: bool) -> dict[str, Any]:
+    """Coverage, new centres (if any), the run's centroids grown and versioned; the decision as a dict."""
+    paths, gen = RunPaths(cfg.run_root), generation_paths(cfg, name)
+    with stage_log("add-data: what is new") as log:
+        settings = settings_hash(upstream, cfg.continual.model_dump(mode="json"))
+        if stage_done(gen.clusters, settings, cfg.data.s3):
+            log.skip("generations/" + name + "/clusters complete")
+            return marker_info(gen.clusters, cfg.data.s3)["decision"]
+        cents = read_centroids(paths.centroids, cfg.data.s3)
+        applied = json.loads(str(cents.get("generations", "[]")))
+        if name in applied:
+            raise ValueError(f"generation {name!r} already grew {paths.centroids}; add the data under a new --name")
+        if force and exists(gen.clusters, cfg.data.s3):
+            raise ValueError("--force cannot redo a generation whose centres are in use; add it under a new --name")
+        threshold = coverage_threshold(cfg, cents)
+        valid, x = uncovered_embeddings(cfg, gen, cents["fine"], threshold)
+        per_expert = read_json(paths.prep_summary, cfg.data.s3)["per_expert"]
+        version = int(cents.get("version", 1))
+        decision: dict[str, Any] = {
+            "valid_samples": valid,
+            "uncovered": int(len(x)),
+            "coverage_threshold": threshold,
+            "coverage_percentile": cfg.continual.coverage_percentile,
+            "centroids_version": version,
+            "new_experts": [],
+        }
+        grown = dict(cents)
+        if len(x) >= cfg.continual.min_expert_samples:
+            grown = grown_centroids(cfg, cents, x, per_expert)
+            new_coarse = sorted(set(grown["fine_to_coarse"][grown.pop("new_fine")].tolist()))
+            decision["new_experts"] = [expert_name(e) for e in new_coarse]
+            decision["new_fine_centres"] = int(len(grown["fine"]) - len(cents["fine"]))
+            decision["why"] = f"{len(x)} of {valid} samples below the coverage threshold: new experts"
+        else:
+            decision["why"] = (
+                f"{len(x)} of {valid} samples below the coverage threshold, fewer than "
+                f"continual.min_expert_samples={cfg.continual.min_expert_samples}: they join their nearest experts"
+            )
+        grown.update(
+            version=version + 1, coverage_threshold=threshold, generations=json.dumps([*applied, name])
+        )  # fmt: skip
+        write_bytes(gen.centroids, _npz(grown), cfg.data.s3)  # what the generation's manifest is assigned with
+        archive = join(paths.clusters, "versions", f"centroids-v{version}.npz")
+        write_bytes(archive, read_bytes(paths.centroids, cfg.data.s3), cfg.data.s3)
+        write_bytes(paths.centroids, _npz(grown), cfg.data.s3)  # last: the run now routes to the grown centres
+        decision["previous_centroids"] = archive
+        mark_done(gen.clusters, settings, cfg.data.s3, decision=decision)
+        log.done(decision["why"])
+        return decision
+
+
+def _plan_from_summary(summary: dict[str, Any]) -> Plan:
+    """The plan the run's experts were trained on: a new expert gets exactly an existing expert's budget."""
+    return Plan(
+        schedule=Schedule(**summary["schedule"]),
+        samples_per_epoch=summary["samples_per_epoch"],
+        batch_size=summary["batch_size"],
+        seed=None,
+        tails=[],
+        empty_experts=[],
+    )
+
+
+def train_new_experts(cfg: Config, name: str, experts: list[str], manifest_run: str, force: bool) -> list[str]:
+    """Only the new experts, from the seed, on the seed's schedule; the existing ones are never loaded."""
+    paths = RunPaths(cfg.run_root)
+    summary = read_json(paths.experts_summary, cfg.data.s3)
+    if SEED not in summary["models"]:
+        raise ValueError("add-data needs a run trained from a seed (training.use_seed): new experts start from it")
+    plan = _plan_from_summary(summary)
+    if cfg.training.batch_size != plan.batch_size:
+        raise ValueError(
+            f"training.batch_size is {cfg.training.batch_size} here but the run's experts trained with "
+            f"{plan.batch_size}: add-data must use the run's own training settings (its config.yaml)"
+        )
+    seed = summary["models"][SEED]
+    jobs = [Job(e, int(e.split("-")[1]), seed["end_step"], plan.schedule.total_steps, 1.0, True) for e in experts]
+    seed_settings = marker_info(experts_dir(cfg, SEED), cfg.data.s3)["config_hash"]
+    settings = {
+        j.name: settings_hash(
+            cfg.training.model_dump(mode="json"), asdict(j), asdict(plan.schedule), manifest_run, seed_settings
+        )
+        for j in jobs
+    }
+    todo = [j for j in jobs if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
+    with stage_log("add-data: train the new experts") as log:
+        if not todo:
+            log.skip("new experts complete")
+        else:
+            log.info("training " + ", ".join(j.name for j in todo) + " from the seed, as Tune trials")
+            run_phase(cfg, f"grow-{name}", todo, settings, force, plan_shared(plan))
+            log.done(f"{len(todo)} new experts")
+    return [j.name for j in todo]
+
+
+def update_summary(cfg: Config, experts: list[str]) -> dict[str, Any]:
+    """experts/summary.json gains the new experts (and the ensemble's compute grows by theirs)."""
+    paths = RunPaths(cfg.run_root)
+    summary = read_json(paths.experts_summary, cfg.data.s3)
+    for e in experts:
+        summary["models"][e] = read_json(join(experts_dir(cfg, e), "metrics.json"), cfg.data.s3)
+    summary["compute"] = model_compute(summary["models"])
+    write_json(paths.experts_summary, summary, cfg.data.s3)
+    return summary
+
+
+def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
+    """The whole `add-data` for `continual.shards` as generation `continual.name`; every part skips itself
+    when complete, so a rerun trains nothing."""
+    from mode_ray.runtime import ray_runtime
+
+    paths = RunPaths(cfg.run_root)
+    shards = cfg.continual.shards
+    if not shards:
+        raise ValueError("add-data needs the new data: --shards URL (continual.shards)")
+    name = cfg.continual.name or f"gen-{settings_hash(shards)[:8]}"
+    if not exists(paths.experts_summary, cfg.data.s3):
+        raise ValueError(f"no trained experts under {cfg.run_root}: add-data grows a trained run")
+    gen_cfg = generation_config(cfg, name, shards)
+    gen = generation_paths(cfg, name)
+    with ray_runtime(cfg):
+        embedded = embed_stage(gen_cfg, gen, force)
+        decision = decide_stage(cfg, name, embedded, force)
+        assigned = assign_stage(gen_cfg, gen, settings_hash(embedded, decision), force)
+        with stage_log("add-data: summary") as log:
+            prep = summarise(gen_cfg, gen)
+            sizes = {e: prep["per_expert"].get(e.split("-")[1], 0) for e in decision["new_experts"]}
+            generation = {**prep, "name": name, "shards": shards, "manifest_run_id": assigned, **decision}
+            generation["new_expert_sizes"] = sizes
+            write_json(join(gen.root, "summary.json"), generation, cfg.data.s3)
+            print_summary(prep)
+            log.done(f"at {gen.root}/summary.json")
+        if decision["new_experts"]:
+            build_input_cache(gen_cfg, assigned, force)
+        trained = train_new_experts(cfg, name, decision["new_experts"], assigned, force)
+        update_summary(cfg, decision["new_experts"])
+        for e in trained:
+            record_added(cfg, e, name, sizes[e])
+    print_growth(generation, trained)
+    return generation
+
+
+def print_growth(generation: dict[str, Any], trained: list[str]) -> None:
+    new = generation["new_experts"]
+    console.print(
+        f"generation {generation['name']}: {generation['samples_in']} samples in, {generation['in_manifest']} "
+        f"in its manifest, {generation['rejected_samples']} rejected; coverage threshold "
+        f"{generation['coverage_threshold']:.3f} (p{generation['coverage_percentile']:g} of the run's own scores): "
+        f"{generation['uncovered']} not covered"
+    )
+    if new:
+        sizes = ", ".join(f"{e} ({generation['new_expert_sizes'][e]} samples)" for e in new)
+        console.print(f"new experts: {sizes}; trained now: {', '.join(trained) or 'none (already complete)'}")
+    else:
+        console.print(f"no new expert: {generation['why']}")
