@@ -251,16 +251,22 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rate", type=float, default=8.0, help="requests a second in the load test")
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--fuzz-examples", type=int, default=30, help="schemathesis examples per operation")
+    parser.add_argument(
+        "--steps", default="prep,train,serve", help="which faults; serve alone reuses RUN_ROOT's trained run"
+    )
     args = parser.parse_args(argv)
     root = Path(args.run_root).resolve()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    steps = {
+        "prep": lambda: [prep_killed_after_embedding(root)],
+        "train": lambda: [train_worker_killed(root)],
+        "serve": lambda: serving_faults(root, args.rate, args.seconds, args.fuzz_examples),
+    }
+    chosen = args.steps.split(",")
+    if "prep" in chosen:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for step in (
-        lambda: [prep_killed_after_embedding(root)],
-        lambda: [train_worker_killed(root)],
-        lambda: serving_faults(root, args.rate, args.seconds, args.fuzz_examples),
-    ):
+    for step in (steps[name] for name in chosen):
         started = time.monotonic()
         for row in step():
             row["seconds"] = time.monotonic() - started

@@ -60,22 +60,22 @@ def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]
         train_s = time.perf_counter() - start
         run_eval(cfg)
         before = accuracy_rows(run / "eval" / "report.csv")
-        hits_before = read_json(str(run / "eval" / "summary.json")).get("routing_hit_rate", {})
+        routing_before = added_task_routing(run, TASK_OF[held_out])
         grow_cfg = load_config(config, [*sets, f"continual.shards={new}", f"continual.name=added-{held_out}"])
         start = time.perf_counter()
         generation = run_add_data(grow_cfg)
         add_s = time.perf_counter() - start
         run_eval(grow_cfg, force=True)
         after = accuracy_rows(run / "eval" / "report.csv")
-        hits_after = read_json(str(run / "eval" / "summary.json")).get("routing_hit_rate", {})
+        routing_after = added_task_routing(run, TASK_OF[held_out])
     summary = read_json(RunPaths(str(run)).experts_summary)
     new_samples = sum(summary["models"][e]["samples_seen"] for e in generation["new_experts"])
     everything = sum(m["samples_seen"] for name, m in trained["models"].items())
     return {
         "before": before,
         "after": after,
-        "routing_hit_rate_before": hits_before,
-        "routing_hit_rate_after": hits_after,
+        "routing_before": routing_before,
+        "routing_after": routing_after,
         "decision": {k: generation[k] for k in ("uncovered", "valid_samples", "coverage_threshold", "new_experts")},
         "new_expert_sizes": generation["new_expert_sizes"],
         "cost": {
@@ -87,30 +87,55 @@ def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]
     }
 
 
+def added_task_routing(run: Path, task: str) -> dict[str, Any]:
+    """Per routing method, where the added domain's task is routed: top expert, its weight, expert-max's pick."""
+    from mode_ray.storage import read_json
+
+    return {
+        r["method"]: {
+            "top_expert": r["top_expert"],
+            "weight": max(r["weights"]),
+            "expert_max_pick": r["expert_max_pick"],
+            "hit": r["hit"],
+        }
+        for r in read_json(str(run / "eval" / "routing.json"))
+        if r["task"] == task
+    }
+
+
 def tables(held_out: str, per_seed: dict[int, dict[str, Any]]) -> str:
+    """Zero-shot accuracy (%) before and after, mean over seeds with each seed's difference; then per seed
+    what add-data decided, where the added task was routed, and what adding cost."""
     import numpy as np
 
     added = TASK_OF[held_out]
-    tasks = [t for t in next(iter(per_seed.values()))["before"][MODELS[0]] if t != "average"]
-    lines = [f"added domain: {held_out} (task `{added}`); {len(per_seed)} seed(s)", ""]
-    lines += ["| model | task | before | after | after − before |", "|---|---|---|---|---|"]
+    first = next(iter(per_seed.values()))["before"][MODELS[0]]
+    tasks = [added, *[t for t in TASK_OF.values() if t in first and t != added]]
+    lines = [f"Added domain: {held_out} (task `{added}`); {len(per_seed)} training seed(s).", ""]
+    lines += ["| model | task | before | after | after − before (per seed) |", "|---|---|---|---|---|"]
     for model in MODELS:
-        for task in [added, *[t for t in tasks if t != added]]:
-            b = np.array([r["before"][model][task] for r in per_seed.values()])
-            a = np.array([r["after"][model][task] for r in per_seed.values()])
+        for task in tasks:
+            b = 100 * np.array([r["before"][model][task] for r in per_seed.values()])
+            a = 100 * np.array([r["after"][model][task] for r in per_seed.values()])
             lines.append(
                 f"| {model} | {task}{' (added)' if task == added else ''} | {b.mean():.1f} | {a.mean():.1f} | "
-                f"{(a - b).mean():+.1f} (seeds: {', '.join(f'{d:+.1f}' for d in a - b)}) |"
+                f"{(a - b).mean():+.1f} ({', '.join(f'{d:+.1f}' for d in a - b)}) |"
             )
     lines.append("")
     for seed, r in per_seed.items():
         c, d = r["cost"], r["decision"]
-        hit = r["routing_hit_rate_after"]
+        new = d["new_experts"]
+        own = ", ".join(f"{e} alone {100 * r['after'][e][added]:.1f}%" for e in new if e in r["after"])
+        where = "; ".join(
+            f"{m}: {r['routing_before'][m]['top_expert']} → {v['top_expert']} (weight {v['weight']:.2f}, "
+            f"expert-max {v['expert_max_pick']})"
+            for m, v in r["routing_after"].items()
+        )
         lines.append(
-            f"seed {seed}: {d['uncovered']} of {d['valid_samples']} added samples below the coverage threshold "
-            f"{d['coverage_threshold']:.3f} → new experts {d['new_experts']} {r['new_expert_sizes']}; routing hit "
-            f"rate after: {json.dumps(hit)}; adding cost {c['add_seconds']:.0f} s and {c['add_samples']:,} samples "
-            f"against {c['train_seconds']:.0f} s and {c['train_samples']:,} samples to train the system"
+            f"- seed {seed}: {d['uncovered']} of {d['valid_samples']} added samples below the coverage threshold "
+            f"{d['coverage_threshold']:.3f} → new experts {new} {r['new_expert_sizes']} ({own}); the `{added}` "
+            f"task routed {where}; adding cost {c['add_seconds']:.0f} s and {c['add_samples']:,} training samples, "
+            f"against {c['train_seconds']:.0f} s and {c['train_samples']:,} samples to train the system."
         )
     return "\n".join(lines)
 

@@ -130,7 +130,12 @@ def wait_for_released_cpus(timeout_s: float = 10.0) -> None:
 
     import ray
 
-    want = ray.cluster_resources().get("CPU", 0) if started_here() else min(1.0, ray.cluster_resources().get("CPU", 0))
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < want and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        total = ray.cluster_resources().get("CPU", 0)
+        if started_here():  # every CPU is ours: all of them back (and reported, right after Ray starts)
+            if total and ray.available_resources().get("CPU", 0) >= total:
+                return
+        elif ray.available_resources().get("CPU", 0) >= min(1.0, total):  # autoscaling from 0: do not wait
+            return
         time.sleep(0.1)

@@ -119,6 +119,9 @@ def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run,
     new_files = _digests(root, ["expert-2"])
     again = run_add_data(cfg)  # a rerun trains nothing
     assert again["new_experts"] == ["expert-2"] and _digests(root, ["expert-2"]) == new_files
+    from mode_ray.stages.train import run_train
+
+    assert "expert-2" in run_train(cfg)["models"]  # a rerun of `train` (nothing to do) keeps the added expert
 
 
 def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_session, grown_run):

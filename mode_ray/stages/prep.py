@@ -148,6 +148,7 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
         ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
         ds = ds.map_batches(validate_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
         out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+        wait_for_released_cpus()  # also right after Ray starts, before its resources are reported
         with progress_bars("prep-embed") as board:
             ds = ds.map_batches(
                 CaptionEmbedder,

@@ -414,8 +414,13 @@ def model_compute(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
 
 
 def training_summary(cfg: Config, plan: Plan) -> dict[str, Any]:
+    from mode_ray.registry import read_registry
+
     jobs = ([plan.seed] if plan.seed else []) + plan.tails
     models = {j.name: read_json(join(experts_dir(cfg, j.name), "metrics.json"), cfg.data.s3) for j in jobs}
+    for name, entry in read_registry(cfg)["experts"].items():  # experts `mode-ray add-data` trained stay listed
+        if entry.get("generation") and name not in models:
+            models[name] = read_json(join(experts_dir(cfg, name), "metrics.json"), cfg.data.s3)
     return {
         "models": models,
         "schedule": asdict(plan.schedule),
