@@ -81,13 +81,12 @@ def coverage_threshold(cfg: Config, cents: dict[str, Any]) -> float:
 
 
 def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float) -> pa.Table:
-    """Each valid row's best fine-centre score; only the uncovered rows keep their embedding."""
-    x = embeddings_to_numpy(batch["embedding"])
-    scores, _ = cluster.nearest(x, fine, 1)
-    covered = scores[:, 0] >= threshold
-    out = batch.select(["key"]).append_column("score", pa.array(scores[:, 0].astype(np.float32)))
-    out = out.append_column("covered", pa.array(covered))
-    return out.append_column("embedding", pc.if_else(pa.array(covered), None, batch["embedding"]))
+    """Whether each valid row's best fine-centre score reaches the threshold; only uncovered rows keep their
+    embedding (the rest need not travel to the driver)."""
+    scores, _ = cluster.nearest(embeddings_to_numpy(batch["embedding"]), fine, 1)
+    covered = pa.array(scores[:, 0] >= threshold)
+    out = batch.select(["key"]).append_column("covered", covered)
+    return out.append_column("embedding", pc.if_else(covered, None, batch["embedding"]))
 
 
 def uncovered_embeddings(cfg: Config, paths: RunPaths, fine: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:

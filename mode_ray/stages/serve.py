@@ -149,7 +149,11 @@ def serve_until_interrupted(cfg: Config, log: Any, poll_s: float = 5.0) -> None:
         version = read_registry(cfg)["version"]
         if version != seen:
             seen = version
-            deploy(cfg)
+            try:
+                deploy(cfg)
+            except ValueError as err:  # e.g. the grown app no longer fits the resources: keep the running one
+                console.print(f"[yellow]experts changed but the app was not redeployed: {err}[/yellow]")
+                continue
             log.info(f"experts changed (registry version {version}): redeployed {cfg.serve.app_name!r} in place")
 
 
