@@ -28,8 +28,6 @@ import numpy as np
 from mode_ray.config import Config
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.progress import console, stage_log
-from mode_ray.progress_bars import progress_bars
-from mode_ray.progress_bars import report as report_progress
 from mode_ray.storage import (
     exists,
     get_fs,
@@ -162,11 +160,9 @@ def embed_pairs(cfg: Config, model_url: str) -> dict[str, np.ndarray]:
         compute=ray.data.ActorPoolStrategy(size=1),
     )
     parts: dict[str, list[np.ndarray]] = {}
-    with progress_bars("moe-embed") as board:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for name, values in batch.items():
-                parts.setdefault(name, []).append(values)
-            report_progress(board, "pairs embedded by the base model", advance=len(batch["key"]))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # seconds: no bar of its own
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
     rows = {name: np.concatenate(values) for name, values in parts.items()}
     order = np.lexsort((rows["row"], rows["row_group"], rows["path"]))
     return {name: values[order] for name, values in rows.items()}

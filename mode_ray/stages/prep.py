@@ -168,7 +168,6 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
             )
             ds.write_parquet(paths.embeddings, filesystem=out_fs)
         wait_for_released_cpus()
-        log.info(f"embeddings/ written after {log.elapsed():.1f}s")
 
         rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
             _only_rejects, batch_format="pyarrow"
@@ -374,20 +373,14 @@ def summarise(cfg: Config, paths: RunPaths) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
+    reasons = ", ".join(f"{k}={v}" for k, v in summary["rejects_by_reason"].items())
     console.print(
         f"samples in: {summary['samples_in']}  manifest: {summary['in_manifest']}  "
         f"rejected: {summary['rejected_samples']}  shard-level rejects: {summary['shard_level_rejects']}"
+        + (f"  ({reasons})" if reasons else "")
     )
-    if summary["rejects_by_reason"]:
-        console.print("rejects by reason: " + ", ".join(f"{k}={v}" for k, v in summary["rejects_by_reason"].items()))
-    table = Table(title="samples per data expert (coarse cluster)")
-    table.add_column("expert")
-    table.add_column("samples", justify="right")
-    for expert, count in summary["per_expert"].items():
-        table.add_row(expert, str(count))
-    console.print(table)
+    per_expert = ", ".join(f"expert-{e} {n:,}" for e, n in summary["per_expert"].items())
+    console.print(f"samples per data expert (coarse cluster): {per_expert}")
     hist = summary["fine_size_histogram"]
     console.print(f"fine cluster sizes (histogram): {hist['counts']} over edges {[round(e) for e in hist['edges']]}")
 

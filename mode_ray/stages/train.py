@@ -382,7 +382,6 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
             if not todo:
                 log.skip("all models complete")
             else:
-                log.info("training " + ", ".join(j.name for j in todo) + " as parallel Tune trials")
                 run_phase(cfg, "tails", todo, settings, force, plan_shared(plan))
                 log.done(f"{len(todo)} models")
     summary = training_summary(cfg, plan)
