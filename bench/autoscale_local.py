@@ -44,8 +44,9 @@ def _ray_cli() -> str:
     return str(beside) if beside.exists() else "ray"
 
 
-def _pids_naming(text: str) -> list[int]:
-    """Our processes: those whose command line contains our private temp dir (never matched by name)."""
+def pids_naming(text: str, prefix: str = "") -> list[int]:
+    """Processes (not this one) whose command line starts with `prefix` and contains `text` — here our private
+    temp dir, so never another Ray's; bench/faults.py finds Ray workers by title (`ray::Class`) with it."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -54,7 +55,7 @@ def _pids_naming(text: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline:
+        if cmdline.startswith(prefix) and text in cmdline:
             pids.append(int(proc.name))
     return pids
 
@@ -68,7 +69,7 @@ def _terminate(head: subprocess.Popen, tmp: str) -> None:
             head.kill()
             head.wait()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_naming(tmp)
+        pids = pids_naming(tmp)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -205,7 +206,7 @@ def main() -> int:
             ray.shutdown()
         finally:
             _terminate(head, tmp)
-            left = _pids_naming(tmp)
+            left = pids_naming(tmp)
             print(f"torn down ({'nothing left' if not left else f'still running: {left}'}); logs kept in {tmp}")
 
 

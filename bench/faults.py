@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoscale_local import pids_naming  # noqa: E402 — one /proc scan for both benchmarks
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -74,20 +77,6 @@ def manifest(root: Path) -> dict[str, tuple[int, int]]:
 
     rows = pads.dataset(root / "manifest", format="parquet", partitioning="hive").to_table().to_pylist()
     return {r["key"]: (r["fine_id"], r["coarse_id"]) for r in rows}
-
-
-def ray_pids(title: str) -> list[int]:
-    """Worker processes whose title (`ray::Class.method`) names `title`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmdline.startswith("ray::") and title in cmdline:
-                pids.append(int(proc.name))
-    return pids
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -132,7 +121,7 @@ def train_worker_killed(root: Path) -> dict[str, Any]:
     killed: list[str] = []
     while proc.poll() is None and not killed:
         ckpts = list((run / "train_runs").glob("seed-*/checkpoint_*"))
-        pids = ray_pids("RayTrainWorker")
+        pids = pids_naming("RayTrainWorker", prefix="ray::")
         if ckpts and pids:  # mid-run: the seed has written a checkpoint and is still training
             os.kill(pids[0], signal.SIGKILL)
             killed.append(ckpts[0].name)

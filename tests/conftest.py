@@ -51,6 +51,22 @@ def demo_shards(tmp_path_factory) -> tuple[Path, dict]:
     return out, record
 
 
+def pids_naming(text: str, prefix: str = "") -> list[int]:
+    """Processes (not this one) whose command line starts with `prefix` and contains `text`: a head's private
+    temp dir, or a Ray worker's title (`ray::<actor class>...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith(prefix) and text in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

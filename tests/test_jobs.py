@@ -6,6 +6,7 @@ the test session's Ray is never touched: it is stopped by killing the processes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, _free_port
+from tests.conftest import REPO, _free_port, pids_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = (
@@ -72,14 +73,9 @@ def head():
 def _kill_processes_mentioning(marker: str) -> None:
     """Kill every process whose command line holds `marker` (this head's temp dir): never `ray stop`, which
     would stop the test session's own Ray too."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
+    for pid in pids_naming(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _submit(url: str, *args: str) -> str:

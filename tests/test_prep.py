@@ -17,7 +17,7 @@ from mode_ray import demo_data
 from mode_ray.config import S3Config
 from mode_ray.layout import RunPaths, read_centroids
 from mode_ray.stages.prep import run_prep
-from tests.conftest import demo_config
+from tests.conftest import demo_config, pids_naming
 
 
 def _tar_samples(root: Path) -> dict[str, dict]:
@@ -228,20 +228,6 @@ def test_s3_outage_is_ridden_out_or_each_shard_rejected_with_its_reason(
     assert all(r["reason"] == Reason.UNREADABLE_SHARD and "could not open the shard" in r["detail"] for r in lost)
 
 
-def _pids_titled(title: str) -> list[int]:
-    """Ray worker processes whose title (`ray::<actor class>...`) names `title`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmdline.startswith("ray::") and title in cmdline:
-                pids.append(int(proc.name))
-    return pids
-
-
 def test_pool_actors_killed_mid_run_lose_nothing(ray_session, shards, local_run, tmp_path):
     """SIGKILL (not an exception) to the embedding actor and to the assignment actor while they work: Ray
     restarts them and retries their batches; manifest and rejects equal an undisturbed run's."""
@@ -263,7 +249,7 @@ def test_pool_actors_killed_mid_run_lose_nothing(ray_session, shards, local_run,
     def kill_each_once() -> None:
         for actor in ("CaptionEmbedder", "CentroidAssigner"):
             while not stop.is_set():
-                pids = _pids_titled(actor)
+                pids = pids_naming(actor, prefix="ray::")
                 if pids and mid_way(actor):
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(actor)
