@@ -2,6 +2,8 @@
 
 ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.add_data --config configs/cloud.yaml \
     --set continual.shards=s3://bucket/new-shards --set continual.name=2026-12
+
+Add `--set continual.refresh_experts=true` to also retrain the existing experts whose partitions grew.
 """
 
 from __future__ import annotations

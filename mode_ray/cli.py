@@ -98,6 +98,13 @@ def add_data(
     config: ConfigOpt,
     shards: Annotated[str, typer.Option(help="The new webdataset shards (directory, glob or URL).")],
     name: Annotated[str | None, typer.Option(help="The new data's generation name (default: from the URL).")] = None,
+    refresh_experts: Annotated[
+        bool,
+        typer.Option(
+            "--refresh-experts",
+            help="Also retrain the existing experts whose partitions the new data grew (previous versions kept).",
+        ),
+    ] = False,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -105,6 +112,7 @@ def add_data(
     from mode_ray.stages.grow import run_add_data
 
     extra = [f"continual.shards={shards}"] + ([f"continual.name={name}"] if name else [])
+    extra += ["continual.refresh_experts=true"] if refresh_experts else []
     _run_stage(run_add_data, _load(config, [*(set_ or []), *extra]), force)
 
 
@@ -126,7 +134,9 @@ def experts_list(config: ConfigOpt, set_: SetOpt = None) -> None:
         entry = registry.get(name, {})
         state = "in service" if entry.get("active", True) else "removed"
         added = f", added {entry['added']} from {entry['generation']}" if entry.get("added") else ""
-        console.print(f"{name}: {state}{added}")
+        refreshes = entry.get("refreshes") or []
+        refreshed = "".join(f", refreshed {r['at']} with {r['generation']}" for r in refreshes)
+        console.print(f"{name}: {state}{added}{refreshed}")
 
 
 def _set_active(config: Path, name: str, set_: list[str] | None, active: bool) -> None:
@@ -153,6 +163,19 @@ def experts_remove(config: ConfigOpt, name: str, set_: SetOpt = None) -> None:
 def experts_restore(config: ConfigOpt, name: str, set_: SetOpt = None) -> None:
     """Put a removed data expert back in service."""
     _set_active(config, name, set_, True)
+
+
+@experts_app.command("rollback")
+def experts_rollback(config: ConfigOpt, name: str, set_: SetOpt = None) -> None:
+    """Put back a data expert's version from before its last refresh (add-data --refresh-experts)."""
+    from mode_ray.stages.grow import rollback_expert
+
+    cfg = _load(config, set_)
+    try:
+        previous = rollback_expert(cfg, name)
+    except ValueError as err:
+        raise _fail(err, 2) from None
+    console.print(f"{name}: back to its version from {previous}")
 
 
 @app.command("eval")

@@ -102,6 +102,9 @@ class ClusteringConfig(Section):
     use_gpu: bool = False
 
 
+RUN_ONLY_TRAINING = {"fail_once_at_step", "max_failures", "controller_poll_s", "max_concurrent_trials"}
+
+
 class TrainingConfig(Section):
     """One schedule for every model, counted in samples: an epoch is `samples_per_epoch` samples for the seed,
     each data expert and the generalists alike (an expert redraws its partition as often as that takes)."""
@@ -167,6 +170,11 @@ class TrainingConfig(Section):
     fail_once_at_step: dict[str, int] | None = Field(
         default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
     )
+
+    def learning_settings(self) -> dict[str, Any]:
+        """What a trained model depends on: completion markers hash these, so changing how a job runs
+        (injected faults, retries, polling, trial concurrency) never retrains a model."""
+        return self.model_dump(mode="json", exclude=RUN_ONLY_TRAINING)
 
 
 class MoEConfig(Section):
@@ -318,6 +326,10 @@ class ContinualConfig(Section):
     min_expert_samples: int = Field(
         default=100, ge=1, description="Uncovered samples needed for new experts; fewer join their nearest expert."
     )
+    refresh_experts: bool = Field(
+        default=False, description="Also retrain (from the seed, on its own budget) each existing expert whose "
+        "partition the new data grew; its previous version is kept (add-data --refresh-experts).",
+    )  # fmt: skip
 
 
 class Config(Section):

@@ -130,6 +130,17 @@ def arrow_filesystem(url: str, s3: S3Config | None = None) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def copy_tree(src: str, dst: str, s3: S3Config | None = None) -> None:
+    """Copy a completed stage's folder, its marker last, so a copy cut short never looks complete."""
+    fs, path = get_fs(src, s3)
+    _, target = get_fs(dst, s3)
+    files = sorted(fs.find(path), key=lambda f: f.endswith("/" + MARKER))
+    for f in files:
+        out = target.rstrip("/") + f[len(path.rstrip("/")) :]
+        fs.makedirs(out.rsplit("/", 1)[0], exist_ok=True)
+        fs.cp_file(f, out)
+
+
 def remove_tree(url: str, s3: S3Config | None = None) -> None:
     """Delete a stage's output before redoing it, so a rerun never mixes old and new files."""
     fs, path = get_fs(url, s3)

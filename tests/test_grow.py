@@ -122,6 +122,7 @@ def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run,
     from mode_ray.stages.train import run_train
 
     assert "expert-2" in run_train(cfg)["models"]  # a rerun of `train` (nothing to do) keeps the added expert
+    assert _digests(root, ["seed", "expert-0", "expert-1", "generalist"]) == old  # and retrains nothing
 
 
 def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_session, grown_run):
@@ -192,3 +193,51 @@ def test_experts_command_lists_and_refuses_unknown_names(grown_run):
     assert "expert-0: in service" in listed.stderr and "from food" in listed.stderr
     unknown = mode_ray("remove", "expert-9")
     assert unknown.returncode == 2 and "no data expert 'expert-9'" in unknown.stderr
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file()
+    }
+
+
+def test_refresh_retrains_only_the_grown_experts_and_rolls_back(ray_session, grown_run, tmp_path):
+    from mode_ray.registry import read_registry
+    from mode_ray.stages.grow import rollback_expert, run_add_data
+    from mode_ray.stages.train import run_train
+
+    root, config = grown_run
+    models = list(json.loads((root / "experts/summary.json").read_text())["models"])
+    before = {m: _files(root / "experts" / m) for m in models}
+    old_metrics = {m: json.loads((root / "experts" / m / "metrics.json").read_text()) for m in models}
+    more = tmp_path / "more"
+    demo_data.generate(str(more), samples=120, shards=1, seed=7, domains=["textures"])
+    cfg = config(f"continual.shards={more}", "continual.name=more", "continual.refresh_experts=true")
+    out = run_add_data(cfg)
+    grown = out["grown_experts"]
+    assert out["new_experts"] == [] and grown and out["refreshed"] == grown, out
+    assert {m: _files(root / "experts" / m) for m in models if m not in grown} == {
+        m: f for m, f in before.items() if m not in grown
+    }  # every other model untouched, byte for byte
+    rows = sum(json.loads(s.read_text())["in_manifest"] for s in (root / "generations").glob("*/summary.json"))
+    registry = read_registry(cfg)["experts"]
+    for e in grown:
+        assert _files(root / "experts" / "versions" / f"{e}-before-more") == before[e]  # previous version kept
+        new = json.loads((root / "experts" / e / "metrics.json").read_text())
+        assert _files(root / "experts" / e) != before[e]
+        assert (new["start_step"], new["end_step"]) == (old_metrics[e]["start_step"], old_metrics[e]["end_step"])
+        assert new["manifest_rows"] == old_metrics[e]["manifest_rows"] + rows  # trained over every generation
+        assert registry[e]["refreshes"][-1]["generation"] == "more"
+
+    refreshed = {e: _files(root / "experts" / e) for e in grown}
+    assert run_add_data(cfg)["refreshed"] == []  # a rerun retrains nothing
+    run_train(cfg)  # and `train` keeps the refreshed experts as they are
+    assert {e: _files(root / "experts" / e) for e in grown} == refreshed
+
+    back = grown[0]
+    rollback_expert(cfg, back)  # `mode-ray experts rollback`
+    assert _files(root / "experts" / back) == before[back] and not read_registry(cfg)["experts"][back]["refreshes"]
+    run_train(cfg)  # the rolled-back version is complete for `train` too
+    assert _files(root / "experts" / back) == before[back]
+    with pytest.raises(ValueError, match="never refreshed"):
+        rollback_expert(cfg, back)

@@ -180,6 +180,7 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
                 checkpoint=paths.export(name),
                 added=entry.get("added"),
                 generation=entry.get("generation"),
+                refreshed=entry["refreshes"][-1]["at"] if entry.get("refreshes") else None,
             )
         )
     return ExpertsResponse(

@@ -67,6 +67,9 @@ class ExpertInfo(BaseModel):
     checkpoint: str
     added: str | None = Field(default=None, description="When `mode-ray add-data` added this expert (UTC).")
     generation: str | None = Field(default=None, description="The data generation it was trained on.")
+    refreshed: str | None = Field(
+        default=None, description="When `add-data --refresh-experts` last retrained it on its grown partition (UTC)."
+    )
 
 
 class ExpertsResponse(BaseModel):

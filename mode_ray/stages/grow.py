@@ -13,7 +13,10 @@ clusters do not cover — without retraining or touching the experts it has (MoD
 
 The coverage threshold is calibrated on the run's own data: a low percentile (`continual.coverage_percentile`)
 of the assignment scores of its manifest, stored with the centroids and reported. Samples the clusters cover
-join their existing partition (in the new generation), for the next retraining of that expert.
+join their existing partition (in the new generation), for the next retraining of that expert: with
+`--refresh-experts` (`continual.refresh_experts`) that is now: each grown expert's folder is first copied to
+experts/versions/NAME-before-GEN/, then its own job (from the seed, its budget) runs again over its grown
+partition, in the same Tune phase as the new experts. `mode-ray experts rollback NAME` puts the copy back.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from mode_ray import cluster
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths, read_centroids
 from mode_ray.progress import console, stage_log
-from mode_ray.registry import record_added
+from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
 from mode_ray.stages.prep import (
     _only_valid,
     assign_stage,
@@ -41,15 +44,20 @@ from mode_ray.stages.prep import (
     summarise,
 )
 from mode_ray.stages.train import experts_dir, model_compute, plan_shared, run_phase
-from mode_ray.stages.train_data import build_input_cache
+from mode_ray.stages.train_data import build_generation_caches
 from mode_ray.storage import (
+    MARKER,
     arrow_filesystem,
+    clear_marker,
+    copy_tree,
     exists,
+    get_fs,
     join,
     mark_done,
     marker_info,
     read_bytes,
     read_json,
+    remove_tree,
     settings_hash,
     stage_done,
     write_bytes,
@@ -198,8 +206,42 @@ def _plan_from_summary(summary: dict[str, Any]) -> Plan:
     )
 
 
-def train_new_experts(cfg: Config, name: str, experts: list[str], manifest_run: str, force: bool) -> list[str]:
-    """Only the new experts, from the seed, on the seed's schedule; the existing ones are never loaded."""
+def grown_experts(cfg: Config, added: dict[str, int], new: list[str], trained: list[str]) -> list[str]:
+    """The existing data experts in service whose partitions this generation grew (`added`: its samples per
+    coarse id): what `--refresh-experts` retrains."""
+    names = [expert_name(int(e)) for e, n in sorted(added.items(), key=lambda kv: int(kv[0])) if n]
+    return in_service(cfg, [e for e in names if e in trained and e not in new])
+
+
+def previous_version(cfg: Config, expert: str, name: str) -> str:
+    """Where `expert`'s folder is kept as it was before generation `name` retrained it (copied once)."""
+    archive = join(experts_dir(cfg), "versions", f"{expert}-before-{name}")
+    if not exists(join(archive, MARKER), cfg.data.s3):
+        copy_tree(experts_dir(cfg, expert), archive, cfg.data.s3)
+    return archive
+
+
+def refresh_jobs(
+    cfg: Config, name: str, experts: list[str], summary: dict[str, Any], manifest_run: str
+) -> tuple[list[Job], dict[str, str], dict[str, dict[str, Any]]]:
+    """Each grown expert's own job again (from the seed, its budget), now over its grown partition: the
+    trial reads every generation's rows (`train_data.training_roots`). Its previous version is kept first;
+    the new marker names the settings `train` knows the expert by, so `train` keeps the refresh."""
+    jobs, settings, tasks = [], {}, {}
+    for e in experts:
+        archive = previous_version(cfg, e, name)
+        before = marker_info(archive, cfg.data.s3)
+        jobs.append(Job(**summary["models"][e]["job"]))
+        settings[e] = settings_hash(before["config_hash"], manifest_run)
+        tasks[e] = {"marker": {"train_settings": before.get("train_settings", before["config_hash"])}}
+    return jobs, settings, tasks
+
+
+def train_generation(
+    cfg: Config, name: str, new: list[str], refresh: list[str], manifest_run: str, force: bool
+) -> tuple[list[str], list[str]]:
+    """The new experts, from the seed on an existing expert's budget, and (when asked) the grown ones, as
+    one phase of Tune trials; no other model is loaded. Returns (new trained, refreshed) now."""
     paths = RunPaths(cfg.run_root)
     summary = read_json(paths.experts_summary, cfg.data.s3)
     if SEED not in summary["models"]:
@@ -211,23 +253,29 @@ def train_new_experts(cfg: Config, name: str, experts: list[str], manifest_run: 
             f"{plan.batch_size}: add-data must use the run's own training settings (its config.yaml)"
         )
     seed = summary["models"][SEED]
-    jobs = [Job(e, int(e.split("-")[1]), seed["end_step"], plan.schedule.total_steps, 1.0, True) for e in experts]
+    jobs = [Job(e, int(e.split("-")[1]), seed["end_step"], plan.schedule.total_steps, 1.0, True) for e in new]
     seed_settings = marker_info(experts_dir(cfg, SEED), cfg.data.s3)["config_hash"]
     settings = {
         j.name: settings_hash(
-            cfg.training.model_dump(mode="json"), asdict(j), asdict(plan.schedule), manifest_run, seed_settings
+            cfg.training.learning_settings(), asdict(j), asdict(plan.schedule), manifest_run, seed_settings
         )
         for j in jobs
     }
+    old_jobs, old_settings, tasks = refresh_jobs(cfg, name, refresh, summary, manifest_run)
+    jobs, settings = jobs + old_jobs, {**settings, **old_settings}
     todo = [j for j in jobs if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
-    with stage_log("add-data: train the new experts") as log:
+    with stage_log("add-data: train") as log:
         if not todo:
-            log.skip("new experts complete")
+            log.skip("new and refreshed experts complete")
         else:
+            for j in todo:
+                if j.name in tasks:  # mid-refresh, the folder is not the old expert any more
+                    clear_marker(experts_dir(cfg, j.name), cfg.data.s3)
             log.info("training " + ", ".join(j.name for j in todo) + " from the seed, as Tune trials")
-            run_phase(cfg, f"grow-{name}", todo, settings, force, plan_shared(plan))
-            log.done(f"{len(todo)} new experts")
-    return [j.name for j in todo]
+            run_phase(cfg, f"grow-{name}", todo, settings, force, plan_shared(plan), tasks)
+            log.done(f"{len(todo)} experts")
+    done = {j.name for j in todo}
+    return [e for e in new if e in done], [e for e in refresh if e in done]
 
 
 def update_summary(cfg: Config, experts: list[str]) -> dict[str, Any]:
@@ -267,17 +315,47 @@ def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
             write_json(join(gen.root, "summary.json"), generation, cfg.data.s3)
             print_summary(prep)
             log.done(f"at {gen.root}/summary.json")
-        if decision["new_experts"]:
-            build_input_cache(gen_cfg, assigned, force)
-        trained = train_new_experts(cfg, name, decision["new_experts"], assigned, force)
-        update_summary(cfg, decision["new_experts"])
+        models = list(read_json(paths.experts_summary, cfg.data.s3)["models"])
+        grown = grown_experts(cfg, prep["per_expert"], decision["new_experts"], models)
+        refresh = grown if cfg.continual.refresh_experts else []
+        if decision["new_experts"] or refresh:
+            build_generation_caches(cfg)  # this generation's and any earlier one's that trained nothing
+        trained, refreshed = train_generation(cfg, name, decision["new_experts"], refresh, assigned, force)
+        update_summary(cfg, decision["new_experts"] + refresh)
         for e in trained:
             record_added(cfg, e, name, sizes[e])
-    print_growth(generation, trained)
-    return generation
+        for e in refreshed:
+            record_refreshed(cfg, e, name, partition_size(cfg, e), previous_version(cfg, e, name))
+    print_growth(generation, trained, {e: prep["per_expert"][e.split("-")[1]] for e in grown}, refresh, refreshed)
+    return {**generation, "grown_experts": grown, "refreshed": refreshed}
 
 
-def print_growth(generation: dict[str, Any], trained: list[str]) -> None:
+def partition_size(cfg: Config, expert: str) -> int:
+    """The expert's partition over the run's manifest and every generation added to it: what a refresh
+    trains on (`train_data.training_roots`)."""
+    coarse = expert.split("-")[1]
+    paths = RunPaths(cfg.run_root)
+    size = read_json(paths.prep_summary, cfg.data.s3)["per_expert"].get(coarse, 0)
+    fs, base = get_fs(join(cfg.run_root, "generations"), cfg.data.s3)
+    for summary in fs.glob(base.rstrip("/") + "/*/summary.json"):
+        with fs.open(summary) as f:
+            size += json.load(f)["per_expert"].get(coarse, 0)
+    return int(size)
+
+
+def rollback_expert(cfg: Config, expert: str) -> str:
+    """Put back the version of `expert` from before its last refresh; returns where it came from."""
+    previous = last_refresh(cfg, expert)["previous"]
+    remove_tree(experts_dir(cfg, expert), cfg.data.s3)
+    copy_tree(previous, experts_dir(cfg, expert), cfg.data.s3)
+    update_summary(cfg, [expert])
+    pop_refresh(cfg, expert)  # last: bumps the registry, so a running serve redeploys the restored version
+    return previous
+
+
+def print_growth(
+    generation: dict[str, Any], trained: list[str], grown: dict[str, int], refresh: list[str], refreshed: list[str]
+) -> None:
     new = generation["new_experts"]
     console.print(
         f"generation {generation['name']}: {generation['samples_in']} samples in, {generation['in_manifest']} "
@@ -290,3 +368,10 @@ def print_growth(generation: dict[str, Any], trained: list[str]) -> None:
         console.print(f"new experts: {sizes}; trained now: {', '.join(trained) or 'none (already complete)'}")
     else:
         console.print(f"no new expert: {generation['why']}")
+    if grown:
+        joined = ", ".join(f"{e} +{n}" for e, n in grown.items())
+        if refresh:
+            done = ", ".join(refreshed) or "none (already complete)"
+            console.print(f"grown partitions: {joined}; refreshed now: {done}")
+        else:
+            console.print(f"grown partitions: {joined}, kept for their next retraining (add-data --refresh-experts)")

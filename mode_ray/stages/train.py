@@ -26,12 +26,13 @@ from mode_ray.layout import RunPaths
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
 from mode_ray.runtime import cluster_address
-from mode_ray.stages.train_data import build_input_cache, input_cache_dir, job_datasets
+from mode_ray.stages.train_data import build_generation_caches, build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
     join,
     mark_done,
+    marker_info,
     read_json,
     remove_tree,
     settings_hash,
@@ -74,8 +75,20 @@ def make_plan(cfg: Config, per_expert: dict[str, int]) -> Plan:
     )
 
 
+def model_done(cfg: Config, name: str, settings: str) -> bool:
+    """Complete with these settings, or retrained since by `add-data --refresh-experts` from a model that was
+    (its marker keeps the settings `train` knows it by, so `train` does not undo the refresh)."""
+    out = experts_dir(cfg, name)
+    if stage_done(out, settings, cfg.data.s3):
+        return True
+    try:
+        return marker_info(out, cfg.data.s3).get("train_settings") == settings
+    except (OSError, ValueError):
+        return False
+
+
 def job_hash(cfg: Config, plan: Plan, job: Job, manifest_run_id: str) -> str:
-    return settings_hash(cfg.training.model_dump(mode="json"), asdict(job), asdict(plan.schedule), manifest_run_id)
+    return settings_hash(cfg.training.learning_settings(), asdict(job), asdict(plan.schedule), manifest_run_id)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -232,7 +245,7 @@ def finalize_job(
     }
     metrics["timing"] = time_breakdown(record, trial, time.time())
     write_json(join(out, "metrics.json"), metrics, cfg.data.s3)
-    mark_done(out, config["settings"], cfg.data.s3)
+    mark_done(out, config["settings"], cfg.data.s3, **(config.get("task") or {}).get("marker", {}))
     return metrics
 
 
@@ -354,7 +367,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
         settings = {n: s if n == SEED else settings_hash(s, settings[SEED]) for n, s in settings.items()}
 
     def pending(todo: list[Job]) -> list[Job]:
-        return [j for j in todo if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
+        return [j for j in todo if force or not model_done(cfg, j.name, settings[j.name])]
 
     console.print(
         f"  schedule: {plan.schedule.total_steps} steps of {plan.batch_size} "
@@ -364,7 +377,9 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
     with ray_runtime(cfg):
         if cfg.training.decode_cache:
             with stage_log("train: decoded inputs") as log:
-                if build_input_cache(cfg, manifest_run, force):
+                built = build_input_cache(cfg, manifest_run, force)
+                build_generation_caches(cfg)  # rows `mode-ray add-data` added train too
+                if built:
                     log.done(f"every image decoded once into {input_cache_dir(cfg)}")
                 else:
                     log.skip("train_inputs/ complete")

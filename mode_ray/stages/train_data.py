@@ -31,7 +31,17 @@ import pyarrow as pa
 from mode_ray.config import Config, S3Config
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths
 from mode_ray.samples import seeded_key_hash
-from mode_ray.storage import arrow_filesystem, get_fs, join, mark_done, remove_tree, settings_hash, stage_done
+from mode_ray.storage import (
+    arrow_filesystem,
+    exists,
+    get_fs,
+    join,
+    mark_done,
+    marker_info,
+    remove_tree,
+    settings_hash,
+    stage_done,
+)
 from mode_ray.train.schedule import Job
 
 if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at import time
@@ -66,19 +76,22 @@ def input_cache_dir(cfg: Config) -> str:
     return join(cfg.run_root, "train_inputs")
 
 
+def generation_roots(cfg: Config) -> list[str]:
+    """The run roots of every generation `mode-ray add-data` completed (a manifest beside the run's)."""
+    fs, base = get_fs(join(cfg.run_root, "generations"), cfg.data.s3)
+    if not fs.exists(base):
+        return []
+    prefix = cfg.run_root.split("://", 1)[0] + "://" if "://" in cfg.run_root else ""
+    gens = sorted(g.rstrip("/") for g in fs.ls(base, detail=False))
+    return [prefix + g for g in gens if fs.exists(f"{g}/manifest/_SUCCESS")]
+
+
 def training_roots(cfg: Config) -> list[str]:
     """The run's training rows: its manifest (or decoded cache) and those of every complete generation that
     `mode-ray add-data` added (each a manifest written beside the run's, never into it)."""
     sub = "train_inputs" if cfg.training.decode_cache else "manifest"
     roots = [input_cache_dir(cfg) if cfg.training.decode_cache else RunPaths(cfg.run_root).manifest]
-    fs, base = get_fs(join(cfg.run_root, "generations"), cfg.data.s3)
-    if fs.exists(base):
-        prefix = cfg.run_root.split("://", 1)[0] + "://" if "://" in cfg.run_root else ""
-        for gen in sorted(fs.ls(base, detail=False)):
-            root = prefix + gen.rstrip("/") + "/" + sub
-            if fs.exists(f"{gen.rstrip('/')}/{sub}/_SUCCESS"):
-                roots.append(root)
-    return roots
+    return roots + [join(g, sub) for g in generation_roots(cfg) if exists(join(g, sub, "_SUCCESS"), cfg.data.s3)]
 
 
 def row_groups(root: str | list[str], s3: S3Config) -> list[dict[str, Any]]:
@@ -261,6 +274,14 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     )
     mark_done(out, settings, cfg.data.s3)
     return True
+
+
+def build_generation_caches(cfg: Config, force: bool = False) -> None:
+    """Every generation's decoded cache (a generation that made no expert has none yet), so whatever trains
+    next reads all of its rows."""
+    for root in generation_roots(cfg):
+        manifest_run = marker_info(RunPaths(root).manifest, cfg.data.s3)["run_id"]
+        build_input_cache(cfg.model_copy(update={"run_root": root}), manifest_run, force)
 
 
 def _cluster_cpus() -> float:
