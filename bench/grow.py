@@ -9,6 +9,12 @@ experts for what the clusters do not cover, trained alone from the seed) and the
 the old domains' — the claim is "without compromising": within noise), the routing hit rate on the added
 task, what add-data decided, and the cost of adding (seconds, samples) against the training it did not
 redo. Writes ROOT/grow.md and ROOT/grow.json.
+
+With --refresh, each seed's grown system then receives as much new data again from the domains it was built
+on, added with `add-data --refresh-experts`: the experts whose partitions grew are retrained (their own job,
+from the seed, same budget) over their grown partitions. Prints the old tasks before and after the refresh,
+what was refreshed and what it cost (ROOT/refresh.md, ROOT/refresh.json). A seed already in ROOT/grow.json
+is not built again.
 """
 
 from __future__ import annotations
@@ -44,9 +50,7 @@ def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]
     from mode_ray.storage import read_json
 
     run = root / f"seed-{seed}"
-    kept = [d for d in demo_data.DOMAINS if d != held_out]
-    sets = [*extra, f"run_root={run}", f"training.seed={seed}", f"data.demo.domains={json.dumps(kept)}"]
-    sets += ["moe.enabled=false", "training.matched_control=false"]
+    sets = seed_settings(held_out, seed, run, extra)
     cfg = load_config(config, sets)
     run_demo_data(cfg, False)
     new = run / "data" / f"added-{held_out}"
@@ -85,6 +89,83 @@ def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]
             "train_samples": everything,
         },
     }
+
+
+def seed_settings(held_out: str, seed: int, run: Path, extra: list[str]) -> list[str]:
+    from mode_ray import demo_data
+
+    kept = [d for d in demo_data.DOMAINS if d != held_out]
+    sets = [*extra, f"run_root={run}", f"training.seed={seed}", f"data.demo.domains={json.dumps(kept)}"]
+    return [*sets, "moe.enabled=false", "training.matched_control=false"]
+
+
+def refresh_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]) -> dict[str, Any]:
+    """As much new data again from the built-on domains, added with --refresh-experts; the old tasks
+    evaluated before and after."""
+    from mode_ray import demo_data
+    from mode_ray.config import load_config
+    from mode_ray.layout import RunPaths
+    from mode_ray.runtime import ray_runtime
+    from mode_ray.stages.evaluate import run_eval
+    from mode_ray.stages.grow import run_add_data
+    from mode_ray.storage import read_json
+
+    run = root / f"seed-{seed}"
+    sets = seed_settings(held_out, seed, run, extra)
+    cfg = load_config(config, sets)
+    kept = cfg.data.demo.domains or [d for d in demo_data.DOMAINS if d != held_out]
+    new = run / "data" / "more-known"
+    samples = round(cfg.data.demo.samples * len(kept) / len(demo_data.DOMAINS))  # the kept domains' share again
+    demo_data.generate(str(new), samples=samples, shards=4, seed=seed + 2000, domains=kept)
+    more = [*sets, f"continual.shards={new}", "continual.name=more-known", "continual.refresh_experts=true"]
+    refresh_cfg = load_config(config, more)
+    with ray_runtime(cfg):
+        before = accuracy_rows(run / "eval" / "report.csv")
+        start = time.perf_counter()
+        generation = run_add_data(refresh_cfg)
+        seconds = time.perf_counter() - start
+        run_eval(refresh_cfg, force=True)
+        after = accuracy_rows(run / "eval" / "report.csv")
+    models = read_json(RunPaths(str(run)).experts_summary)["models"]
+    return {
+        "before": before,
+        "after": after,
+        "added_samples": generation["in_manifest"],
+        "new_experts": generation["new_experts"],
+        "grown": {e: generation["per_expert"][e.split("-")[1]] for e in generation["grown_experts"]},
+        "refreshed": generation["refreshed"],
+        "cost": {"seconds": seconds, "samples": sum(models[e]["samples_seen"] for e in generation["refreshed"])},
+    }
+
+
+def refresh_tables(held_out: str, per_seed: dict[int, dict[str, Any]], grown: dict[int, dict[str, Any]]) -> str:
+    """The old tasks before and after refreshing the grown experts; per seed what grew and what it cost."""
+    import numpy as np
+
+    first = next(iter(per_seed.values()))["before"][MODELS[0]]
+    tasks = [t for t in first if t != "average" and "_r@" not in t and t != TASK_OF[held_out]]
+    lines = [f"More data from the built-on domains, added with --refresh-experts; {len(per_seed)} seed(s).", ""]
+    lines += ["| model | task | before | after | after − before (per seed) |", "|---|---|---|---|---|"]
+    for model in MODELS:
+        for task in tasks:
+            b = 100 * np.array([r["before"][model][task] for r in per_seed.values()])
+            a = 100 * np.array([r["after"][model][task] for r in per_seed.values()])
+            lines.append(
+                f"| {model} | {task} | {b.mean():.1f} | {a.mean():.1f} | "
+                f"{(a - b).mean():+.1f} ({', '.join(f'{d:+.1f}' for d in a - b)}) |"
+            )
+    lines.append("")
+    for seed, r in per_seed.items():
+        c = r["cost"]
+        train = grown[seed]["cost"]
+        joined = ", ".join(f"{e} +{n}" for e, n in r["grown"].items())
+        lines.append(
+            f"- seed {seed}: {r['added_samples']} samples added, new experts {r['new_experts']}; grown partitions "
+            f"{joined}; refreshed {', '.join(r['refreshed'])} in {c['seconds']:.0f} s and {c['samples']:,} "
+            f"training samples, against {train['train_seconds']:.0f} s and {train['train_samples']:,} samples "
+            f"to train the system."
+        )
+    return "\n".join(lines)
 
 
 def added_task_routing(run: Path, task: str) -> dict[str, Any]:
@@ -148,17 +229,29 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--root", default="runs/grow")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--report-only", action="store_true", help="print the tables of ROOT/grow.json again")
+    parser.add_argument("--refresh", action="store_true", help="then more known-domain data, --refresh-experts")
+    parser.add_argument("--report-only", action="store_true", help="print the tables of ROOT/*.json again")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
-    if args.report_only:
-        per_seed = {int(k): v for k, v in json.loads((root / "grow.json").read_text()).items()}
-    else:
-        per_seed = {s: one_seed(args.config, args.held_out, s, root, args.overrides) for s in range(args.seeds)}
+    done = root / "grow.json"
+    per_seed = {int(k): v for k, v in json.loads(done.read_text()).items()} if done.exists() else {}
+    if not args.report_only:
+        for s in range(args.seeds):
+            if s not in per_seed:
+                per_seed[s] = one_seed(args.config, args.held_out, s, root, args.overrides)
     text = tables(args.held_out, per_seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "grow.md").write_text(text + "\n")
-    (root / "grow.json").write_text(json.dumps(per_seed, indent=1, default=str))
+    done.write_text(json.dumps(per_seed, indent=1, default=str))
+    refreshed = root / "refresh.json"
+    if args.refresh or (args.report_only and refreshed.exists()):
+        if args.report_only:
+            again = {int(k): v for k, v in json.loads(refreshed.read_text()).items()}
+        else:
+            again = {s: refresh_seed(args.config, args.held_out, s, root, args.overrides) for s in per_seed}
+            refreshed.write_text(json.dumps(again, indent=1, default=str))
+        text += "\n\n" + refresh_tables(args.held_out, again, per_seed)
+        (root / "refresh.md").write_text(refresh_tables(args.held_out, again, per_seed) + "\n")
     print(text)
     return text
 

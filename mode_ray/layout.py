@@ -4,8 +4,9 @@ run_root/ embeddings/ rejects/ clusters/centroids.npz manifest/ prep/summary.jso
           experts/{seed,expert-E,generalist}/{state.pt,export/,metrics.json} experts/summary.json
           moe/{stage-S/,router/,model/,summary.json}   (CLIP-MoE: MCL stages, router fine-tuning, the MoE)
           eval/{report.csv,report.md,report.png,predictions.parquet,logits/}
-          generations/NAME/{embeddings,rejects,clusters,manifest,summary.json}   (mode-ray add-data)
+          generations/NAME/{embeddings,rejects,clusters,manifest,train_inputs,summary.json}   (mode-ray add-data)
           clusters/versions/centroids-vN.npz, experts/registry.json   (centroids before each growth; experts in service)
+          experts/versions/E-before-NAME/   (an expert as it was before generation NAME refreshed it)
 """
 
 from __future__ import annotations
