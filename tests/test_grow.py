@@ -193,6 +193,8 @@ def test_experts_command_lists_and_refuses_unknown_names(grown_run):
     assert "expert-0: in service" in listed.stderr and "from food" in listed.stderr
     unknown = mode_ray("remove", "expert-9")
     assert unknown.returncode == 2 and "no data expert 'expert-9'" in unknown.stderr
+    never = mode_ray("rollback", "expert-0")
+    assert never.returncode == 2 and "never refreshed" in never.stderr
 
 
 def _files(folder: Path) -> dict[str, str]:
