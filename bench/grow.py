@@ -14,7 +14,7 @@ With --refresh, each seed's grown system then receives as much new data again fr
 on, added with `add-data --refresh-experts`: the experts whose partitions grew are retrained (their own job,
 from the seed, same budget) over their grown partitions. Prints the old tasks before and after the refresh,
 what was refreshed and what it cost (ROOT/refresh.md, ROOT/refresh.json). A seed already in ROOT/grow.json
-is not built again.
+(or ROOT/refresh.json) is not run again: `--seeds 5` on a root with 3 adds two.
 """
 
 from __future__ import annotations
@@ -140,21 +140,10 @@ def refresh_seed(config: str, held_out: str, seed: int, root: Path, extra: list[
 
 def refresh_tables(held_out: str, per_seed: dict[int, dict[str, Any]], grown: dict[int, dict[str, Any]]) -> str:
     """The old tasks before and after refreshing the grown experts; per seed what grew and what it cost."""
-    import numpy as np
-
     first = next(iter(per_seed.values()))["before"][MODELS[0]]
     tasks = [t for t in first if t != "average" and "_r@" not in t and t != TASK_OF[held_out]]
     lines = [f"More data from the built-on domains, added with --refresh-experts; {len(per_seed)} seed(s).", ""]
-    lines += ["| model | task | before | after | after − before (per seed) |", "|---|---|---|---|---|"]
-    for model in MODELS:
-        for task in tasks:
-            b = 100 * np.array([r["before"][model][task] for r in per_seed.values()])
-            a = 100 * np.array([r["after"][model][task] for r in per_seed.values()])
-            lines.append(
-                f"| {model} | {task} | {b.mean():.1f} | {a.mean():.1f} | "
-                f"{(a - b).mean():+.1f} ({', '.join(f'{d:+.1f}' for d in a - b)}) |"
-            )
-    lines.append("")
+    lines += [*change_rows(per_seed, tasks), ""]
     for seed, r in per_seed.items():
         c = r["cost"]
         train = grown[seed]["cost"]
@@ -184,26 +173,39 @@ def added_task_routing(run: Path, task: str) -> dict[str, Any]:
     }
 
 
+def change_rows(per_seed: dict[int, dict[str, Any]], tasks: list[str], added: str = "") -> list[str]:
+    """Per model and task: mean accuracy (%) before and after, and the paired change with its 95% t-interval
+    over the seeds and each seed's own change."""
+    import numpy as np
+
+    from mode_ray.eval.seeds import paired_interval
+
+    lines = [
+        f"| model | task | before | after | after − before [95% t-interval over {len(per_seed)} seeds] (per seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for model in MODELS:
+        for task in tasks:
+            b = [100 * r["before"][model][task] for r in per_seed.values()]
+            a = [100 * r["after"][model][task] for r in per_seed.values()]
+            iv = paired_interval(a, b)
+            each = ", ".join(f"{y - x:+.1f}" for x, y in zip(b, a, strict=True))
+            lines.append(
+                f"| {model} | {task}{' (added)' if task == added else ''} | {np.mean(b):.1f} | {np.mean(a):.1f} | "
+                f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] ({each}) |"
+            )
+    return lines
+
+
 def tables(held_out: str, per_seed: dict[int, dict[str, Any]]) -> str:
     """Zero-shot accuracy (%) before and after, mean over seeds with each seed's difference; then per seed
     what add-data decided, where the added task was routed, and what adding cost."""
-    import numpy as np
-
     added = TASK_OF[held_out]
     first = next(iter(per_seed.values()))["before"][MODELS[0]]
     zero_shot = [t for t in first if t != "average" and "_r@" not in t]  # the tasks, not the retrieval recalls
     tasks = [added, *[t for t in zero_shot if t != added]]
     lines = [f"Added domain: {held_out} (task `{added}`); {len(per_seed)} training seed(s).", ""]
-    lines += ["| model | task | before | after | after − before (per seed) |", "|---|---|---|---|---|"]
-    for model in MODELS:
-        for task in tasks:
-            b = 100 * np.array([r["before"][model][task] for r in per_seed.values()])
-            a = 100 * np.array([r["after"][model][task] for r in per_seed.values()])
-            lines.append(
-                f"| {model} | {task}{' (added)' if task == added else ''} | {b.mean():.1f} | {a.mean():.1f} | "
-                f"{(a - b).mean():+.1f} ({', '.join(f'{d:+.1f}' for d in a - b)}) |"
-            )
-    lines.append("")
+    lines += [*change_rows(per_seed, tasks, added), ""]
     for seed, r in per_seed.items():
         c, d = r["cost"], r["decision"]
         new = d["new_experts"]
@@ -245,10 +247,11 @@ def main(argv: list[str] | None = None) -> str:
     done.write_text(json.dumps(per_seed, indent=1, default=str))
     refreshed = root / "refresh.json"
     if args.refresh or (args.report_only and refreshed.exists()):
-        if args.report_only:
-            again = {int(k): v for k, v in json.loads(refreshed.read_text()).items()}
-        else:
-            again = {s: refresh_seed(args.config, args.held_out, s, root, args.overrides) for s in per_seed}
+        again = {int(k): v for k, v in json.loads(refreshed.read_text()).items()} if refreshed.exists() else {}
+        if not args.report_only:
+            for s in per_seed:
+                if s not in again:  # a refreshed seed is never refreshed again: its "before" is gone
+                    again[s] = refresh_seed(args.config, args.held_out, s, root, args.overrides)
             refreshed.write_text(json.dumps(again, indent=1, default=str))
         text += "\n\n" + refresh_tables(args.held_out, again, per_seed)
         (root / "refresh.md").write_text(refresh_tables(args.held_out, again, per_seed) + "\n")

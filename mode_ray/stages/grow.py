@@ -44,14 +44,13 @@ from mode_ray.stages.prep import (
     summarise,
 )
 from mode_ray.stages.train import experts_dir, model_compute, plan_shared, run_phase
-from mode_ray.stages.train_data import build_generation_caches
+from mode_ray.stages.train_data import build_generation_caches, generation_roots
 from mode_ray.storage import (
     MARKER,
     arrow_filesystem,
     clear_marker,
     copy_tree,
     exists,
-    get_fs,
     join,
     mark_done,
     marker_info,
@@ -334,13 +333,8 @@ def partition_size(cfg: Config, expert: str) -> int:
     """The expert's partition over the run's manifest and every generation added to it: what a refresh
     trains on (`train_data.training_roots`)."""
     coarse = expert.split("-")[1]
-    paths = RunPaths(cfg.run_root)
-    size = read_json(paths.prep_summary, cfg.data.s3)["per_expert"].get(coarse, 0)
-    fs, base = get_fs(join(cfg.run_root, "generations"), cfg.data.s3)
-    for summary in fs.glob(base.rstrip("/") + "/*/summary.json"):
-        with fs.open(summary) as f:
-            size += json.load(f)["per_expert"].get(coarse, 0)
-    return int(size)
+    summaries = [RunPaths(cfg.run_root).prep_summary] + [join(g, "summary.json") for g in generation_roots(cfg)]
+    return sum(read_json(s, cfg.data.s3)["per_expert"].get(coarse, 0) for s in summaries if exists(s, cfg.data.s3))
 
 
 def rollback_expert(cfg: Config, expert: str) -> str:

@@ -276,12 +276,12 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     return True
 
 
-def build_generation_caches(cfg: Config, force: bool = False) -> None:
+def build_generation_caches(cfg: Config) -> None:
     """Every generation's decoded cache (a generation that made no expert has none yet), so whatever trains
     next reads all of its rows."""
     for root in generation_roots(cfg):
         manifest_run = marker_info(RunPaths(root).manifest, cfg.data.s3)["run_id"]
-        build_input_cache(cfg.model_copy(update={"run_root": root}), manifest_run, force)
+        build_input_cache(cfg.model_copy(update={"run_root": root}), manifest_run)
 
 
 def _cluster_cpus() -> float:
