@@ -51,6 +51,7 @@ from mode_ray.serve.validation import RequestError, RequestLimits, check_paramet
 from mode_ray.storage import exists, join, read_json
 
 log = logging.getLogger("ray.serve")
+INGRESS_DRAIN_SLACK_S = 10.0  # beyond request_timeout_s: decoding, routing and answering around the expert call
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in {
@@ -339,9 +340,12 @@ def served_models(cfg: Config) -> list[str]:
     return names
 
 
-def _deployment_options(dep: Any, name: str) -> dict[str, Any]:
+def _deployment_options(dep: Any, name: str, drain_s: float | None = None) -> dict[str, Any]:
+    """`drain_s`: how long a replica being replaced (an in-place update, a scale-down) may finish its
+    requests before Serve kills it; Serve's rolling update stops the old replica before the new one is up."""
     return {
         "name": name,
+        **({"graceful_shutdown_timeout_s": drain_s} if drain_s else {}),
         "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
         "autoscaling_config": {
             "min_replicas": dep.min_replicas,
@@ -370,7 +374,11 @@ def build_app(cfg: Config, names: list[str] | None = None) -> Any:
         )
         for group in groups
     ]
-    ingress = ZeroShotIngress.options(**_deployment_options(cfg.serve.ingress, "ingress"))
+    # The ingress drains for as long as its longest request may legitimately take (an expert call is cut at
+    # request_timeout_s with a 503), so a request in flight during an update ends answered, never killed:
+    # it may be waiting for the models' new replica, which Serve starts only after stopping the old one.
+    drain_s = cfg.serve.request_timeout_s + INGRESS_DRAIN_SLACK_S
+    ingress = ZeroShotIngress.options(**_deployment_options(cfg.serve.ingress, "ingress", drain_s))
     return ingress.bind(cfg.model_dump(mode="json"), groups, *deployments)
 
 
