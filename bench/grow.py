@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> str:
                 if s not in again:  # a refreshed seed is never refreshed again: its "before" is gone
                     again[s] = refresh_seed(args.config, args.held_out, s, root, args.overrides)
             refreshed.write_text(json.dumps(again, indent=1, default=str))
-        text += "\n\n" + refresh_tables(args.held_out, again, per_seed)
-        (root / "refresh.md").write_text(refresh_tables(args.held_out, again, per_seed) + "\n")
+        refresh_text = refresh_tables(args.held_out, again, per_seed)
+        (root / "refresh.md").write_text(refresh_text + "\n")
+        text += "\n\n" + refresh_text
     print(text)
     return text
 
