@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One /proc scan and one free-port probe for tests and benchmarks alike (re-exported for the tests).
+from bench.autoscale_local import _free_port, pids_naming  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -49,28 +51,6 @@ def demo_shards(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
     record = demo_data.generate(str(out), samples=300, shards=3, seed=7, faults=True, max_image_pixels=250_000)
     return out, record
-
-
-def pids_naming(text: str, prefix: str = "") -> list[int]:
-    """Processes (not this one) whose command line starts with `prefix` and contains `text`: a head's private
-    temp dir, or a Ray worker's title (`ray::<actor class>...`)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith(prefix) and text in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class S3Server:
