@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> str:
         "--steps", default="prep,train,serve", help="which faults; serve alone reuses RUN_ROOT's trained run"
     )
     args = parser.parse_args(argv)
+    from mode_ray.ownership import claim, remove_owned_tree
+
     root = Path(args.run_root).resolve()
     steps = {
         "prep": lambda: [prep_killed_after_embedding(root)],
@@ -251,9 +253,9 @@ def main(argv: list[str] | None = None) -> str:
         "serve": lambda: serving_faults(root, args.rate, args.seconds, args.fuzz_examples),
     }
     chosen = args.steps.split(",")
-    if "prep" in chosen:
-        shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    if "prep" in chosen:  # from nothing: only a root this benchmark made is deleted
+        remove_owned_tree(str(root))
+    claim(str(root), "bench/faults.py")
     rows = []
     for step in (steps[name] for name in chosen):
         started = time.monotonic()

@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--refresh", action="store_true", help="then more known-domain data, --refresh-experts")
     parser.add_argument("--report-only", action="store_true", help="print the tables of ROOT/*.json again")
     args = parser.parse_args(argv)
+    from mode_ray.ownership import claim
+
     root = Path(args.root).resolve()
+    claim(str(root), "bench/grow.py")  # never a folder of someone else's
     done = root / "grow.json"
     per_seed = {int(k): v for k, v in json.loads(done.read_text()).items()} if done.exists() else {}
     if not args.report_only:
@@ -242,7 +245,6 @@ def main(argv: list[str] | None = None) -> str:
             if s not in per_seed:
                 per_seed[s] = one_seed(args.config, args.held_out, s, root, args.overrides)
     text = tables(args.held_out, per_seed)
-    root.mkdir(parents=True, exist_ok=True)
     (root / "grow.md").write_text(text + "\n")
     done.write_text(json.dumps(per_seed, indent=1, default=str))
     refreshed = root / "refresh.json"

@@ -59,8 +59,10 @@ def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
 
 def seed_root(root: Path, seed: int) -> Path:
     """ROOT/seed-K, its prep outputs linked from ROOT/prep (the completion markers come along)."""
+    from mode_ray.ownership import claim_run_root
+
     run = root / f"seed-{seed}"
-    run.mkdir(parents=True, exist_ok=True)
+    claim_run_root(str(run))  # before the links: a run root holding them must already be ours
     for name in SHARED:
         link, target = run / name, root / "prep" / name
         if target.exists() and not link.exists():
@@ -160,8 +162,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--root", default="runs/quality", help="where the prep and every seed's run go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = parser.parse_args(argv)
+    from mode_ray.ownership import claim
 
     root = Path(args.root).resolve()
+    claim(str(root), "bench/quality.py")  # never a folder of someone else's
     # The compute-matched control is what this benchmark is for, whatever the config says (the demo skips it).
     requested = ["training.matched_control=true", *args.overrides]
     overrides = [*requested, *prepare(args.config, requested, root)]

@@ -30,6 +30,10 @@ class RayConfig(Section):
     num_cpus: int | None = None
     object_store_memory_mb: int | None = Field(default=None, ge=75)
     include_dashboard: bool = False
+    resource_wait_s: float = Field(
+        default=600, ge=0, description="On a cluster: how long a stage waits for the autoscaler to bring the "
+        "CPUs/GPUs it asks for before it fails (an embedded Ray never grows: it fails at once).",
+    )  # fmt: skip
 
 
 class S3Config(Section):
@@ -71,6 +75,15 @@ class DataConfig(Section):
     s3: S3Config = S3Config()
     demo: DemoDataConfig | None = None
 
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards_given(cls, value: Any) -> Any:
+        if value is None or value == "" or value == []:
+            raise ValueError(
+                "required: where your shards are (--set data.shards=DIR, a glob, a brace pattern or a list)"
+            )
+        return value
+
 
 class EmbeddingConfig(Section):
     encoder: str = Field(
@@ -87,6 +100,15 @@ class EmbeddingConfig(Section):
     num_threads: int | None = Field(
         default=None, ge=1, description="torch threads per actor; Ray's default is the actor's whole CPUs (min 1)."
     )
+
+    @model_validator(mode="after")
+    def _cuda_asks_for_a_gpu(self) -> EmbeddingConfig:
+        if self.device == "cuda" and not self.num_gpus_per_actor:
+            raise ValueError(
+                "embedding.device is 'cuda' but embedding.num_gpus_per_actor is 0: Ray hides the GPUs from an "
+                "actor that asks for none; set num_gpus_per_actor (e.g. 1)"
+            )
+        return self
 
 
 class ClusteringConfig(Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mode_ray.config import EvalTaskConfig, S3Config
+from mode_ray.ownership import claim, remove_owned_tree, stamp_of
 from mode_ray.rejects import Reason
-from mode_ray.storage import get_fs, join
+from mode_ray.storage import MARKER, get_fs, join, read_json
 
 GENERATOR_VERSION = 2
+STAMP_WHAT = "demo data"  # what the generator's folders say made them (mode_ray.ownership)
 IMAGE_SIZE = 64
 DOMAINS = ("digits", "shapes", "textures", "letters")
 WEB_SHARE = 0.05
@@ -352,6 +355,7 @@ def generate(
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     prefix = "t" if split == "train" else "e"
     fs, root = get_fs(out, s3)
+    empty_for_generation(out, s3)
     per_shard: list[list[Sample]] = []
     bounds = np.linspace(0, samples, shards + 1).astype(int)
     for s in range(shards):
@@ -411,6 +415,26 @@ def generate(
     record["domains"] = dict(sorted(domain_counts.items()))
     _write(fs, f"{root}/dataset.json", json.dumps(record, indent=2, sort_keys=True).encode())
     return record
+
+
+def made_by_generator(url: str, s3: S3Config | None = None) -> bool:
+    """Whether a folder is the generator's own: its stamp, or (from before stamps) the demo stage's marker,
+    whose settings start with the generator version and the split."""
+    stamp = stamp_of(url, s3)
+    if stamp is not None:
+        return stamp.get("what") == STAMP_WHAT
+    try:
+        settings = str(read_json(join(url, MARKER), s3).get("config_hash", ""))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return re.match(r"^\d+/(train|eval)/", settings) is not None
+
+
+def empty_for_generation(out: str, s3: S3Config | None = None) -> None:
+    """Generate only where nothing else lives: a new or empty folder, or one the generator made (emptied
+    first, so fewer shards never leave stale ones behind). Anyone else's data is refused, untouched."""
+    remove_owned_tree(out, s3, owned=made_by_generator, what=STAMP_WHAT)
+    claim(out, STAMP_WHAT, s3)
 
 
 def _offset_inside_last_image(blob: bytes) -> int:

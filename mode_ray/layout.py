@@ -26,6 +26,11 @@ from mode_ray.storage import get_fs, join
 # partition, and the seed and the generalists trained on one domain at a time.
 ROW_GROUP_ROWS = 128
 MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
+# The run root's folders the stages write, delete and redo: nothing else may live in them (no input data).
+STAGE_FOLDERS = (
+    "embeddings", "rejects", "clusters", "manifest", "prep", "experts", "moe", "eval", "generations",
+    "train_inputs", "train_runs", "tune",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

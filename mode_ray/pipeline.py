@@ -6,10 +6,11 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 from mode_ray.config import Config, dump_config
+from mode_ray.ownership import claim_run_root
 from mode_ray.progress import console
 from mode_ray.runtime import ray_runtime
-from mode_ray.stages.demo import run_demo_data
-from mode_ray.stages.evaluate import run_eval
+from mode_ray.stages.demo import check_demo_locations, run_demo_data
+from mode_ray.stages.evaluate import check_eval_inputs, run_eval
 from mode_ray.stages.moe import run_moe_if_enabled
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.serve import run_serve
@@ -44,8 +45,13 @@ def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> 
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {names}")
-    console.print(f"run root: {save_resolved_config(cfg)}")
     selected = [(name, fn) for name, fn in STAGES if not only or name in only]
+    if any(name == "demo-data" for name, _ in selected):
+        check_demo_locations(cfg)  # before anything is written, the run's config included
+    if any(name == "eval" for name, _ in selected):
+        check_eval_inputs(cfg)
+    claim_run_root(cfg.run_root, cfg.data.s3)
+    console.print(f"run root: {save_resolved_config(cfg)}")
     needs_ray = any(name not in RAY_FREE for name, _ in selected)
     # One Ray for every stage (each would otherwise start and stop its own); none for demo data alone.
     with ray_runtime(cfg) if needs_ray else nullcontext():

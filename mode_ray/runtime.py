@@ -119,6 +119,51 @@ def log_hint() -> str:
     return f" (full logs: {LOG_DIR[0]})" if LOG_DIR else ""
 
 
+class ResourceError(ValueError):
+    """A stage asks for resources this Ray can never (embedded) or did not in time (cluster) provide."""
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def require_resources(cfg: Config, needs: list, stage: str, poll_s: float = 2.0, report_s: float = 30.0) -> None:
+    """Before a stage starts: its requests (`mode_ray.resources.Need`) fit what Ray reports. An embedded Ray
+    never grows, so a misfit is an error at once naming the setting; on a cluster the autoscaler is asked for
+    them (`request_resources`) and the stage waits, saying so, for at most `ray.resource_wait_s`."""
+    import time
+
+    from mode_ray.progress import console
+    from mode_ray.resources import shortfalls
+
+    problems = shortfalls(needs, _alive_nodes())
+    if not problems:
+        return
+    if cluster_address(cfg) is None:
+        raise ResourceError(f"{stage}: " + "; ".join(problems) + " (this embedded Ray cannot grow: change the setting)")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[b for need in needs for b in need.bundles()])
+    started = last_report = time.monotonic()
+    console.print(f"  [yellow]{stage}: waiting up to {cfg.ray.resource_wait_s:.0f}s for the autoscaler: {problems[0]}")
+    try:
+        while problems := shortfalls(needs, _alive_nodes()):
+            waited = time.monotonic() - started
+            if waited >= cfg.ray.resource_wait_s:
+                raise ResourceError(
+                    f"{stage}: after {waited:.0f}s (ray.resource_wait_s) the cluster still cannot place it: "
+                    + "; ".join(problems)
+                )
+            if time.monotonic() - last_report >= report_s:
+                console.print(f"  [yellow]{stage}: still waiting for nodes ({waited:.0f}s): {problems[0]}")
+                last_report = time.monotonic()
+            time.sleep(poll_s)
+    finally:
+        request_resources(num_cpus=0)  # the stage's own requests keep the nodes from here on
+
+
 def wait_for_released_cpus(timeout_s: float = 10.0) -> None:
     """Before a Ray Data write: wait (bounded) until earlier pipelines' actors have given their CPUs back.
 

@@ -139,10 +139,3 @@ def copy_tree(src: str, dst: str, s3: S3Config | None = None) -> None:
         out = target.rstrip("/") + f[len(path.rstrip("/")) :]
         fs.makedirs(out.rsplit("/", 1)[0], exist_ok=True)
         fs.cp_file(f, out)
-
-
-def remove_tree(url: str, s3: S3Config | None = None) -> None:
-    """Delete a stage's output before redoing it, so a rerun never mixes old and new files."""
-    fs, path = get_fs(url, s3)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)

@@ -20,6 +20,15 @@ def test_demo_and_cloud_configs_load():
     assert cloud.training.betas == (0.9, 0.98) and cloud.training.model.startswith("ViT-B-16")
 
 
+def test_own_data_config_generates_nothing_and_needs_the_shards(tmp_path):
+    with pytest.raises(ConfigError, match="data.shards: .*required"):
+        load_config(REPO / "configs/own-data.yaml")
+    own = load_config(REPO / "configs/own-data.yaml", [f"data.shards={tmp_path}", f"eval.shards={tmp_path}/held"])
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert own.data.demo is None and not own.eval.demo_tasks
+    assert own.training == demo.training and own.clustering == demo.clustering  # the demo's small budgets
+
+
 def test_overrides_apply_with_yaml_types():
     cfg = load_config(
         REPO / "configs/demo.yaml",

@@ -125,7 +125,7 @@ def test_deterministic_for_a_seed_and_splits_differ(tmp_path):
     demo_data.generate(str(tmp_path / "c"), seed=4, **kwargs)
     demo_data.generate(str(tmp_path / "e"), seed=3, split="eval", samples=120, shards=2)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4  # 3 shards + dataset.json
+    assert len(files) == 5  # 3 shards + dataset.json + the generator's stamp
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert (tmp_path / "a/0/0.tar").read_bytes() != (tmp_path / "c/0/0.tar").read_bytes()

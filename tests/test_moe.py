@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mode_ray.ownership import claim_run_root
 from tests.conftest import demo_config
 
 MOE_SETTINGS = (
@@ -32,6 +33,7 @@ def moe_run(trained_run, tmp_path_factory):
 
     cfg, _, _ = trained_run
     root = tmp_path_factory.mktemp("moe-run")
+    claim_run_root(str(root))  # a run root of ours before the links go in
     for name in LINKED:
         os.symlink(os.path.join(cfg.run_root, name), root / name)
     settings = (*MOE_SETTINGS, "clustering.n_coarse=2", *trained_settings(cfg))

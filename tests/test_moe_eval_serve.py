@@ -23,6 +23,7 @@ from mode_ray.layout import MOE, RunPaths
 from mode_ray.models import load_model
 from mode_ray.models.clip import model_config
 from mode_ray.models.moe import MoESpec, mlp_state, moe_layers, save_moe, track_usage, upcycle
+from mode_ray.ownership import claim_run_root
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image
 from mode_ray.shards import iter_tar_rows
 from mode_ray.stages.evaluate import run_eval
@@ -38,6 +39,7 @@ def moe_run(evaluated_run, tmp_path_factory):
     """(the shared run's eval config, this run's eval config, the moe summary, this run's eval result)."""
     cfg, _ = evaluated_run
     root = tmp_path_factory.mktemp("moe-eval-run")
+    claim_run_root(str(root))  # a run root of ours before the links go in
     for name in ("prep", "clusters", "experts"):  # what eval and serve read; eval/ and moe/ are its own
         os.symlink(os.path.join(cfg.run_root, name), root / name)
     paths = RunPaths(str(root))

@@ -16,6 +16,7 @@ import pytest
 from mode_ray import demo_data
 from mode_ray.config import S3Config
 from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.ownership import STAMP, claim
 from mode_ray.stages.prep import run_prep
 from tests.conftest import demo_config, pids_naming
 
@@ -129,11 +130,14 @@ def test_rerun_skips_and_interrupted_run_resumes_to_the_same_manifest(ray_sessio
     assert capsys.readouterr().err.count("skipped") >= 3
 
     # A run killed during clustering: embeddings/ and rejects/ complete, clusters/ and manifest/ half-written.
+    # Each stage claimed (stamped) its folder before writing, as the run root was claimed.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
+    shutil.copy(Path(cfg.run_root) / STAMP, resumed / STAMP)
     for stage in ("embeddings", "rejects"):
         shutil.copytree(Path(cfg.run_root) / stage, resumed / stage)
-    (resumed / "clusters").mkdir()
+    for stage in ("clusters", "manifest"):
+        claim(str(resumed / stage), stage)
     (resumed / "clusters/centroids.npz").write_bytes(b"partial")
     (resumed / "manifest/coarse_id=0").mkdir(parents=True)
     (resumed / "manifest/coarse_id=0/stale.parquet").write_bytes(b"partial")
@@ -146,6 +150,20 @@ def test_rerun_skips_and_interrupted_run_resumes_to_the_same_manifest(ray_sessio
     first, second = (read_centroids(f"{r}/clusters/centroids.npz") for r in (cfg.run_root, resumed))
     np.testing.assert_array_equal(first["fine"], second["fine"])  # same seed, same centroids
     assert not (resumed / "manifest/coarse_id=0/stale.parquet").exists()
+
+
+def test_force_keeps_what_mode_ray_did_not_write(ray_session, local_run, tmp_path):
+    cfg, _ = local_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_root, run)
+    (run / "notes.txt").write_text("my notes")  # a file of the user's beside the stages
+    (run / "analysis").mkdir()
+    (run / "analysis" / "plot.png").write_bytes(b"png")
+    before = (run / "manifest" / "_SUCCESS").read_text()
+    run_prep(cfg.model_copy(update={"run_root": str(run)}), force=True)
+    assert (run / "manifest" / "_SUCCESS").read_text() != before  # every stage redone
+    assert (run / "notes.txt").read_text() == "my notes"
+    assert (run / "analysis" / "plot.png").read_bytes() == b"png"
 
 
 def test_s3_run_matches_local(ray_session, s3_endpoint, shards, local_run):

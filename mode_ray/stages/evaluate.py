@@ -27,6 +27,7 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.ownership import claim_run_root
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
 from mode_ray.progress_bars import report as report_progress
@@ -285,20 +286,33 @@ def _compute(summary: dict[str, Any], moe: dict[str, Any] | None = None) -> dict
     return out
 
 
+def check_eval_inputs(cfg: Config) -> list[EvalTaskConfig]:
+    """The configured tasks; an error when there is nothing to evaluate (checked before `mode-ray run` starts,
+    not after hours of training)."""
+    from mode_ray.eval.tasks import configured_tasks
+
+    tasks = configured_tasks(cfg)
+    if not tasks and not (cfg.eval.retrieval and cfg.eval.shards):
+        raise ValueError(
+            "nothing to evaluate: set eval.shards (held-out image-caption shards: retrieval) or eval.tasks "
+            "(zero-shot classification), or leave the eval stage out (--only)"
+        )
+    return tasks
+
+
 def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.eval.report import accuracy_table, routing_hit_rates, write_report
-    from mode_ray.eval.tasks import configured_tasks
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.resources import eval_needs
+    from mode_ray.runtime import ray_runtime, require_resources
 
     paths = RunPaths(cfg.run_root)
     s3 = cfg.data.s3
+    claim_run_root(cfg.run_root, s3)
     if not exists(paths.experts_summary, s3):
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
     summary = read_json(paths.experts_summary, s3)
-    tasks = configured_tasks(cfg)
+    tasks = check_eval_inputs(cfg)
     retrieval = bool(cfg.eval.retrieval and cfg.eval.shards)
-    if not tasks and not retrieval:
-        raise ValueError("nothing to evaluate: set eval.tasks, eval.demo_tasks or eval.retrieval with eval.shards")
     moe = moe_usage.trained_moe(paths, s3)
     models = in_service(cfg, list(summary["models"])) + ([MOE] if moe is not None else [])
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
@@ -320,6 +334,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         exports = {m: paths.export(m) for m in models}
         router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, s3)
         with ray_runtime(cfg):
+            require_resources(cfg, eval_needs(cfg), "eval")
             sources: dict[str, pa.Table] = {}
             wanted = [(t.source, t.location) for t in tasks] + ([("webdataset", cfg.eval.shards)] if retrieval else [])
             for source, location in wanted:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from mode_ray import cluster
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
 from mode_ray.progress import console, stage_log
 from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
 from mode_ray.stages.prep import (
@@ -56,7 +57,6 @@ from mode_ray.storage import (
     marker_info,
     read_bytes,
     read_json,
-    remove_tree,
     settings_hash,
     stage_done,
     write_bytes,
@@ -269,6 +269,7 @@ def train_generation(
         else:
             for j in todo:
                 if j.name in tasks:  # mid-refresh, the folder is not the old expert any more
+                    claim(experts_dir(cfg, j.name), f"model {j.name}", cfg.data.s3)  # still ours without a marker
                     clear_marker(experts_dir(cfg, j.name), cfg.data.s3)
             log.info("training " + ", ".join(j.name for j in todo) + " from the seed, as Tune trials")
             run_phase(cfg, f"grow-{name}", todo, settings, force, plan_shared(plan), tasks)
@@ -294,6 +295,7 @@ def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
+    claim_run_root(cfg.run_root, cfg.data.s3)
     shards = cfg.continual.shards
     if not shards:
         raise ValueError("add-data needs the new data: --shards URL (continual.shards)")
@@ -340,7 +342,7 @@ def partition_size(cfg: Config, expert: str) -> int:
 def rollback_expert(cfg: Config, expert: str) -> str:
     """Put back the version of `expert` from before its last refresh; returns where it came from."""
     previous = last_refresh(cfg, expert)["previous"]
-    remove_tree(experts_dir(cfg, expert), cfg.data.s3)
+    remove_owned_tree(experts_dir(cfg, expert), cfg.data.s3)
     copy_tree(previous, experts_dir(cfg, expert), cfg.data.s3)
     update_summary(cfg, [expert])
     pop_refresh(cfg, expert)  # last: bumps the registry, so a running serve redeploys the restored version

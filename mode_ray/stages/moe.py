@@ -27,6 +27,7 @@ import numpy as np
 
 from mode_ray.config import Config
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.ownership import claim, claim_run_root
 from mode_ray.progress import console, stage_log
 from mode_ray.storage import (
     exists,
@@ -210,6 +211,7 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
 
     moe, t = cfg.moe, cfg.training
     out = RunPaths(cfg.run_root).moe(stage_name(stage))
+    claim(out, f"MCL {stage_name(stage)}", cfg.data.s3)  # before its plan: the stage's job trains into it
     rows = embed_pairs(cfg, model_url)
     skipped_images = int((~rows["ok"]).sum())
     rows = {name: values[rows["ok"]] for name, values in rows.items()}
@@ -289,6 +291,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.stages.train_data import build_input_cache
 
     paths, s3, moe, t = RunPaths(cfg.run_root), cfg.data.s3, cfg.moe, cfg.training
+    claim_run_root(cfg.run_root, s3)
     if not exists(paths.prep_summary, s3):
         raise ValueError(f"no prep output under {cfg.run_root}: run `mode-ray prep` first")
     base_url, base_id, base_compute = resolve_base(cfg)

@@ -25,10 +25,12 @@ from mode_ray import cluster
 from mode_ray.config import Config
 from mode_ray.encoders import build_encoder, encoder_id_for
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, read_centroids
+from mode_ray.ownership import claim_run_root, fresh_dir
 from mode_ray.progress import console, stage_log
 from mode_ray.progress_bars import progress_bars
 from mode_ray.progress_bars import report as report_progress
-from mode_ray.runtime import wait_for_released_cpus
+from mode_ray.resources import assignment_needs, clustering_needs, embedding_needs
+from mode_ray.runtime import require_resources, wait_for_released_cpus
 from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
 from mode_ray.storage import (
@@ -38,7 +40,6 @@ from mode_ray.storage import (
     mark_done,
     marker_info,
     read_json,
-    remove_tree,
     settings_hash,
     stage_done,
     write_bytes,
@@ -135,8 +136,9 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
         if not force and stage_done(paths.embeddings, settings, cfg.data.s3):
             log.skip("embeddings/ complete")
             return _marker_run_id(paths.embeddings, cfg)
-        for url in (paths.embeddings, paths.rejects):
-            remove_tree(url, cfg.data.s3)
+        require_resources(cfg, embedding_needs(cfg), "prep: embed")
+        for url, what in ((paths.embeddings, "caption embeddings"), (paths.rejects, "rejects")):
+            fresh_dir(url, what, cfg.data.s3)
         if not shards:
             raise ValueError(f"no readable shards in data.shards={cfg.data.shards!r}: {missing}")
         log.info(f"{len(shards)} shards ({len(missing)} missing or unreadable)")
@@ -177,10 +179,9 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
             {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why}
             for u, why in missing
         ]
-        if listing or not exists(paths.rejects, cfg.data.s3):
-            # Shard-level listing rejects, or an empty table: rejects/ always exists and always reads back.
-            schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
-            _write_table(join(paths.rejects, "listing.parquet"), pa.Table.from_pylist(listing, schema=schema), cfg)
+        # Shard-level listing rejects, maybe none: rejects/ always holds a table and reads back.
+        schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+        _write_table(join(paths.rejects, "listing.parquet"), pa.Table.from_pylist(listing, schema=schema), cfg)
         run_id = uuid.uuid4().hex
         mark_done(paths.embeddings, settings, cfg.data.s3, run_id=run_id, shards=len(shards))
         log.done("embeddings/ and rejects/ written")
@@ -240,7 +241,8 @@ def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> s
         if not force and stage_done(paths.clusters, settings, cfg.data.s3):
             log.skip("clusters/centroids.npz complete")
             return _marker_run_id(paths.clusters, cfg)
-        remove_tree(paths.clusters, cfg.data.s3)
+        require_resources(cfg, clustering_needs(cfg), "prep: cluster")
+        fresh_dir(paths.clusters, "clusters", cfg.data.s3)
         sample = load_cluster_sample(cfg, paths)
         log.info(f"fitting {ccfg.n_fine} fine / {ccfg.n_coarse} coarse clusters on {len(sample)} samples")
         fit = ray.remote(num_cpus=1, num_gpus=1 if ccfg.use_gpu else 0)(cluster.two_step)
@@ -287,7 +289,8 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
         if not force and stage_done(paths.manifest, settings, cfg.data.s3):
             log.skip("manifest/ complete")
             return _marker_run_id(paths.manifest, cfg)
-        remove_tree(paths.manifest, cfg.data.s3)
+        require_resources(cfg, assignment_needs(cfg), "prep: assign")
+        fresh_dir(paths.manifest, "the manifest", cfg.data.s3)
         cents = read_centroids(paths.centroids, cfg.data.s3)
         fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
         emb = cfg.embedding
@@ -390,6 +393,7 @@ def run_prep(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
+    claim_run_root(cfg.run_root, cfg.data.s3)
     with ray_runtime(cfg):
         embedded = embed_stage(cfg, paths, force)
         clustered = cluster_stage(cfg, paths, embedded, force)

@@ -14,32 +14,12 @@ from typing import Any
 from mode_ray.config import Config
 from mode_ray.eval.tasks import configured_tasks, templates_of, webdataset_label
 from mode_ray.progress import console, stage_log, verbose
-from mode_ray.runtime import cluster_address, started_here
+from mode_ray.resources import serve_needs
+from mode_ray.runtime import require_resources, started_here
 from mode_ray.shards import iter_tar_rows, list_shards
 from mode_ray.storage import get_fs
 
 CHECK_IMAGES_PER_TASK = 4
-
-
-def check_resources(cfg: Config, n_models: int) -> None:
-    """Serve waits forever for replicas that cannot be placed: on an embedded Ray (no autoscaler) say so
-    up front; on a cluster, warn and let the autoscaler add nodes."""
-    import ray
-
-    s = cfg.serve
-    groups = n_models if s.layout == "per_expert" else 1
-    need_cpu = s.ingress.num_cpus * max(s.ingress.min_replicas, 1) + groups * s.experts.num_cpus * max(
-        s.experts.min_replicas, 1
-    )
-    have_cpu = ray.cluster_resources().get("CPU", 0.0)
-    if need_cpu > have_cpu:
-        message = (
-            f"the Serve app needs {need_cpu:g} CPUs ({groups} model deployment(s) × serve.experts.num_cpus "
-            f"+ the ingress) but Ray has {have_cpu:g}: lower serve.experts.num_cpus or use serve.layout=single"
-        )
-        if cluster_address(cfg) is None:  # an embedded Ray never grows
-            raise ValueError(message)
-        console.print(f"[yellow]{message} (waiting for the autoscaler)[/yellow]")
 
 
 def deploy(cfg: Config) -> str:
@@ -49,7 +29,7 @@ def deploy(cfg: Config) -> str:
     from mode_ray.serve.app import build_app, served_models
 
     names = served_models(cfg)
-    check_resources(cfg, len(names))
+    require_resources(cfg, serve_needs(cfg, len(names)), "serve")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg, names), name=cfg.serve.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host

@@ -23,9 +23,11 @@ from typing import Any
 
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
+from mode_ray.ownership import claim, claim_run_root, fresh_dir, remove_owned_tree
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
-from mode_ray.runtime import cluster_address
+from mode_ray.resources import training_needs
+from mode_ray.runtime import cluster_address, require_resources
 from mode_ray.stages.train_data import build_generation_caches, build_input_cache, input_cache_dir, job_datasets
 from mode_ray.storage import (
     arrow_filesystem,
@@ -34,7 +36,6 @@ from mode_ray.storage import (
     mark_done,
     marker_info,
     read_json,
-    remove_tree,
     settings_hash,
     stage_done,
     write_json,
@@ -281,6 +282,20 @@ def train_run_name(job: Job, settings: str) -> str:
     return f"{job.name}-{settings[:10]}"
 
 
+def claim_job_folders(
+    cfg: Config, jobs: list[Job], settings: dict[str, str], force: bool, tasks: dict[str, dict[str, Any]] | None
+) -> None:
+    """Each job's output folder and Ray Train run folder, claimed before its trial writes there (so a later
+    --force or rollback may delete them); under --force the Train run starts from nothing."""
+    for job in jobs:
+        out = (tasks or {}).get(job.name, {}).get("out_dir") or experts_dir(cfg, job.name)
+        claim(out, f"model {job.name}", cfg.data.s3)
+        train_run = join(cfg.run_root, "train_runs", train_run_name(job, settings[job.name]))
+        if force:  # nothing to resume: --force means from the start
+            remove_owned_tree(train_run, cfg.data.s3)
+        claim(train_run, f"Ray Train run of {job.name}", cfg.data.s3)
+
+
 def run_phase(
     cfg: Config,
     phase: str,
@@ -298,9 +313,8 @@ def run_phase(
         return
     tune_root = join(cfg.run_root, "tune")
     name = f"{phase}-{settings_hash(sorted(j.name for j in jobs), sorted(settings.values()))}"
-    if force:  # nothing to resume: --force means from the start
-        for job in jobs:
-            remove_tree(join(cfg.run_root, "train_runs", train_run_name(job, settings[job.name])), cfg.data.s3)
+    require_resources(cfg, training_needs(cfg), phase)
+    claim_job_folders(cfg, jobs, settings, force, tasks)
     # The trial only drives its TorchTrainer; its workers ask for their own CPUs/GPUs.
     trainable = tune.with_resources(run_job_trial, {"CPU": 0.01})
     fs = arrow_filesystem(tune_root, cfg.data.s3)
@@ -309,7 +323,7 @@ def run_phase(
     # Never Tune's resume: its experiment state is pickled, and a run root on shared storage must not run
     # code from a file. Each job resumes from its own Train checkpoints (a JSON index and weights-only state
     # files, see mode_ray/train/loop.py); Tune's folder holds only its bookkeeping and starts afresh.
-    remove_tree(exp_path, cfg.data.s3)
+    fresh_dir(exp_path, "a Tune experiment", cfg.data.s3)
     with progress_bars(phase) as board:
         tuner = tune.Tuner(
             trainable,
@@ -352,6 +366,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
+    claim_run_root(cfg.run_root, cfg.data.s3)
     if not exists(paths.prep_summary, cfg.data.s3):
         raise ValueError(f"no prep output under {cfg.run_root}: run `mode-ray prep` first")
     prep = read_json(paths.prep_summary, cfg.data.s3)
@@ -375,6 +390,8 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
         + ", ".join(f"{j.name} {j.steps}" for j in plan.tails)
     )
     with ray_runtime(cfg):
+        if pending(jobs):  # before decoding anything: a trial this Ray can never place fails now
+            require_resources(cfg, training_needs(cfg), "train")
         if cfg.training.decode_cache:
             with stage_log("train: decoded inputs") as log:
                 built = build_input_cache(cfg, manifest_run, force)

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from mode_ray.config import Config, S3Config
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths
+from mode_ray.ownership import fresh_dir
 from mode_ray.samples import seeded_key_hash
 from mode_ray.storage import (
     arrow_filesystem,
@@ -38,7 +39,6 @@ from mode_ray.storage import (
     join,
     mark_done,
     marker_info,
-    remove_tree,
     settings_hash,
     stage_done,
 )
@@ -261,7 +261,7 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     settings = settings_hash(manifest_run_id, cfg.training.model, ROW_GROUP_ROWS)
     if not force and stage_done(out, settings, cfg.data.s3):
         return False
-    remove_tree(out, cfg.data.s3)
+    fresh_dir(out, "decoded inputs", cfg.data.s3)
     manifest = RunPaths(cfg.run_root).manifest
     groups = row_groups(manifest, cfg.data.s3)
     from mode_ray.train.transforms import input_spec
