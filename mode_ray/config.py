@@ -208,7 +208,8 @@ class MoEConfig(Section):
     base: str = Field(
         default="generalist",
         description="The dense CLIP to upcycle: a trained model of this run (generalist, generalist-matched, seed, "
-        "expert-E) or the URL of any stock-open_clip export folder ({name}.json + open_clip_model.pt).",
+        "expert-E) or the URL of an open_clip export folder (open_clip_config.json + weights, or {name}.json + "
+        "open_clip_model.pt).",
     )
     stages: int = Field(default=4, ge=2, description="Experts per MoE layer = MCL stages; stage 0 is the base.")
     image_clusters: int = Field(default=3, ge=1)

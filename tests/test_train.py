@@ -159,18 +159,25 @@ def test_export_loads_in_stock_open_clip_with_same_embeddings(trained):
 
     cfg, _, _ = trained
     export = Path(experts_dir(cfg, "expert-1")) / "export"
+    # open_clip's Hub layout: one line from the folder (as from `hf-hub:` once uploaded) …
+    stock, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    also, _ = open_clip.create_model_from_pretrained(f"local-dir:{export}")
+    # … and the two-line load with the bare model config.
     open_clip.add_model_config(export / "mode-tiny.json")
-    stock, _, preprocess = open_clip.create_model_and_transforms(
-        "mode-tiny", pretrained=str(export / "open_clip_model.pt")
+    two_line, _, _ = open_clip.create_model_and_transforms(
+        "mode-tiny", pretrained=str(export / "open_clip_model.safetensors")
     )
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: open_clip") and "coarse cluster 1" in card and "local-dir:" in card
     ours, _, _, tokenizer = build_clip("mode-tiny")
     ours.load_state_dict(torch.load(Path(experts_dir(cfg, "expert-1")) / "state.pt", weights_only=False)["model"])
-    stock.eval(), ours.eval()
     images = torch.randn(3, 3, 32, 32)
     texts = tokenizer(["a handwritten digit", "a red circle", "the letter K"])
     with torch.no_grad():
-        torch.testing.assert_close(stock.encode_image(images), ours.encode_image(images))
-        torch.testing.assert_close(stock.encode_text(texts), ours.encode_text(texts))
+        for loaded in (stock, also, two_line):
+            loaded.eval(), ours.eval()
+            torch.testing.assert_close(loaded.encode_image(images), ours.encode_image(images))
+            torch.testing.assert_close(loaded.encode_text(texts), ours.encode_text(texts))
 
 
 def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):

@@ -27,6 +27,7 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.models.card import write_card
 from mode_ray.ownership import claim_run_root
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
@@ -350,7 +351,10 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
                 rows = sources[json.dumps(["webdataset", cfg.eval.shards])]
                 pairs = zip(rows["caption"].to_pylist(), rows["reason"].to_pylist(), strict=True)
                 usable = [i for i, (caption, reason) in enumerate(pairs) if caption and not reason]
-                corpus_rows = rows.take(usable[: cfg.eval.max_retrieval_texts])
+                if usable:
+                    corpus_rows = rows.take(pa.array(usable[: cfg.eval.max_retrieval_texts], pa.int64()))
+                else:  # label-only shards (a classification set): nothing to retrieve, said once
+                    log.info(f"no captions in eval.shards={cfg.eval.shards}: no retrieval corpus, no retrieval rows")
             captions = corpus_rows["caption"].to_pylist() if corpus_rows is not None else []
             texts, _ = unique_texts(captions)
             log.info(f"text features: {len(data)} tasks, {len(texts)} distinct captions")
@@ -392,6 +396,8 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             "routing_hit_rate": routing_hit_rates(scores.routing),
         }
         write_json(join(paths.eval, "summary.json"), result, s3)
+        for name in (m for m in table if m in models):  # each trained model's card gets its report row
+            write_card(cfg, name, table[name])
         mark_done(paths.eval, settings, s3)
         print_accuracy(result)
         log.done(f"report: {files['md']}")

@@ -20,18 +20,18 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from mode_ray.config import Config
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.models.card import write_card
+from mode_ray.models.clip import export_info
 from mode_ray.ownership import claim, claim_run_root
 from mode_ray.progress import console, stage_log
 from mode_ray.storage import (
     exists,
-    get_fs,
     join,
     read_bytes,
     read_json,
@@ -79,18 +79,16 @@ def resolve_base(cfg: Config) -> tuple[str, str, dict[str, Any]]:
         if exists(paths.experts_summary, s3):
             compute = read_json(paths.experts_summary, s3)["compute"].get(base, {})
         return paths.export(base), read_bytes(marker, s3).decode(), compute
-    fs, path = get_fs(base, s3)
-    if not fs.exists(path) or not [p for p in fs.ls(path, detail=False) if p.endswith(".json")]:
-        raise ValueError(f"moe.base {base!r} is not an open_clip export folder ({{name}}.json + open_clip_model.pt)")
+    try:
+        export_info(base, s3)
+    except FileNotFoundError as err:
+        raise ValueError(f"moe.base {base!r} is not an open_clip export folder: {err}") from None
     return base, base, {}
 
 
 def export_config(export_url: str, cfg: Config) -> tuple[str, dict[str, Any]]:
-    """(model name, open_clip config) of an export folder: its `{name}.json`."""
-    fs, path = get_fs(export_url, cfg.data.s3)
-    config = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))[0]
-    with fs.open(config, "r") as f:
-        return PurePosixPath(config).stem, json.load(f)
+    """(model name, open_clip config) of an export folder."""
+    return export_info(export_url, cfg.data.s3)
 
 
 # --------------------------------------------------------------------------- embedding and clustering
@@ -354,6 +352,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     router = _metrics(router_out, cfg)
     summary = moe_summary(cfg, base_url, base_compute, stages, router)
     write_json(paths.moe_summary, summary, s3)
+    write_card(cfg, MOE)
     print_moe_summary(summary)
     return summary
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
+from mode_ray.models.card import write_card
 from mode_ray.ownership import claim, claim_run_root, fresh_dir, remove_owned_tree
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
@@ -246,6 +247,8 @@ def finalize_job(
     }
     metrics["timing"] = time_breakdown(record, trial, time.time())
     write_json(join(out, "metrics.json"), metrics, cfg.data.s3)
+    if not config.get("task"):  # a model of the run (not a CLIP-MoE step): its export gets a model card
+        write_card(cfg, job.name)
     mark_done(out, config["settings"], cfg.data.s3, **(config.get("task") or {}).get("marker", {}))
     return metrics
 
