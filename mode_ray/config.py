@@ -298,10 +298,13 @@ class EvalTaskConfig(Section):
     """One zero-shot classification task: labelled images and the class names/templates to prompt with."""
 
     name: str = Field(min_length=1)
-    source: Literal["webdataset", "folder"] = Field(
-        description="webdataset: tar shards with a label in the json; folder: one sub-folder of images per class."
+    source: Literal["webdataset", "folder", "clip_benchmark"] = Field(
+        description="webdataset: tar shards with a label in the json; folder: one sub-folder of images per class; "
+        "clip_benchmark: a dataset folder in CLIP_benchmark's webdataset layout (class names, templates from it)."
     )
-    location: str | list[str] = Field(description="Shards (as data.shards) or the folder (any fsspec URL).")
+    location: str | list[str] = Field(
+        description="Shards (as data.shards), the image folder, or the clip_benchmark dataset folder (any fsspec URL)."
+    )
     label_field: str | None = Field(
         default=None, description="webdataset: dotted path in the json to the class name or its index."
     )
@@ -312,6 +315,8 @@ class EvalTaskConfig(Section):
     def _needs_labels(self) -> EvalTaskConfig:
         if self.source == "webdataset" and (not self.label_field or not self.class_names):
             raise ValueError(f"task {self.name!r}: webdataset tasks need label_field and class_names")
+        if self.source == "clip_benchmark" and not isinstance(self.location, str):
+            raise ValueError(f"task {self.name!r}: a clip_benchmark task's location is one dataset folder")
         if self.class_names is not None and len(self.class_names) < 2:
             raise ValueError(f"task {self.name!r}: a classification task needs at least 2 class names")
         for t in self.templates or []:

@@ -26,6 +26,7 @@ RAW_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("json", pa.binary()),
         ("txt", pa.binary()),
+        ("cls", pa.binary()),  # KEY.cls: an integer label (the zero-shot suite's classification sets)
         ("image", pa.binary()),
         ("read_error", pa.string()),
     ]

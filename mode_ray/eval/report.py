@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from mode_ray.config import S3Config
 from mode_ray.eval import moe_usage
-from mode_ray.eval.scoring import RETRIEVAL, Scores
+from mode_ray.eval.scoring import MEAN_PER_CLASS_RECALL, RETRIEVAL, Scores
 from mode_ray.layout import MOE
 from mode_ray.storage import join, write_bytes, write_json
 
@@ -42,9 +42,11 @@ def models_in_order(metrics: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(m["model"] for m in metrics))
 
 
-def accuracy_table(metrics: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """(task names, model → {task: accuracy, 'average': mean over tasks})."""
-    acc = [m for m in metrics if m["metric"] == "accuracy"]
+def accuracy_table(
+    metrics: list[dict[str, Any]], metric: str = "accuracy"
+) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """(task names, model → {task: value, 'average': mean over tasks}) of one classification metric."""
+    acc = [m for m in metrics if m["metric"] == metric]
     tasks = list(dict.fromkeys(m["task"] for m in acc))
     table: dict[str, dict[str, float]] = {}
     for m in acc:
@@ -94,6 +96,7 @@ def markdown(
         cells += [_fmt(retrieval.get((model, r))) for r in shown]
         cells += [_fmt(seen, pct=False), _fmt(cost, pct=False), "–" if seconds is None else f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _recall_lines(metrics)
     if picks:
         lines += ["", "expert-max picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
     lines += [
@@ -129,6 +132,19 @@ def markdown(
     if usage is not None:
         lines += moe_usage.markdown_lines(usage)
     return "\n".join(lines) + "\n"
+
+
+def _recall_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """Mean per-class recall (CLIP_benchmark's second classification number), one row per model."""
+    tasks, table = accuracy_table(metrics, MEAN_PER_CLASS_RECALL)
+    if not table:
+        return []
+    lines = ["", "Mean per-class recall (%), as CLIP_benchmark reports it for imbalanced sets:", ""]
+    lines += ["| model | " + " | ".join([*tasks, "average"]) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for model in models_in_order(metrics):
+        if model in table:
+            lines.append(f"| {model} | " + " | ".join(_fmt(table[model].get(t)) for t in [*tasks, "average"]) + " |")
+    return lines
 
 
 def _moe_lines(metrics: list[dict[str, Any]]) -> list[str]:

@@ -9,10 +9,12 @@ Routing weights for experts that were not trained (empty clusters) are dropped a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from mode_ray.eval.retrieval import ensemble_retrieval, recall_at_k, unique_texts
 from mode_ray.eval.router import TaskRouter
@@ -24,6 +26,7 @@ METHODS = ("reference", "calibrated")
 ALL_UNIT = "all_unit"
 EXPERT_MAX = "expert-max"
 RETRIEVAL = "retrieval"
+MEAN_PER_CLASS_RECALL = "mean_per_class_recall"  # CLIP_benchmark reports it beside top-1 (imbalanced sets)
 MAX_SAVED_SCORES = 50_000_000  # retrieval score matrices above this many floats are not saved
 
 
@@ -123,6 +126,10 @@ def score_task(
         out.metrics.append({**row, "value": accuracy(logits[model], task.labels), "n": len(task.labels)})
         if model == EXPERT_MAX:
             out.metrics[-1]["note"] = best
+        with warnings.catch_warnings():  # a class predicted but absent from the labels: expected, not news
+            warnings.simplefilter("ignore")
+            recall = balanced_accuracy_score(task.labels, preds) if len(task.labels) else float("nan")
+        out.metrics.append({**row, "metric": MEAN_PER_CLASS_RECALL, "value": float(recall), "n": len(task.labels)})
         out.predictions += [
             {"model": model, "task": task.name, "key": k, "label": int(y), "pred": int(p)}
             for k, y, p in zip(task.keys, task.labels, preds, strict=True)

@@ -12,7 +12,9 @@ SKIP_UNKNOWN_LABEL = "unknown_label"
 
 def configured_tasks(cfg: Config) -> list[EvalTaskConfig]:
     """eval.tasks, plus the demo's five when eval.demo_tasks is on (over eval.shards)."""
-    tasks = list(cfg.eval.tasks)
+    from mode_ray.eval.suite import as_webdataset_task
+
+    tasks = [as_webdataset_task(t, cfg.data.s3) if t.source == "clip_benchmark" else t for t in cfg.eval.tasks]
     if cfg.eval.demo_tasks:
         if not cfg.eval.shards:
             raise ValueError("eval.demo_tasks needs eval.shards (the demo's eval split)")

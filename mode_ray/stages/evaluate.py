@@ -24,8 +24,16 @@ from mode_ray.config import Config, EvalTaskConfig, S3Config
 from mode_ray.eval import moe_usage
 from mode_ray.eval.retrieval import unique_texts
 from mode_ray.eval.router import TaskRouter
-from mode_ray.eval.scoring import ENSEMBLE_MODELS, TaskData, merge, score_retrieval, score_task
-from mode_ray.eval.tasks import SKIP_NO_LABEL, folder_classes, templates_of, webdataset_label
+from mode_ray.eval.scoring import (
+    ENSEMBLE_MODELS,
+    MEAN_PER_CLASS_RECALL,
+    TaskData,
+    merge,
+    score_retrieval,
+    score_task,
+)
+from mode_ray.eval.suite import LABEL_FIELD
+from mode_ray.eval.tasks import SKIP_NO_LABEL, SKIP_UNKNOWN_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
 from mode_ray.ownership import claim_run_root
@@ -76,6 +84,8 @@ def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
                 out["meta"] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 out["meta"] = None
+        if row.get("cls") is not None:  # the suite's KEY.cls: the label, beside whatever the json says
+            out["meta"] = with_cls_label(out["meta"], row["cls"])
         try:
             out["caption"] = parse_caption(raw, row.get("txt"), row["key"] or "", limits) or None
         except Rejected:
@@ -89,6 +99,18 @@ def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
             out["reason"] = str(rej.reason)
         rows.append(out)
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def with_cls_label(meta: str | None, cls: bytes) -> str:
+    """The sample's metadata with its `.cls` label under `cls` (an int; anything else kept as text, which no
+    class matches, so it is counted as an unknown label)."""
+    try:
+        parsed = json.loads(meta) if meta else {}
+    except ValueError:
+        parsed = {}
+    text = cls.decode("utf-8", errors="replace").strip()
+    label = int(text) if text.lstrip("-").isdigit() else text
+    return json.dumps({**(parsed if isinstance(parsed, dict) else {}), LABEL_FIELD: label})
 
 
 def folder_rows(batch: pa.Table, limits: Limits, root: str) -> pa.Table:
@@ -253,6 +275,11 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
             skipped[why or reason] += 1
         else:
             keep.append(i)
+    if task.label_field == LABEL_FIELD and skipped.get(SKIP_UNKNOWN_LABEL):
+        raise ValueError(
+            f"task {task.name!r}: {skipped[SKIP_UNKNOWN_LABEL]} samples have a .cls label that is not an index "
+            f"into its {len(class_names)} class names: the dataset's classnames.txt does not match its labels"
+        )
     idx = np.array(keep, dtype=np.int64)
     return TaskData(
         name=task.name,
@@ -391,6 +418,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         result = {
             "files": files,
             "accuracy": table,
+            "mean_per_class_recall": accuracy_table(scores.metrics, MEAN_PER_CLASS_RECALL)[1],
             "tasks": tasks_order,
             "header": header,
             "routing_hit_rate": routing_hit_rates(scores.routing),
