@@ -132,6 +132,11 @@ class TrainingConfig(Section):
     each data expert and the generalists alike (an expert redraws its partition as often as that takes)."""
 
     model: str = Field(default="mode-tiny", description="open_clip model name (built-in or registered config).")
+    init: str | None = Field(
+        default=None,
+        description="Pretrained weights the seed starts from instead of random (experts still continue the seed): "
+        "local-dir:PATH, hf-hub:ORG/REPO, ARCH:TAG or ARCH:WEIGHTS_FILE (mode_ray.models.pretrained).",
+    )
     epochs: float = Field(default=32, gt=0)
     seed_fraction: float = Field(default=27 / 32, ge=0, lt=1, description="Share of the schedule for the seed.")
     samples_per_epoch: int | None = Field(
@@ -208,8 +213,8 @@ class MoEConfig(Section):
     base: str = Field(
         default="generalist",
         description="The dense CLIP to upcycle: a trained model of this run (generalist, generalist-matched, seed, "
-        "expert-E) or the URL of an open_clip export folder (open_clip_config.json + weights, or {name}.json + "
-        "open_clip_model.pt).",
+        "expert-E), or pretrained weights as open_clip names them: local-dir:PATH, hf-hub:ORG/REPO, ARCH:TAG, "
+        "ARCH:WEIGHTS_FILE, or an export folder's URL (mode_ray.models.pretrained).",
     )
     stages: int = Field(default=4, ge=2, description="Experts per MoE layer = MCL stages; stage 0 is the base.")
     image_clusters: int = Field(default=3, ge=1)

@@ -28,6 +28,7 @@ from mode_ray.config import Config
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
 from mode_ray.models.clip import export_info
+from mode_ray.models.pretrained import is_identifier, resolve_pretrained
 from mode_ray.ownership import claim, claim_run_root
 from mode_ray.progress import console, stage_log
 from mode_ray.storage import (
@@ -68,7 +69,7 @@ def stage_name(stage: int) -> str:
 def resolve_base(cfg: Config) -> tuple[str, str, dict[str, Any]]:
     """(export URL, identity for the settings hash, training compute behind it) of `moe.base`."""
     paths, s3, base = RunPaths(cfg.run_root), cfg.data.s3, cfg.moe.base
-    if "/" not in base:  # a model of this run
+    if not is_identifier(base):  # a model of this run
         marker = join(paths.experts(base), "_SUCCESS")
         if not exists(marker, s3):
             raise ValueError(
@@ -79,11 +80,12 @@ def resolve_base(cfg: Config) -> tuple[str, str, dict[str, Any]]:
         if exists(paths.experts_summary, s3):
             compute = read_json(paths.experts_summary, s3)["compute"].get(base, {})
         return paths.export(base), read_bytes(marker, s3).decode(), compute
+    folder = resolve_pretrained(base, cfg.run_root, s3)  # local-dir:, hf-hub:, ARCH:TAG|FILE or a folder
     try:
-        export_info(base, s3)
+        export_info(folder, s3)
     except FileNotFoundError as err:
         raise ValueError(f"moe.base {base!r} is not an open_clip export folder: {err}") from None
-    return base, base, {}
+    return folder, base, {}
 
 
 def export_config(export_url: str, cfg: Config) -> tuple[str, dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Any
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.models.card import write_card
+from mode_ray.models.pretrained import check_architecture, resolve_pretrained
 from mode_ray.ownership import claim, claim_run_root, fresh_dir, remove_owned_tree
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.progress_bars import progress_bars
@@ -139,6 +140,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
         "holdout": "holdout" in datasets,
         "torch_threads": config["torch_threads"],
         "init_state": join(experts_dir(cfg, SEED), STATE_FILE) if job.init_from_seed else None,
+        "init_export": None if job.init_from_seed else config.get("init_export"),  # training.init, resolved
         "out_dir": out_dir,
         "s3": cfg.data.s3.model_dump(),
         "failure_marker": failure_marker_path(cfg, job.name),
@@ -360,8 +362,17 @@ def run_phase(
         raise RuntimeError(f"{len(failed)} training trial(s) failed: " + "; ".join(str(r.error)[:300] for r in failed))
 
 
-def plan_shared(plan: Plan) -> dict[str, Any]:
-    return {"schedule": asdict(plan.schedule), "samples_per_epoch": plan.samples_per_epoch}
+def plan_shared(plan: Plan, init_export: str | None = None) -> dict[str, Any]:
+    return {"schedule": asdict(plan.schedule), "samples_per_epoch": plan.samples_per_epoch, "init_export": init_export}
+
+
+def resolve_init(cfg: Config) -> str | None:
+    """training.init as a weights folder, its architecture checked against training.model (before any trial)."""
+    if not cfg.training.init:
+        return None
+    folder = resolve_pretrained(cfg.training.init, cfg.run_root, cfg.data.s3)
+    check_architecture(folder, cfg.training.model, "training.init", cfg.data.s3)
+    return folder
 
 
 def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
@@ -392,6 +403,7 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
         f"({plan.samples_per_epoch} samples an epoch); seed {seed.steps if seed else 0} steps, "
         + ", ".join(f"{j.name} {j.steps}" for j in plan.tails)
     )
+    init = resolve_init(cfg) if pending(jobs) else None
     with ray_runtime(cfg):
         if pending(jobs):  # before decoding anything: a trial this Ray can never place fails now
             require_resources(cfg, training_needs(cfg), "train")
@@ -410,14 +422,14 @@ def run_train(cfg: Config, force: bool = False) -> dict[str, Any]:
             elif not todo:
                 log.skip("experts/seed complete")
             else:
-                run_phase(cfg, "seed", todo, settings, force, plan_shared(plan))
+                run_phase(cfg, "seed", todo, settings, force, plan_shared(plan, init))
                 log.done(f"steps [0, {seed.end_step})")
         with stage_log("train: experts + generalists") as log:
             todo = pending(plan.tails)
             if not todo:
                 log.skip("all models complete")
             else:
-                run_phase(cfg, "tails", todo, settings, force, plan_shared(plan))
+                run_phase(cfg, "tails", todo, settings, force, plan_shared(plan, init))
                 log.done(f"{len(todo)} models")
     summary = training_summary(cfg, plan)
     write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)
