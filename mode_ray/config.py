@@ -365,6 +365,17 @@ class ContinualConfig(Section):
     )  # fmt: skip
 
 
+class TrackingConfig(Section):
+    """Experiment tracking of every training job (mode_ray/train/tracking.py), as open_clip's --report-to."""
+
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default=["tensorboard"], description="[] turns tracking off; mlflow and wandb need their packages."
+    )
+    dir: str = Field(default="{run_root}/tracking", description="TensorBoard logs (and MLflow's file store).")
+    mlflow_uri: str | None = Field(default=None, description="MLflow tracking URI; null: a file store in dir.")
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+
 class Config(Section):
     run_root: str
     ray: RayConfig = RayConfig()
@@ -376,6 +387,7 @@ class Config(Section):
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
     continual: ContinualConfig = ContinualConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("run_root")
     @classmethod
@@ -391,6 +403,7 @@ class Config(Section):
         self.run_root = _absolute(self.run_root)
         self.data.shards = self._locate(self.data.shards)
         self.eval.shards = self._locate(self.eval.shards)
+        self.tracking.dir = self._locate(self.tracking.dir)
         for task in self.eval.tasks:
             task.location = self._locate(task.location)
         return self

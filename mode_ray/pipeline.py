@@ -72,5 +72,7 @@ def print_closing_summary(cfg: Config) -> None:
     report = join(RunPaths(cfg.run_root).eval, "report.md")
     where = [f"report: {report}"] if exists(report, cfg.data.s3) else []
     where += [f"Ray's logs: {LOG_DIR[0]}"] if LOG_DIR else []
+    if "tensorboard" in cfg.tracking.report_to and exists(cfg.tracking.dir, cfg.data.s3):
+        where.append(f"training curves: tensorboard --logdir {cfg.tracking.dir}")
     if where:
         console.print("   ".join(where))

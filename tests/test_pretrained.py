@@ -68,13 +68,15 @@ def test_every_identifier_resolves_to_the_same_weights(hub_weights, tmp_path, mo
         check_architecture(str(folder), "mode-demo", "training.init")
 
 
-def test_the_seed_starts_from_training_init_and_moe_base_takes_hub_weights(trained_run, hub_weights, tmp_path):
-    from mode_ray.stages.moe import resolve_base
+@pytest.fixture(scope="module")
+def init_run(trained_run, hub_weights, tmp_path_factory):
+    """The trained run's prep, trained again from training.init at a learning rate of 1e-12, tracked to
+    TensorBoard and an MLflow file store."""
     from mode_ray.stages.train import run_train
 
     cfg, _, _ = trained_run
-    folder, state = hub_weights
-    root = tmp_path / "run"
+    folder, _ = hub_weights
+    root = tmp_path_factory.mktemp("init-run")
     claim_run_root(str(root))
     for name in PREP:
         os.symlink(os.path.join(cfg.run_root, name), root / name)
@@ -82,13 +84,46 @@ def test_the_seed_starts_from_training_init_and_moe_base_takes_hub_weights(train
         "clustering.n_coarse=2", "training.samples_per_epoch=64", "training.epochs=1", "training.batch_size=32",
         "training.seed_fraction=0.5", "training.matched_control=false", "training.lr=1e-12",
         "training.weight_decay=0", "training.warmup_steps=0", "training.checkpoint_every_epochs=1",
-        f"training.init=local-dir:{folder}", f"moe.base=local-dir:{folder}",
+        "training.log_every_steps=1", f"training.init=local-dir:{folder}", f"moe.base=local-dir:{folder}",
+        "tracking.report_to=[tensorboard, mlflow]",
     )  # fmt: skip
     own = demo_config(root, cfg.data.shards, *sets)
-    run_train(own)
+    return own, run_train(own)
+
+
+def test_the_seed_starts_from_training_init_and_moe_base_takes_hub_weights(init_run, hub_weights):
+    from mode_ray.stages.moe import resolve_base
+
+    cfg, _ = init_run
+    folder, state = hub_weights
     seed = build_clip("mode-tiny")[0]
-    seed.load_state_dict(torch.load(root / "experts/seed/state.pt", weights_only=True)["model"])
+    seed.load_state_dict(torch.load(Path(cfg.run_root) / "experts/seed/state.pt", weights_only=True)["model"])
     for key, value in state.items():  # one step at lr 1e-12 from the init: the init, to float precision
         torch.testing.assert_close(seed.state_dict()[key], value, rtol=0, atol=1e-6)
-    url, identity, _ = resolve_base(own)
+    url, identity, _ = resolve_base(cfg)
     assert url == str(folder) and identity == f"local-dir:{folder}" and _same_weights(url, state)
+
+
+def test_every_job_is_tracked_where_tensorboard_and_mlflow_read_it(init_run):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, summary = init_run
+    models = sorted(summary["models"])
+    assert models == ["expert-0", "expert-1", "generalist", "seed"]
+    for name in models:
+        events = EventAccumulator(os.path.join(cfg.tracking.dir, name))
+        events.Reload()
+        losses = events.Scalars("train/loss")
+        history = summary["models"][name]["loss_history"]
+        assert [e.step for e in losses] == [p["step"] for p in history]
+        assert [e.value for e in losses] == pytest.approx([p["loss"] for p in history], rel=1e-6)
+        assert {"train/lr", "val/loss", "train/samples_seen"} <= set(events.Tags()["scalars"])
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to read a file store
+    client = MlflowClient(tracking_uri=f"file:{cfg.tracking.dir}/mlruns")
+    experiment = client.get_experiment_by_name(f"mode_ray-{Path(cfg.run_root).name}")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == models
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "train.loss")
+        assert len(history) == len(summary["models"][run.info.run_name]["loss_history"])

@@ -201,6 +201,24 @@ def plot(metrics: list[dict[str, Any]], routing: list[dict[str, Any]]) -> bytes:
     return png_bytes(fig)
 
 
+def training_curves(models: dict[str, dict[str, Any]]) -> bytes:
+    """Training loss against samples seen (the seed's included where a model continues it), every model of
+    the run on one plot: the curves TensorBoard shows live, kept with the report."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, m) in enumerate(models.items()):
+        points = m.get("loss_history") or []
+        samples = [p["step"] * m["batch_size"] for p in points]  # steps count from the schedule's start
+        ax.plot(samples, [p["loss"] for p in points], label=name, color=cmap(i % 10), lw=1.2)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("training loss (CLIP)")
+    ax.set_title("training curves")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
 def share_heatmap(
     fig: Any, ax: Any, values: np.ndarray, rows: list[str], columns: list[str], title: str, fontsize: int
 ) -> None:
@@ -231,8 +249,10 @@ def write_report(
     header: dict[str, Any],
     s3: S3Config | None = None,
     usage: dict[str, Any] | None = None,
+    trained: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Every report file; `usage`: the CLIP-MoE's expert usage record (moe_usage.usage_record), if any."""
+    """Every report file; `usage`: the CLIP-MoE's expert usage record (moe_usage.usage_record), if any;
+    `trained`: each trained model's metrics.json (their training curves)."""
     metrics = with_compute(scores.metrics, compute)
     files = {
         "csv": join(out_dir, "report.csv"),
@@ -252,6 +272,9 @@ def write_report(
     np.savez_compressed(buf, **scores.arrays)
     write_bytes(files["logits"], buf.getvalue(), s3)
     write_json(files["routing"], scores.routing, s3)
+    if trained:
+        files["training_curves"] = join(out_dir, "training_curves.png")
+        write_bytes(files["training_curves"], training_curves(trained), s3)
     if usage is not None:
         files["moe_usage"], files["moe_usage_png"] = join(out_dir, "moe_usage.json"), join(out_dir, "moe_usage.png")
         write_json(files["moe_usage"], usage, s3)

@@ -413,7 +413,8 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             for table in sources.values():
                 image_usage = moe_usage.add(image_usage, moe_usage.column_counts(table, f"u:{MOE}"))
             usage = moe_usage.usage_record(image_usage, text_usage[MOE], MOE)
-        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage)
+        trained = {m: summary["models"][m] for m in models if m in summary["models"]}
+        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage, trained)
         tasks_order, table = accuracy_table(scores.metrics)
         result = {
             "files": files,

@@ -146,6 +146,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
         "failure_marker": failure_marker_path(cfg, job.name),
         "fail_once_at_step": t.fail_once_at_step.get(job.name) if t.fail_once_at_step else None,
         "progress_board": config.get("progress_board"),  # rank 0 reports steps and loss to the stage's bars
+        "tracking": tracking_spec(cfg),  # rank 0 logs its curves (TensorBoard by default)
         **task.get("loop", {}),
     }
     trainer = TorchTrainer(
@@ -174,6 +175,15 @@ def run_job_trial(config: dict[str, Any]) -> None:
         cfg, job, config, facts, {"trial_start": trial_start, "fit_start": fit_start, "fit_end": fit_end}, out_dir
     )
     ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
+
+
+def tracking_spec(cfg: Config) -> dict[str, Any] | None:
+    """What the loop's tracker needs: one experiment per run, named after the run root."""
+    tr = cfg.tracking
+    if not tr.report_to:
+        return None
+    experiment = f"mode_ray-{cfg.run_root.rstrip('/').rsplit('/', 1)[-1]}"
+    return {**tr.model_dump(mode="json"), "experiment": experiment}
 
 
 def ingest_options(t: Any, datasets: dict[str, Any]) -> dict[str, Any]:

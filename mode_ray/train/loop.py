@@ -29,6 +29,7 @@ from mode_ray.storage import get_fs
 from mode_ray.train.build import build_job_model
 from mode_ray.train.losses import SmoothedClipLoss, training_loss
 from mode_ray.train.schedule import Schedule
+from mode_ray.train.tracking import Tracker, checkpoint_values
 from mode_ray.train.transforms import augment
 from mode_ray.train.validation import HeldOut, validate
 
@@ -244,6 +245,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     micro = 0
     board = cfg.get("progress_board") if rank == 0 else None
     report_progress(board, job["name"], completed=state["step"] - job["start_step"], total=end_step - job["start_step"])
+    tracker = Tracker(
+        cfg.get("tracking") if rank == 0 else None, job["name"], state["step"] if restored is not None else None
+    )
     while state["step"] < end_step:
         wait = time.perf_counter()
         batch = next(batches)
@@ -287,6 +291,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             window = []
             done_steps = state["step"] - job["start_step"]
             report_progress(board, job["name"], completed=done_steps, note=f"loss {loss_point:.3f}")
+            tracker.log(state["step"], {"train/loss": loss_point, "train/lr": lr})
         done = state["step"] - job["start_step"]
         if done % ckpt_every == 0 or state["step"] == end_step:
             reduced = _sum_over_workers(local_seen, cfg["n_coarse"], world, device)
@@ -300,8 +305,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "samples_seen": sum(state["seen"].values()),
                 "samples_per_s": samples_since / max(elapsed, 1e-9),
             }
-            _validate_and_checkpoint(cfg, model, opt, scaler, state, held_out, device, metrics, rank)
+            record = _validate_and_checkpoint(cfg, model, opt, scaler, state, held_out, device, metrics, rank)
+            tracker.log(state["step"], checkpoint_values(metrics, record))
             tic, samples_since = time.perf_counter(), 0
+    tracker.close()
     state["executions"] = state.get("executions", 0) + batches.executions + 1
     stamps["train_end"] = time.time()
     if rank == 0:
@@ -318,10 +325,12 @@ def _validate_and_checkpoint(
     device: torch.device,
     metrics: dict[str, Any],
     rank: int,
-) -> None:
+) -> dict[str, Any] | None:
+    """Held-out metrics (returned, for the tracker), then the checkpoint and the report to Train."""
     import ray.train
 
     seconds = state["seconds"]
+    record = None
     if held_out is not None:
         start = time.perf_counter()
         record = validate(getattr(model, "module", model), held_out.tensors(device), cfg["global_batch"])
@@ -337,6 +346,7 @@ def _validate_and_checkpoint(
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
     seconds["checkpoint"] += time.perf_counter() - start
+    return record
 
 
 def _write_outputs(
