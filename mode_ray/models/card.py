@@ -52,23 +52,24 @@ def dense_card(name: str, model: str, facts: dict[str, Any], report: dict[str, f
             f"- samples seen: {facts.get('samples_seen', 0):,} ({facts.get('steps', 0)} steps of "
             f"{facts.get('batch_size', '?')})" + (", the seed's share included" if facts.get("init_from_seed") else ""),
             f"- seconds spent learning: {facts.get('train_seconds', 0):.0f}",
-            "",
-            "## Evaluation",
-            "",
-            *_report_rows(report),
-            "",
-            "## Load",
-            "",
-            "```python",
-            "import open_clip",
-            "",
-            'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
-            'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")',
-            '# once uploaded (huggingface-cli upload ORG/REPO PATH/TO/THIS/FOLDER): "hf-hub:ORG/REPO"',
-            "```",
-            "",
+            *_evaluation_and_load(
+                report,
+                [
+                    "import open_clip",
+                    "",
+                    'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
+                    'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")',
+                    '# once uploaded (huggingface-cli upload ORG/REPO PATH/TO/THIS/FOLDER): "hf-hub:ORG/REPO"',
+                ],
+            ),
         ]
     )
+
+
+def _evaluation_and_load(report: dict[str, float] | None, code: list[str], intro: str | None = None) -> list[str]:
+    """The card's last two sections: the report's row, and how to load the folder."""
+    lead = [intro, ""] if intro else []
+    return ["", "## Evaluation", "", *_report_rows(report), "", "## Load", "", *lead, "```python", *code, "```", ""]
 
 
 def moe_card(facts: dict[str, Any], report: dict[str, float] | None = None) -> str:
@@ -86,21 +87,15 @@ def moe_card(facts: dict[str, Any], report: dict[str, float] | None = None) -> s
             "",
             f"- samples (base, MCL stages and router): {facts.get('samples', 0):,}",
             f"- seconds spent learning: {facts.get('train_seconds', 0):.0f}",
-            "",
-            "## Evaluation",
-            "",
-            *_report_rows(report),
-            "",
-            "## Load",
-            "",
-            "The MoE layers are mode_ray's own module (open_clip has none), so it loads with one call of mode_ray:",
-            "",
-            "```python",
-            "from mode_ray.models import load_model",
-            "",
-            'model, preprocess, tokenizer = load_model("PATH/TO/THIS/FOLDER")',
-            "```",
-            "",
+            *_evaluation_and_load(
+                report,
+                [
+                    "from mode_ray.models import load_model",
+                    "",
+                    'model, preprocess, tokenizer = load_model("PATH/TO/THIS/FOLDER")',
+                ],
+                "The MoE layers are mode_ray's own module (open_clip has none), so it loads with one call of mode_ray:",
+            ),
         ]
     )
 
