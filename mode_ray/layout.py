@@ -7,6 +7,8 @@ run_root/ embeddings/ rejects/ clusters/centroids.npz manifest/ prep/summary.jso
           generations/NAME/{embeddings,rejects,clusters,manifest,train_inputs,summary.json}   (mode-ray add-data)
           clusters/versions/centroids-vN.npz, experts/registry.json   (centroids before each growth; experts in service)
           experts/versions/E-before-NAME/   (an expert as it was before generation NAME refreshed it)
+          tracking/JOB/ (TensorBoard; mlruns/ for MLflow)   pretrained/ARCH-HASH/ (ARCH:TAG weights, Hub layout)
+          _MODE_RAY in the root and in every folder a stage writes: what mode_ray may delete (mode_ray/ownership.py)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
 # The run root's folders the stages write, delete and redo: nothing else may live in them (no input data).
 STAGE_FOLDERS = (
     "embeddings", "rejects", "clusters", "manifest", "prep", "experts", "moe", "eval", "generations",
-    "train_inputs", "train_runs", "tune",
+    "train_inputs", "train_runs", "tune", "tracking", "pretrained",
 )  # fmt: skip
 
 
