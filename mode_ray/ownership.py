@@ -27,7 +27,7 @@ class NotOursError(ValueError):
 
 
 def stamp_of(url: str, s3: S3Config | None = None) -> dict[str, Any] | None:
-    """The stamp a folder carries (what wrote it, when), or None."""
+    """The stamp a folder carries (what wrote it), or None."""
     stamp = join(url, STAMP)
     if not exists(stamp, s3):
         return None
@@ -64,10 +64,14 @@ def is_ours(url: str, s3: S3Config | None = None) -> bool:
     return stamp_of(url, s3) is not None or _legacy_stage_marker(url, s3)
 
 
+def listing(found: list[str]) -> str:
+    """What `entries` found, for an error message (an ellipsis when there may be more)."""
+    return ", ".join(found) + (", …" if len(found) >= 5 else "")
+
+
 def _refusal(url: str, what: str, found: list[str]) -> NotOursError:
-    shown = ", ".join(found) + (", …" if len(found) >= 5 else "")
     return NotOursError(
-        f"{url} holds files mode_ray did not write ({shown}): it will not write {what} there or delete "
+        f"{url} holds files mode_ray did not write ({listing(found)}): it will not write {what} there or delete "
         "anything in it. Choose a new or empty folder"
     )
 
@@ -124,10 +128,9 @@ def claim_run_root(root: str, s3: S3Config | None = None) -> None:
         return
     found = entries(root, s3)
     if found and not _has_our_config(root, s3):
-        shown = ", ".join(found) + (", …" if len(found) >= 5 else "")
         raise NotOursError(
             f"run_root {root} is not a mode_ray run (no {STAMP} stamp, no config.yaml of ours) and is not "
-            f"empty ({shown}): mode_ray writes runs only into a new or empty folder. Set another, e.g. "
+            f"empty ({listing(found)}): mode_ray writes runs only into a new or empty folder. Set another, e.g. "
             f"--set run_root={root.rstrip('/')}-run"
         )
     write_json(join(root, STAMP), {"written_by": "mode_ray", "what": RUN_ROOT}, s3)

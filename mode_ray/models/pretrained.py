@@ -26,7 +26,7 @@ ARCH_FIELDS = {  # what decides the shapes of the weights: an init must match tr
 
 def is_identifier(name: str) -> bool:
     """Whether a name is one of the forms above rather than a model of the run (`seed`, `expert-0`, …)."""
-    return name.startswith((LOCAL_DIR, HF_HUB)) or "/" in name or ":" in name
+    return "/" in name or ":" in name  # local-dir:, hf-hub:, ARCH:… and paths; run models have neither
 
 
 def resolve_pretrained(identifier: str, run_root: str, s3: S3Config | None = None) -> str:
@@ -34,13 +34,12 @@ def resolve_pretrained(identifier: str, run_root: str, s3: S3Config | None = Non
     if identifier.startswith(LOCAL_DIR):
         return os.path.abspath(os.path.expanduser(identifier[len(LOCAL_DIR) :]))
     if identifier.startswith(HF_HUB):
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        repo = identifier[len(HF_HUB) :]
-        try:
-            return snapshot_download(repo, local_files_only=offline)
+        try:  # with HF_HUB_OFFLINE set, huggingface_hub itself reads only its local cache
+            return snapshot_download(identifier[len(HF_HUB) :])
         except Exception as err:  # noqa: BLE001 — any failure to find it names the identifier
+            offline = constants.HF_HUB_OFFLINE
             where = "the local Hugging Face cache (offline)" if offline else "the Hugging Face Hub"
             raise ValueError(f"{identifier}: not found in {where}: {type(err).__name__}: {err}") from None
     if "://" not in identifier and ":" in identifier:

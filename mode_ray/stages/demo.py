@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mode_ray import demo_data
 from mode_ray.config import Config
 from mode_ray.layout import STAGE_FOLDERS
-from mode_ray.ownership import claim_run_root, entries
+from mode_ray.ownership import claim_run_root, entries, listing
 from mode_ray.progress import stage_log
 from mode_ray.storage import mark_done, stage_done
 
@@ -92,8 +92,9 @@ def check_demo_locations(cfg: Config) -> None:
     for target in demo_targets(cfg):
         found = entries(target.out, cfg.data.s3)
         if found and not demo_data.made_by_generator(target.out, cfg.data.s3):
-            shown = ", ".join(found) + (", …" if len(found) >= 5 else "")
-            raise _refuse(target.setting, target.out, f"holds files the demo generator did not write ({shown})")
+            raise _refuse(
+                target.setting, target.out, f"holds files the demo generator did not write ({listing(found)})"
+            )
 
 
 def _generate(cfg: Config, target: DemoTarget) -> dict:
