@@ -300,7 +300,8 @@ class RoutingConfig(Section):
 
 
 class EvalTaskConfig(Section):
-    """One zero-shot classification task: labelled images and the class names/templates to prompt with."""
+    """One zero-shot task: labelled images and the class names/templates to prompt with, or (retrieval) images
+    and their captions."""
 
     name: str = Field(min_length=1)
     source: Literal["webdataset", "folder", "clip_benchmark"] = Field(
@@ -310,16 +311,30 @@ class EvalTaskConfig(Section):
     location: str | list[str] = Field(
         description="Shards (as data.shards), the image folder, or the clip_benchmark dataset folder (any fsspec URL)."
     )
+    kind: Literal["classification", "retrieval", "multilabel"] | None = Field(
+        default=None,
+        description="clip_benchmark: from the folder's dataset_type.txt; webdataset: classification (default), "
+        "retrieval (captions: KEY.txt's lines, else data.caption_field) or multilabel (label_field: npy, "
+        "KEY.npy a 0/1 vector over class_names); folder: classification.",
+    )
     label_field: str | None = Field(
         default=None, description="webdataset: dotted path in the json to the class name or its index."
     )
     class_names: list[str] | None = Field(default=None, description="folder: defaults to the sub-folder names.")
     templates: list[str] | None = Field(default=None, description="Prompt templates with '{}'; default eval.templates.")
+    merge_identical_captions: bool = Field(
+        default=False,
+        description="retrieval: identical captions are one text, matching every image they caption (web "
+        "captions repeat); off: every caption is a text of its own image, as CLIP_benchmark counts.",
+    )
 
     @model_validator(mode="after")
     def _needs_labels(self) -> EvalTaskConfig:
-        if self.source == "webdataset" and (not self.label_field or not self.class_names):
-            raise ValueError(f"task {self.name!r}: webdataset tasks need label_field and class_names")
+        if self.source == "folder" and self.kind not in (None, "classification"):
+            raise ValueError(f"task {self.name!r}: a folder task is a classification task")
+        labelled = self.kind != "retrieval"
+        if self.source == "webdataset" and labelled and (not self.label_field or not self.class_names):
+            raise ValueError(f"task {self.name!r}: webdataset classification tasks need label_field and class_names")
         if self.source == "clip_benchmark" and not isinstance(self.location, str):
             raise ValueError(f"task {self.name!r}: a clip_benchmark task's location is one dataset folder")
         if self.class_names is not None and len(self.class_names) < 2:
@@ -330,19 +345,40 @@ class EvalTaskConfig(Section):
         return self
 
 
+class BenchmarkConfig(Section):
+    """A whole zero-shot suite in one line: every dataset as ROOT/wds_NAME/ in CLIP_benchmark's layout."""
+
+    root: str = Field(description="The folder (any fsspec URL) holding one wds_NAME/ folder per dataset.")
+    datasets: str | list[str] = Field(
+        description="A named suite (mode-26: the MoDE paper's 26 tasks; datacomp-38: DataComp's 38) or "
+        "CLIP_benchmark dataset names (vtab/dtd → wds_vtab-dtd/)."
+    )
+    missing: Literal["skip", "error"] = Field(
+        default="skip",
+        description="A dataset whose folder is not under root: skipped (named in the report, the suite average "
+        "says how many it covers) or an error.",
+    )
+
+
 class EvalConfig(Section):
     shards: str | list[str] | None = Field(
         default=None, description="Held-out image-caption shards: the retrieval corpus (and the demo tasks' images)."
     )
     demo_tasks: bool = Field(default=False, description="Derive the demo's five tasks from eval.shards.")
     tasks: list[EvalTaskConfig] = []
-    retrieval: bool = True
+    benchmark: BenchmarkConfig | None = None
+    retrieval: bool = Field(default=True, description="eval.shards' captions as a retrieval task (`retrieval`).")
     routing: RoutingConfig = RoutingConfig()
     templates: list[str] = ["a photo of {}."]
     batch_size: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs of the image-feature actor (and text task).")
     use_gpu: bool = False
-    max_retrieval_texts: int = Field(default=5000, ge=1, description="Caps the retrieval corpus (first N images).")
+    max_retrieval_texts: int = Field(
+        default=5000,
+        ge=1,
+        description="Caps eval.shards' corpus (first N images); "
+        "retrieval tasks of eval.tasks or eval.benchmark are never cut.",
+    )
 
 
 class ContinualConfig(Section):

@@ -27,6 +27,7 @@ RAW_SCHEMA = pa.schema(
         ("json", pa.binary()),
         ("txt", pa.binary()),
         ("cls", pa.binary()),  # KEY.cls: an integer label (the zero-shot suite's classification sets)
+        ("npy", pa.binary()),  # KEY.npy: a 0/1 vector over the classes (the suite's multi-label sets)
         ("image", pa.binary()),
         ("read_error", pa.string()),
     ]

@@ -65,7 +65,8 @@ def _natural_key(url: str) -> list[Any]:
 
 
 def _empty_row(key: str | None, shard: str) -> dict[str, Any]:
-    return {"key": key, "shard": shard, "json": None, "txt": None, "cls": None, "image": None, "read_error": None}
+    row = dict.fromkeys(("json", "txt", "cls", "npy", "image", "read_error"))
+    return {"key": key, "shard": shard, **row}
 
 
 class _TailReader:
@@ -119,8 +120,8 @@ def iter_tar_rows(stream: IO[bytes], shard: str) -> Iterator[dict[str, Any]]:
                     current["json"] = data
                 elif suffix == "txt":
                     current["txt"] = data
-                elif suffix == "cls":
-                    current["cls"] = data
+                elif suffix in ("cls", "npy"):  # the zero-shot suite's labels (single, multi-label)
+                    current[suffix] = data
                 elif suffix in IMAGE_SUFFIXES and current["image"] is None:
                     current["image"] = data
             # tarfile ends quietly when a file is cut at a member boundary or inside a header; a real

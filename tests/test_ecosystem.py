@@ -102,5 +102,5 @@ def test_eval_on_label_only_shards_has_no_retrieval_corpus_and_says_so(trained_r
     eval_cfg = demo_config(root, cfg.data.shards, *sets)
     result = run_eval(eval_cfg)
     assert "no captions in eval.shards" in capsys.readouterr().err
-    assert result["header"]["retrieval corpus"] == "off" and result["tasks"] == ["shapes"]
+    assert result["header"]["retrieval"] == "off" and result["tasks"] == ["shapes"]
     assert all(0 <= row["shapes"] <= 1 for row in result["accuracy"].values())

@@ -82,11 +82,11 @@ def test_numbers_recompute_from_saved_predictions_and_logits(evaluated):
         expert_max = accuracy[(accuracy.model == "expert-max") & (accuracy.task == task)].value.item()
         assert expert_max == pytest.approx(best)
     # Retrieval: the routed ensembles' recalls from the saved per-expert scores and weights.
-    scores, text_of_image = arrays["retrieval/expert_scores"], arrays["retrieval/text_of_image"]
+    scores, pairs = arrays["retrieval/expert_scores"], (arrays["retrieval/pair_images"], arrays["retrieval/pair_texts"])
     for method in ("reference", "calibrated"):
         recalls = ensemble_retrieval(
             scores,
-            text_of_image,
+            *pairs,
             arrays[f"retrieval/corpus_weights_{method}"],
             arrays[f"retrieval/per_text_weights_{method}"],
         )

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from mode_ray.config import S3Config
 from mode_ray.eval import moe_usage
-from mode_ray.eval.scoring import MEAN_PER_CLASS_RECALL, RETRIEVAL, Scores
+from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
+from mode_ray.eval.scoring import RETRIEVAL_TASK, Scores
 from mode_ray.layout import MOE
 from mode_ray.storage import join, write_bytes, write_json
 
@@ -56,6 +57,15 @@ def accuracy_table(
     return tasks, table
 
 
+def retrieval_table(metrics: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """model → retrieval task → {recall metric: value}."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for m in metrics:
+        if m["metric"] in RETRIEVAL_SHOWN:
+            table.setdefault(m["model"], {}).setdefault(m["task"], {})[m["metric"]] = m["value"]
+    return table
+
+
 def _csv(metrics: list[dict[str, Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -75,10 +85,11 @@ def markdown(
     routing: list[dict[str, Any]],
     header: dict[str, Any],
     usage: dict[str, Any] | None = None,
+    suite: dict[str, Any] | None = None,
 ) -> str:
     tasks, table = accuracy_table(metrics)
-    retrieval = {(m["model"], m["metric"]): m["value"] for m in metrics if m["task"] == RETRIEVAL}
-    shown = [r for r in RETRIEVAL_SHOWN if any(k[1] == r for k in retrieval)]
+    retrieval = {(m["model"], m["task"], m["metric"]): m["value"] for m in metrics if m["metric"] in RETRIEVAL_SHOWN}
+    shown = list(dict.fromkeys((k[1], k[2]) for k in retrieval))  # (task, metric), in report order
     compute = {
         m["model"]: (m.get("trained_samples"), m.get("compute_samples"), m.get("train_seconds")) for m in metrics
     }
@@ -86,17 +97,22 @@ def markdown(
     lines = [f"# Evaluation report — {header['run_root']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
     lines += ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
-    cols = ["model", *tasks, "average", *shown, "samples behind the weights", "training compute (samples)", "(s)"]
+    recall_cols = [metric if task == RETRIEVAL_TASK else f"{task} {metric}" for task, metric in shown]
+    cols = ["model", *tasks, "average", *recall_cols, "samples behind the weights", "training compute (samples)"]
+    cols.append("(s)")
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for model in models_in_order(metrics):
         row = table.get(model, {})
         seen, cost, seconds = compute.get(model, (None, None, None))
         cells = [model + (" (oracle)" if model == "expert-max" else "")]
         cells += [_fmt(row.get(t)) for t in [*tasks, "average"]]
-        cells += [_fmt(retrieval.get((model, r))) for r in shown]
+        cells += [_fmt(retrieval.get((model, task, metric))) for task, metric in shown]
         cells += [_fmt(seen, pct=False), _fmt(cost, pct=False), "–" if seconds is None else f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _recall_lines(metrics)
+    lines += _metric_lines(metrics, MEAN_PER_CLASS_RECALL, "Mean per-class recall (%), as CLIP_benchmark reports it "
+                           "for imbalanced sets:")  # fmt: skip
+    lines += _metric_lines(metrics, MEAN_AVERAGE_PRECISION, "Mean average precision (%), the multi-label tasks:")
+    lines += _suite_lines(suite)
     if picks:
         lines += ["", "expert-max picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
     lines += [
@@ -134,16 +150,33 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _recall_lines(metrics: list[dict[str, Any]]) -> list[str]:
-    """Mean per-class recall (CLIP_benchmark's second classification number), one row per model."""
-    tasks, table = accuracy_table(metrics, MEAN_PER_CLASS_RECALL)
+def _metric_lines(metrics: list[dict[str, Any]], metric: str, title: str) -> list[str]:
+    """One more per-task metric (CLIP_benchmark's other numbers), one row per model."""
+    tasks, table = accuracy_table(metrics, metric)
     if not table:
         return []
-    lines = ["", "Mean per-class recall (%), as CLIP_benchmark reports it for imbalanced sets:", ""]
+    lines = ["", title, ""]
     lines += ["| model | " + " | ".join([*tasks, "average"]) + " |", "|" + "---|" * (len(tasks) + 2)]
     for model in models_in_order(metrics):
         if model in table:
             lines.append(f"| {model} | " + " | ".join(_fmt(table[model].get(t)) for t in [*tasks, "average"]) + " |")
+    return lines
+
+
+def _suite_lines(suite: dict[str, Any] | None) -> list[str]:
+    """The suite average as the papers' tables read: each dataset's main metric, averaged."""
+    if not suite:
+        return []
+    metrics = ", ".join(f"{t}: {m}" for t, m in suite["main_metrics"].items())
+    lines = ["", f"## Suite average: {suite['name']}", "", f"Main metric per dataset: {metrics}."]
+    if suite["missing"]:
+        lines.append(f"Missing (no folder under the root, not in the average): {', '.join(suite['missing'])}.")
+    if suite["not_computed"]:
+        left = ", ".join(f"{t} ({m})" for t, m in suite["not_computed"].items())
+        lines.append(f"Evaluated, but their main metric is not one mode_ray computes (not in the average): {left}.")
+    lines += ["", "| model | average (%) | datasets |", "|---|---|---|"]
+    for model, row in suite["average"].items():
+        lines.append(f"| {model} | {_fmt(row['average'])} | {row['datasets']} of {suite['size']} |")
     return lines
 
 
@@ -250,9 +283,10 @@ def write_report(
     s3: S3Config | None = None,
     usage: dict[str, Any] | None = None,
     trained: dict[str, dict[str, Any]] | None = None,
+    suite: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Every report file; `usage`: the CLIP-MoE's expert usage record (moe_usage.usage_record), if any;
-    `trained`: each trained model's metrics.json (their training curves)."""
+    `trained`: each trained model's metrics.json (their training curves); `suite`: eval.benchmark's average."""
     metrics = with_compute(scores.metrics, compute)
     files = {
         "csv": join(out_dir, "report.csv"),
@@ -263,7 +297,7 @@ def write_report(
         "routing": join(out_dir, "routing.json"),
     }
     write_bytes(files["csv"], _csv(metrics), s3)
-    write_bytes(files["md"], markdown(metrics, scores.routing, header, usage).encode(), s3)
+    write_bytes(files["md"], markdown(metrics, scores.routing, header, usage, suite).encode(), s3)
     write_bytes(files["png"], plot(metrics, scores.routing), s3)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(scores.predictions), buf)

@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from mode_ray.eval.retrieval import ensemble_retrieval, recall_at_k, unique_texts
+from mode_ray.eval.metrics import ACCURACY, MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
+from mode_ray.eval.retrieval import Corpus, ensemble_retrieval, recall_at_k
 from mode_ray.eval.router import TaskRouter
-from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits
+from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits, mean_average_precision
 from mode_ray.layout import MOE
 from mode_ray.routing import Routing, distance_from_uniform
 
 METHODS = ("reference", "calibrated")
 ALL_UNIT = "all_unit"
 EXPERT_MAX = "expert-max"
-RETRIEVAL = "retrieval"
-MEAN_PER_CLASS_RECALL = "mean_per_class_recall"  # CLIP_benchmark reports it beside top-1 (imbalanced sets)
+RETRIEVAL_TASK = "retrieval"  # the task name of eval.shards' caption corpus
 MAX_SAVED_SCORES = 50_000_000  # retrieval score matrices above this many floats are not saved
 
 
@@ -36,7 +36,8 @@ def ensemble_name(method: str) -> str:
 
 @dataclass
 class TaskData:
-    """One task's labelled images, with each model's image features in the same row order."""
+    """One task's labelled images, with each model's image features in the same row order. `labels`: one
+    class index per image [N], or for a multi-label task which classes each image shows [N, C] in {0, 1}."""
 
     name: str
     class_names: list[str]
@@ -45,6 +46,14 @@ class TaskData:
     labels: np.ndarray
     image_feats: dict[str, np.ndarray]
     skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def main_score(self, logits: np.ndarray) -> float:
+        """The number expert-max and the routing hit compare models by."""
+        return mean_average_precision(logits, self.labels) if self.multilabel else accuracy(logits, self.labels)
 
 
 @dataclass
@@ -112,24 +121,28 @@ def score_task(
         logits[ensemble_name(method)] = ensemble_logits(stacked, weights)
         out.arrays[f"{task.name}/weights_{method}"] = weights
     logits[ALL_UNIT] = ensemble_logits(stacked, uniform(len(experts)))
-    acc = {m: accuracy(logits[m], task.labels) for m in experts}
-    best = max(experts, key=acc.__getitem__)
+    score = {m: task.main_score(logits[m]) for m in experts}
+    best = max(experts, key=score.__getitem__)
     logits[EXPERT_MAX] = logits[best]
     for record in out.routing:  # did routing put most weight on the expert the oracle would pick?
         top = experts[int(np.argmax(record["used_weights"]))]
-        record.update(top_expert=top, expert_max_pick=best, hit=bool(acc[top] == acc[best]))
+        record.update(top_expert=top, expert_max_pick=best, hit=bool(score[top] == score[best]))
     out.arrays[f"{task.name}/expert_logits"] = stacked
     out.arrays[f"{task.name}/labels"] = task.labels
+    n = len(task.labels)
     for model in _report_order(experts, baselines):
-        preds = logits[model].argmax(axis=1)
-        row = {"model": model, "kind": kind_of(model), "task": task.name, "metric": "accuracy"}
-        out.metrics.append({**row, "value": accuracy(logits[model], task.labels), "n": len(task.labels)})
+        row = {"model": model, "kind": kind_of(model), "task": task.name, "n": n}
         if model == EXPERT_MAX:
-            out.metrics[-1]["note"] = best
+            row["note"] = best
+        if task.multilabel:  # no single prediction per image: the ranking per class is what counts
+            out.metrics.append({**row, "metric": MEAN_AVERAGE_PRECISION, "value": task.main_score(logits[model])})
+            continue
+        preds = logits[model].argmax(axis=1)
+        out.metrics.append({**row, "metric": ACCURACY, "value": accuracy(logits[model], task.labels)})
         with warnings.catch_warnings():  # a class predicted but absent from the labels: expected, not news
             warnings.simplefilter("ignore")
-            recall = balanced_accuracy_score(task.labels, preds) if len(task.labels) else float("nan")
-        out.metrics.append({**row, "metric": MEAN_PER_CLASS_RECALL, "value": float(recall), "n": len(task.labels)})
+            recall = balanced_accuracy_score(task.labels, preds) if n else float("nan")
+        out.metrics.append({**row, "metric": MEAN_PER_CLASS_RECALL, "value": float(recall)})
         out.predictions += [
             {"model": model, "task": task.name, "key": k, "label": int(y), "pred": int(p)}
             for k, y, p in zip(task.keys, task.labels, preds, strict=True)
@@ -138,38 +151,40 @@ def score_task(
 
 
 def score_retrieval(
-    captions: list[str],
+    name: str,
+    corpus: Corpus,
     image_feats: dict[str, np.ndarray],
     text_feats: dict[str, np.ndarray],
     router: TaskRouter,
     present: list[int],
     baselines: list[str],
 ) -> Scores:
-    """text_feats are over unique_texts(captions)."""
+    """One retrieval task: image_feats over the corpus' images, text_feats over corpus.texts."""
     out = Scores()
-    texts, text_of_image = unique_texts(captions)
+    pairs = (corpus.pair_images, corpus.pair_texts)
     experts = [f"expert-{e}" for e in present]
     scores = {m: image_feats[m] @ text_feats[m].T for m in experts + baselines}
-    results = {m: recall_at_k(s, s, text_of_image) for m, s in scores.items()}
+    results = {m: recall_at_k(s, s, *pairs) for m, s in scores.items()}
     stacked = np.stack([scores[m] for m in experts])
     for method in METHODS:
-        corpus = router.route(texts, ("{}",), method, per_class=False)
-        per_text = router.route(texts, ("{}",), method, per_class=True)
-        out.routing.append(routing_record(RETRIEVAL, corpus, present))
-        w_corpus, w_text = restrict(corpus.weights, present), restrict(per_text.weights, present)
-        results[ensemble_name(method)] = ensemble_retrieval(stacked, text_of_image, w_corpus, w_text)
-        out.arrays[f"{RETRIEVAL}/corpus_weights_{method}"] = w_corpus
-        out.arrays[f"{RETRIEVAL}/per_text_weights_{method}"] = w_text
+        whole = router.route(corpus.texts, ("{}",), method, per_class=False)
+        per_text = router.route(corpus.texts, ("{}",), method, per_class=True)
+        out.routing.append(routing_record(name, whole, present))
+        w_corpus, w_text = restrict(whole.weights, present), restrict(per_text.weights, present)
+        results[ensemble_name(method)] = ensemble_retrieval(stacked, *pairs, w_corpus, w_text)
+        out.arrays[f"{name}/corpus_weights_{method}"] = w_corpus
+        out.arrays[f"{name}/per_text_weights_{method}"] = w_text
     if stacked.size <= MAX_SAVED_SCORES:  # the saved arrays recompute every recall; a huge corpus is skipped
-        out.arrays[f"{RETRIEVAL}/expert_scores"] = stacked
-        out.arrays[f"{RETRIEVAL}/text_of_image"] = text_of_image
+        out.arrays[f"{name}/expert_scores"] = stacked
+        out.arrays[f"{name}/pair_images"], out.arrays[f"{name}/pair_texts"] = pairs
     unit = ensemble_logits(stacked, uniform(len(experts)))
-    results[ALL_UNIT] = recall_at_k(unit, unit, text_of_image)
+    results[ALL_UNIT] = recall_at_k(unit, unit, *pairs)
     results[EXPERT_MAX] = {k: max(results[m][k] for m in experts) for k in results[experts[0]]}
+    n_images = len(stacked[0])
     for model in _report_order(experts, baselines):
         for metric, value in results[model].items():
-            row = {"model": model, "kind": kind_of(model), "task": RETRIEVAL, "metric": metric}
-            out.metrics.append({**row, "value": value, "n": len(captions)})
+            row = {"model": model, "kind": kind_of(model), "task": name, "metric": metric}
+            out.metrics.append({**row, "value": value, "n": n_images})
     return out
 
 

@@ -11,10 +11,12 @@ SKIP_UNKNOWN_LABEL = "unknown_label"
 
 
 def configured_tasks(cfg: Config) -> list[EvalTaskConfig]:
-    """eval.tasks, plus the demo's five when eval.demo_tasks is on (over eval.shards)."""
-    from mode_ray.eval.suite import as_webdataset_task
+    """eval.tasks, eval.benchmark's datasets, and the demo's five when eval.demo_tasks is on (over eval.shards)."""
+    from mode_ray.eval.suite import as_webdataset_task, resolve_benchmark
 
     tasks = [as_webdataset_task(t, cfg.data.s3) if t.source == "clip_benchmark" else t for t in cfg.eval.tasks]
+    suite = resolve_benchmark(cfg.eval.benchmark, cfg.data.s3)
+    tasks += suite.tasks if suite else []
     if cfg.eval.demo_tasks:
         if not cfg.eval.shards:
             raise ValueError("eval.demo_tasks needs eval.shards (the demo's eval split)")
@@ -25,6 +27,10 @@ def configured_tasks(cfg: Config) -> list[EvalTaskConfig]:
     if len(set(names)) != len(names):
         raise ValueError(f"eval task names must be unique: {names}")
     return tasks
+
+
+def is_classification(task: EvalTaskConfig) -> bool:
+    return task.kind in (None, "classification")
 
 
 def templates_of(task: EvalTaskConfig, default: list[str]) -> list[str]:
@@ -53,8 +59,16 @@ def label_index(value: Any, class_names: list[str]) -> tuple[int | None, str | N
     return None, SKIP_UNKNOWN_LABEL
 
 
-def webdataset_label(meta: dict[str, Any] | None, task: EvalTaskConfig) -> tuple[int | None, str | None]:
-    return label_index(_dotted(meta, task.label_field or ""), task.class_names or [])
+def webdataset_label(meta: dict[str, Any] | None, task: EvalTaskConfig) -> tuple[Any, str | None]:
+    """A classification task's class index, or a multi-label task's 0/1 list over its classes."""
+    value = _dotted(meta, task.label_field or "")
+    if task.kind != "multilabel":
+        return label_index(value, task.class_names or [])
+    if value is None:
+        return None, SKIP_NO_LABEL
+    if not isinstance(value, list) or len(value) != len(task.class_names or []):
+        return None, SKIP_UNKNOWN_LABEL
+    return [1 if v else 0 for v in value], None
 
 
 def folder_classes(class_dirs: list[str], task: EvalTaskConfig) -> list[str]:

@@ -91,3 +91,17 @@ def ensemble_logits(expert_logits: np.ndarray, weights: np.ndarray) -> np.ndarra
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
+
+
+def mean_average_precision(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-label: the mean over classes of each class's average precision, ranking the images by their
+    logit for it; a class no image has counts 0, as CLIP_benchmark counts it. targets [N, C] in {0, 1}."""
+    from sklearn.metrics import average_precision_score
+
+    if not len(targets):
+        return float("nan")
+    per_class = [
+        average_precision_score(targets[:, c], logits[:, c]) if targets[:, c].any() else 0.0
+        for c in range(targets.shape[1])
+    ]
+    return float(np.mean(per_class))

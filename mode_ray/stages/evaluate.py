@@ -13,8 +13,10 @@ expert usage on the images and class prompts counted on the way (mode_ray/eval/m
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,17 +24,27 @@ import pyarrow as pa
 
 from mode_ray.config import Config, EvalTaskConfig, S3Config
 from mode_ray.eval import moe_usage
-from mode_ray.eval.retrieval import unique_texts
+from mode_ray.eval.retrieval import Corpus, build_corpus
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import (
     ENSEMBLE_MODELS,
+    MEAN_AVERAGE_PRECISION,
     MEAN_PER_CLASS_RECALL,
+    RETRIEVAL_TASK,
     TaskData,
     merge,
     score_retrieval,
     score_task,
 )
-from mode_ray.eval.suite import LABEL_FIELD
+from mode_ray.eval.suite import (
+    LABEL_FIELD,
+    MULTI_LABEL_FIELD,
+    MULTILABEL,
+    RETRIEVAL,
+    describe,
+    resolve_benchmark,
+    summarize,
+)
 from mode_ray.eval.tasks import SKIP_NO_LABEL, SKIP_UNKNOWN_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
@@ -64,6 +76,7 @@ ROW_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("meta", pa.string()),  # the sample's json (webdataset) or {"class_dir": …} (folder)
         ("caption", pa.string()),
+        ("txt", pa.string()),  # KEY.txt as text: a suite retrieval set's captions, one per line
         ("image", pa.binary()),
         ("reason", pa.string()),  # why the image cannot be used; null when it can
     ]
@@ -84,8 +97,9 @@ def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
                 out["meta"] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 out["meta"] = None
-        if row.get("cls") is not None:  # the suite's KEY.cls: the label, beside whatever the json says
-            out["meta"] = with_cls_label(out["meta"], row["cls"])
+        if row.get("cls") is not None or row.get("npy") is not None:  # the suite's labels, beside the json
+            out["meta"] = with_suite_labels(out["meta"], row.get("cls"), row.get("npy"))
+        out["txt"] = row["txt"].decode("utf-8", errors="replace") if row.get("txt") is not None else None
         try:
             out["caption"] = parse_caption(raw, row.get("txt"), row["key"] or "", limits) or None
         except Rejected:
@@ -101,16 +115,24 @@ def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def with_cls_label(meta: str | None, cls: bytes) -> str:
+def with_suite_labels(meta: str | None, cls: bytes | None, npy: bytes | None = None) -> str:
     """The sample's metadata with its `.cls` label under `cls` (an int; anything else kept as text, which no
-    class matches, so it is counted as an unknown label)."""
+    class matches, so it is counted as an unknown label) and its `.npy` multi-label vector under `npy` (a
+    list; an unreadable one as text, likewise counted)."""
     try:
         parsed = json.loads(meta) if meta else {}
     except ValueError:
         parsed = {}
-    text = cls.decode("utf-8", errors="replace").strip()
-    label = int(text) if text.lstrip("-").isdigit() else text
-    return json.dumps({**(parsed if isinstance(parsed, dict) else {}), LABEL_FIELD: label})
+    out = parsed if isinstance(parsed, dict) else {}
+    if cls is not None:
+        text = cls.decode("utf-8", errors="replace").strip()
+        out[LABEL_FIELD] = int(text) if text.lstrip("-").isdigit() else text
+    if npy is not None:
+        try:
+            out[MULTI_LABEL_FIELD] = np.load(io.BytesIO(npy), allow_pickle=False).reshape(-1).tolist()
+        except (ValueError, OSError) as err:
+            out[MULTI_LABEL_FIELD] = f"unreadable .npy: {err}"
+    return json.dumps(out)
 
 
 def folder_rows(batch: pa.Table, limits: Limits, root: str) -> pa.Table:
@@ -221,13 +243,16 @@ def featurize(cfg: Config, source: str, location: str | list[str], exports: dict
 
 
 def text_features(
-    cfg: Config, exports: dict[str, str], prompts: dict[str, tuple[list[str], list[str]]], corpus: list[str]
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, moe_usage.Counts]]:
-    """Per model: class-text features per task, and features of the retrieval captions — in one Ray task;
-    and per MoE, its text tower's expert counts over the class prompts."""
+    cfg: Config,
+    exports: dict[str, str],
+    prompts: dict[str, tuple[list[str], list[str]]],
+    corpora: dict[str, list[str]],
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]], dict[str, moe_usage.Counts]]:
+    """Per model: class-text features per task, and features of each retrieval task's texts — in one Ray
+    task; and per MoE, its text tower's expert counts over the class prompts."""
     import ray
 
-    def encode(exports, s3, prompts, corpus, device):
+    def encode(exports, s3, prompts, corpora, device):
         from mode_ray.eval.zero_shot import class_text_features
         from mode_ray.eval.zero_shot import text_features as encode_texts
         from mode_ray.models import load_model
@@ -244,12 +269,12 @@ def text_features(
             if moe_usage.is_moe(model):
                 usage[name] = moe_usage.take_counts(model, "text")
             track_usage(model, False)
-            per_caption[name] = encode_texts(model, tokenizer, corpus, device)
+            per_caption[name] = {task: encode_texts(model, tokenizer, texts, device) for task, texts in corpora.items()}
         return per_task, per_caption, usage
 
     remote = ray.remote(num_cpus=cfg.eval.num_cpus, num_gpus=1 if cfg.eval.use_gpu else 0)(encode)
     device = "cuda" if cfg.eval.use_gpu else "cpu"
-    return ray.get(remote.remote(exports, cfg.data.s3.model_dump(), prompts, corpus, device))
+    return ray.get(remote.remote(exports, cfg.data.s3.model_dump(), prompts, corpora, device))
 
 
 # --------------------------------------------------------------------------- driver
@@ -275,18 +300,73 @@ def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_
             skipped[why or reason] += 1
         else:
             keep.append(i)
-    if task.label_field == LABEL_FIELD and skipped.get(SKIP_UNKNOWN_LABEL):
+    if task.label_field in (LABEL_FIELD, MULTI_LABEL_FIELD) and skipped.get(SKIP_UNKNOWN_LABEL):
+        what = "a .cls label that is not an index into" if task.label_field == LABEL_FIELD else (
+            "a .npy label that is not a vector with one entry per class of")  # fmt: skip
         raise ValueError(
-            f"task {task.name!r}: {skipped[SKIP_UNKNOWN_LABEL]} samples have a .cls label that is not an index "
-            f"into its {len(class_names)} class names: the dataset's classnames.txt does not match its labels"
+            f"task {task.name!r}: {skipped[SKIP_UNKNOWN_LABEL]} samples have {what} its {len(class_names)} class "
+            "names: the dataset's classnames.txt does not match its labels"
         )
     idx = np.array(keep, dtype=np.int64)
+    label_array = np.array([labels[i][0] for i in idx], dtype=np.int64)
+    if task.kind == MULTILABEL:
+        label_array = label_array.reshape(len(idx), len(class_names))
     return TaskData(
         name=task.name,
         class_names=class_names,
         templates=templates_of(task, default_templates),
         keys=rows["key"].take(idx).to_pylist(),
-        labels=np.array([labels[i][0] for i in idx], dtype=np.int64),
+        labels=label_array,
+        image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
+        skipped=dict(skipped),
+    )
+
+
+@dataclass
+class RetrievalData:
+    """One retrieval task's usable images (each model's features, in corpus order) and its caption corpus."""
+
+    name: str
+    keys: list[str]
+    corpus: Corpus
+    image_feats: dict[str, np.ndarray]
+    skipped: dict[str, int]
+
+
+def eval_shards_corpus(cfg: Config) -> EvalTaskConfig | None:
+    """eval.shards' captions as the `retrieval` task: identical captions one text (web captions repeat)."""
+    if not (cfg.eval.retrieval and cfg.eval.shards):
+        return None
+    return EvalTaskConfig(
+        name=RETRIEVAL_TASK,
+        source="webdataset",
+        location=cfg.eval.shards,
+        kind=RETRIEVAL,
+        merge_identical_captions=True,
+    )
+
+
+def _retrieval_data(
+    task: EvalTaskConfig, rows: pa.Table, models: list[str], txt_lines: bool, limit: int | None = None
+) -> RetrievalData | None:
+    """The usable images with at least one caption — KEY.txt's lines (`txt_lines`: the suite's layout) or else
+    the sample's caption — the first `limit` of them; images without one are counted. None: no caption at all."""
+    keep, captions, skipped = [], [], Counter()
+    for i, row in enumerate(rows.select(["caption", "txt", "reason"]).to_pylist()):
+        lines = [line.strip() for line in (row["txt"] or "").splitlines() if line.strip()] if txt_lines else []
+        lines = lines or ([row["caption"]] if row["caption"] else [])
+        if row["reason"] or not lines:
+            skipped[row["reason"] or "no_caption"] += 1
+        else:
+            keep.append(i)
+            captions.append(lines)
+    if not keep:
+        return None
+    idx = np.array(keep[:limit], dtype=np.int64)
+    return RetrievalData(
+        name=task.name,
+        keys=rows["key"].take(idx).to_pylist(),
+        corpus=build_corpus(captions[:limit], task.merge_identical_captions),
         image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
         skipped=dict(skipped),
     )
@@ -320,7 +400,10 @@ def check_eval_inputs(cfg: Config) -> list[EvalTaskConfig]:
     from mode_ray.eval.tasks import configured_tasks
 
     tasks = configured_tasks(cfg)
-    if not tasks and not (cfg.eval.retrieval and cfg.eval.shards):
+    corpus = eval_shards_corpus(cfg)
+    if corpus is not None and any(t.name == corpus.name for t in tasks):
+        raise ValueError(f"eval task name {corpus.name!r} is eval.shards' retrieval task: name yours otherwise")
+    if not tasks and corpus is None:
         raise ValueError(
             "nothing to evaluate: set eval.shards (held-out image-caption shards: retrieval) or eval.tasks "
             "(zero-shot classification), or leave the eval stage out (--only)"
@@ -329,7 +412,7 @@ def check_eval_inputs(cfg: Config) -> list[EvalTaskConfig]:
 
 
 def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
-    from mode_ray.eval.report import accuracy_table, routing_hit_rates, write_report
+    from mode_ray.eval.report import accuracy_table, retrieval_table, routing_hit_rates, write_report
     from mode_ray.resources import eval_needs
     from mode_ray.runtime import ray_runtime, require_resources
 
@@ -340,7 +423,6 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
     summary = read_json(paths.experts_summary, s3)
     tasks = check_eval_inputs(cfg)
-    retrieval = bool(cfg.eval.retrieval and cfg.eval.shards)
     moe = moe_usage.trained_moe(paths, s3)
     models = in_service(cfg, list(summary["models"])) + ([MOE] if moe is not None else [])
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
@@ -364,34 +446,39 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         with ray_runtime(cfg):
             require_resources(cfg, eval_needs(cfg), "eval")
             sources: dict[str, pa.Table] = {}
-            wanted = [(t.source, t.location) for t in tasks] + ([("webdataset", cfg.eval.shards)] if retrieval else [])
-            for source, location in wanted:
-                key = json.dumps([source, location])
+            corpus_task = eval_shards_corpus(cfg)
+            everything = [*tasks, *([corpus_task] if corpus_task else [])]
+            for task in everything:
+                key = json.dumps([task.source, task.location])
                 if key not in sources:
-                    log.info(f"image features of {len(models)} models over {source} {location}")
-                    sources[key] = featurize(cfg, source, location, exports)
-            data = [
-                _task_data(t, sources[json.dumps([t.source, t.location])], models, cfg.eval.templates) for t in tasks
-            ]
-            corpus_rows = None
-            if retrieval:
-                rows = sources[json.dumps(["webdataset", cfg.eval.shards])]
-                pairs = zip(rows["caption"].to_pylist(), rows["reason"].to_pylist(), strict=True)
-                usable = [i for i, (caption, reason) in enumerate(pairs) if caption and not reason]
-                if usable:
-                    corpus_rows = rows.take(pa.array(usable[: cfg.eval.max_retrieval_texts], pa.int64()))
-                else:  # label-only shards (a classification set): nothing to retrieve, said once
+                    log.info(f"image features of {len(models)} models over {task.source} {task.location}")
+                    sources[key] = featurize(cfg, task.source, task.location, exports)
+            data, corpora = [], []
+            for task in tasks:
+                rows = sources[json.dumps([task.source, task.location])]
+                if task.kind == RETRIEVAL:
+                    found = _retrieval_data(task, rows, models, txt_lines=True)
+                    if found is None:
+                        raise ValueError(f"retrieval task {task.name!r}: no usable image with a caption")
+                    corpora.append(found)
+                else:
+                    data.append(_task_data(task, rows, models, cfg.eval.templates))
+            if corpus_task is not None:
+                rows = sources[json.dumps([corpus_task.source, corpus_task.location])]
+                corpus = _retrieval_data(corpus_task, rows, models, False, cfg.eval.max_retrieval_texts)
+                if corpus is None:  # label-only shards (a classification set): nothing to retrieve, said once
                     log.info(f"no captions in eval.shards={cfg.eval.shards}: no retrieval corpus, no retrieval rows")
-            captions = corpus_rows["caption"].to_pylist() if corpus_rows is not None else []
-            texts, _ = unique_texts(captions)
-            log.info(f"text features: {len(data)} tasks, {len(texts)} distinct captions")
+                else:
+                    corpora.append(corpus)
+            texts = {c.name: c.corpus.texts for c in corpora}
+            log.info(f"text features: {len(data)} tasks, {sum(map(len, texts.values()))} retrieval texts")
             per_task, per_caption, text_usage = text_features(
                 cfg, exports, {d.name: (d.class_names, d.templates) for d in data}, texts
             )
         parts = [score_task(d, {m: per_task[m][d.name] for m in models}, router, present, singles) for d in data]
-        if corpus_rows is not None:
-            image_feats = {m: embeddings_to_numpy(corpus_rows[f"f:{m}"]) for m in models}
-            parts.append(score_retrieval(captions, image_feats, per_caption, router, present, singles))
+        for c in corpora:
+            text_feats = {m: per_caption[m][c.name] for m in models}
+            parts.append(score_retrieval(c.name, c.corpus, c.image_feats, text_feats, router, present, singles))
         scores = merge(parts)
         for r in scores.routing if verbose() else []:  # the weights per task (also in the report)
             log.info(
@@ -399,14 +486,21 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
                 f"{r['distance_from_uniform']:.3f} from uniform; label→centre d mean {r['distance_mean']:.3f} "
                 f"[{r['distance_min']:.3f}, {r['distance_max']:.3f}]"
             )
+        skipped = {d.name: d.skipped for d in [*data, *corpora] if d.skipped}
         header = {
             "run_root": cfg.run_root,
             "tasks": ", ".join(f"{d.name} ({len(d.labels)} images, {len(d.class_names)} classes)" for d in data),
-            "skipped images": {d.name: d.skipped for d in data if d.skipped} or "none",
-            "retrieval corpus": f"{len(captions)} images, {len(texts)} distinct captions" if captions else "off",
+            "skipped images": skipped or "none",
+            "retrieval": ", ".join(f"{c.name} ({len(c.keys)} images, {len(c.corpus.texts)} texts)" for c in corpora)
+            or "off",
             "routing": cfg.eval.routing.model_dump(),
             "routing encoder": router.encoder_id,
         }
+        suite = resolve_benchmark(cfg.eval.benchmark, s3)
+        suite_result = summarize(suite, scores.metrics) if suite is not None else None
+        if suite is not None:
+            header["suite"] = describe(suite)
+            log.info(f"suite {header['suite']}")
         usage = None
         if moe is not None:
             image_usage: moe_usage.Counts = {}
@@ -414,15 +508,18 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
                 image_usage = moe_usage.add(image_usage, moe_usage.column_counts(table, f"u:{MOE}"))
             usage = moe_usage.usage_record(image_usage, text_usage[MOE], MOE)
         trained = {m: summary["models"][m] for m in models if m in summary["models"]}
-        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage, trained)
+        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage, trained, suite_result)
         tasks_order, table = accuracy_table(scores.metrics)
         result = {
             "files": files,
             "accuracy": table,
             "mean_per_class_recall": accuracy_table(scores.metrics, MEAN_PER_CLASS_RECALL)[1],
+            "mean_average_precision": accuracy_table(scores.metrics, MEAN_AVERAGE_PRECISION)[1],
+            "retrieval": retrieval_table(scores.metrics),
             "tasks": tasks_order,
             "header": header,
             "routing_hit_rate": routing_hit_rates(scores.routing),
+            "suite": suite_result,
         }
         write_json(join(paths.eval, "summary.json"), result, s3)
         for name in (m for m in table if m in models):  # each trained model's card gets its report row
@@ -443,3 +540,11 @@ def print_accuracy(result: dict[str, Any]) -> None:
     for model, row in result["accuracy"].items():
         table.add_row(model, *(f"{100 * row[t]:.1f}" for t in [*tasks, "average"]))
     console.print(table)
+    suite = result.get("suite")
+    if suite:
+        table = Table(title=f"suite average (%): {suite['name']}, main metric of each dataset")
+        for col in ("model", "average", "datasets"):
+            table.add_column(col)
+        for model, row in suite["average"].items():
+            table.add_row(model, f"{100 * row['average']:.1f}", f"{row['datasets']} of {suite['size']}")
+        console.print(table)

@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 
 from mode_ray.config import Config
-from mode_ray.eval.tasks import configured_tasks, templates_of, webdataset_label
+from mode_ray.eval.tasks import configured_tasks, is_classification, templates_of, webdataset_label
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.resources import serve_needs
 from mode_ray.runtime import require_resources, started_here
@@ -51,7 +51,7 @@ def check_images(cfg: Config) -> list[dict[str, Any]]:
     """A few labelled held-out images per webdataset eval task: {task, image, label, labels, templates}."""
     picks: list[dict[str, Any]] = []
     for task in configured_tasks(cfg):
-        if task.source != "webdataset":
+        if task.source != "webdataset" or not is_classification(task):
             continue
         shards, _ = list_shards(task.location, cfg.data.s3)
         found = 0
