@@ -23,6 +23,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Settings added after runs existed, at the value that reproduces what runs did before them: left out of the
+# completion hashes at that value, so upgrading does not retrain a finished model.
+ADDED_NEUTRAL: dict[str, Any] = {
+    "lr_decay": "whole_schedule",
+    "router_label_smoothing": 0.0,
+    "router_temperature": None,
+    "optimizer": "mode_ray",
+}
+
+
+def without_added_neutral(dump: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dump.items() if k not in ADDED_NEUTRAL or v != ADDED_NEUTRAL[k]}
+
+
 class RayConfig(Section):
     """Where Ray runs: an embedded local instance (address null) or a cluster."""
 
@@ -148,6 +162,11 @@ class TrainingConfig(Section):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(default=1e-6, gt=0)
     warmup_steps: int = Field(default=2000, ge=0)
+    lr_decay: Literal["whole_schedule", "after_warmup"] = Field(
+        default="whole_schedule",
+        description="The cosine decays over the whole schedule (step / total) or, as open_clip and the references, "
+        "over the steps after warmup.",
+    )
     ooc_ratio: float = Field(default=0.02, ge=0, le=1)
     matched_control: bool = Field(
         default=True,
@@ -201,13 +220,14 @@ class TrainingConfig(Section):
     def learning_settings(self) -> dict[str, Any]:
         """What a trained model depends on: completion markers hash these, so changing how a job runs
         (injected faults, retries, polling, trial concurrency) never retrains a model."""
-        return self.model_dump(mode="json", exclude=RUN_ONLY_TRAINING)
+        return without_added_neutral(self.model_dump(mode="json", exclude=RUN_ONLY_TRAINING))
 
 
 class MoEConfig(Section):
     """CLIP-MoE (DESIGN §4): MCL stages fine-tune a base CLIP's MLPs on cluster-homogeneous batches, the stage
     MLPs become the experts of one MoE per block, then only the routers train. Batch size, precision, workers
-    and data settings are training's. Defaults are the reference's."""
+    and data settings are training's. Where a default is not the reference's, README's "Where mode_ray differs
+    from the references" says so, and `preset: reference` sets the reference's value."""
 
     enabled: bool = Field(default=True, description="Build the CLIP-MoE in `mode-ray run` (after training).")
     base: str = Field(
@@ -223,6 +243,14 @@ class MoEConfig(Section):
     lr: float = Field(default=1e-5, gt=0, description="MCL stages: AdamW on the MLP weights only.")
     weight_decay: float = Field(default=0.2, ge=0)
     warmup_steps: int = Field(default=200, ge=0)
+    lr_decay: Literal["whole_schedule", "after_warmup"] = Field(
+        default="whole_schedule", description="MCL stages and router: as training.lr_decay."
+    )
+    optimizer: Literal["mode_ray", "reference"] = Field(
+        default="mode_ray",
+        description="mode_ray: AdamW as training's (betas, eps; no decay on gains, biases, logit scale); reference: "
+        "torch's AdamW defaults (β 0.9/0.999, ε 1e-8), decay on every parameter.",
+    )
     temperature: float = Field(default=0.01, gt=0, description="MCL: fixed CLIP temperature (logit scale 1/T).")
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="MCL: in the CLIP loss, as the reference.")
     top_k: int = Field(default=2, ge=1)
@@ -231,12 +259,17 @@ class MoEConfig(Section):
     router_lr: float = Field(default=1e-6, gt=0)
     router_weight_decay: float = Field(default=0.01, ge=0)
     router_warmup_steps: int = Field(default=0, ge=0)
+    router_label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Router fine-tuning's CLIP loss.")
+    router_temperature: float | None = Field(
+        default=None, gt=0, description="Router fine-tuning: a fixed logit scale 1/T; null: the base's own."
+    )
     expert_dropout: float = Field(default=0.1, ge=0, lt=1, description="Router fine-tuning: dropout inside experts.")
     balance_coef: float = Field(default=0.01, ge=0)
     balance_counts: Literal["top1", "topk"] = Field(
         default="top1",
         description="f_e of the balance loss counts each token's top-1 pick (the paper) or every top-k slot "
-        "(the reference code). Either way it is computed per layer and averaged over a tower's layers.",
+        "(the reference code also counts every slot, but its shares sum to k: topk is its value / k). Either way it "
+        "is computed per layer and averaged over a tower's layers.",
     )
     balance_text_weight: float = Field(default=0.5, ge=0, description="Loss = CLIP + coef·(image + w·text).")
 
@@ -412,8 +445,25 @@ class TrackingConfig(Section):
     wandb_mode: Literal["offline", "online"] = "offline"
 
 
+# `preset: reference`: the references' value of every setting where mode_ray's default differs (README, "Where
+# mode_ray differs from the references"); a value the config sets itself wins.
+REFERENCE_PRESET: dict[str, dict[str, Any]] = {
+    "training": {"lr_decay": "after_warmup"},
+    "moe": {
+        "lr_decay": "after_warmup",
+        "optimizer": "reference",
+        "router_label_smoothing": 0.1,
+        "router_temperature": 0.01,
+        "router_warmup_steps": 200,
+    },
+}
+
+
 class Config(Section):
     run_root: str
+    preset: Literal["mode_ray", "reference"] = Field(
+        default="mode_ray", description="reference: the references' value wherever mode_ray's default differs."
+    )
     ray: RayConfig = RayConfig()
     data: DataConfig
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -424,6 +474,18 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     continual: ContinualConfig = ContinualConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("preset") != "reference":
+            return raw
+        out = dict(raw)
+        for section, values in REFERENCE_PRESET.items():
+            given = out.get(section) or {}
+            if isinstance(given, dict):
+                out[section] = {**values, **given}
+        return out
 
     @field_validator("run_root")
     @classmethod

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mode_ray.config import Config
+from mode_ray.config import Config, without_added_neutral
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
 from mode_ray.models.clip import export_info
@@ -52,6 +52,8 @@ ROUTER_FIELDS = {
     "router_lr",
     "router_weight_decay",
     "router_warmup_steps",
+    "router_label_smoothing",
+    "router_temperature",
     "expert_dropout",
     "balance_coef",
     "balance_counts",
@@ -186,7 +188,7 @@ def write_plan(url: str, rows: dict[str, np.ndarray], ranks: dict[int, np.ndarra
 
 
 def stage_settings(cfg: Config, base_id: str, stage: int, previous: str) -> str:
-    moe = cfg.moe.model_dump(mode="json", exclude=ROUTER_FIELDS | {"stages", "base"})
+    moe = without_added_neutral(cfg.moe.model_dump(mode="json", exclude=ROUTER_FIELDS | {"stages", "base"}))
     t = cfg.training
     training = (t.model, t.batch_size, t.num_workers, t.holdout_fraction, t.decode_cache, t.seed, t.precision)
     return settings_hash(moe, training, base_id, stage, previous)
@@ -253,6 +255,7 @@ def mcl_task(cfg: Config, stage: int, base_url: str, steps: int) -> dict[str, An
             "init_export": base_url,
             "fixed_temperature": moe.temperature,
             "label_smoothing": moe.label_smoothing,
+            "optimizer": moe.optimizer,
             "per_rank_data": True,
             "shuffle_buffer": 0,  # the plan's order is the point
         },
@@ -273,6 +276,9 @@ def router_task(cfg: Config, stage_urls: list[str]) -> dict[str, Any]:
             "lr": moe.router_lr,
             "weight_decay": moe.router_weight_decay,
             "trainable": "router",
+            "optimizer": moe.optimizer,
+            "label_smoothing": moe.router_label_smoothing,
+            "fixed_temperature": moe.router_temperature,
             "moe": {"stages": stage_urls, "spec": asdict(spec)},
             "balance": {"coef": moe.balance_coef, "counts": moe.balance_counts, "text_weight": moe.balance_text_weight},
             "export_dir": paths.export(MOE),
@@ -291,6 +297,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     from mode_ray.stages.train_data import build_input_cache
 
     paths, s3, moe, t = RunPaths(cfg.run_root), cfg.data.s3, cfg.moe, cfg.training
+    after_warmup = moe.lr_decay == "after_warmup"
     claim_run_root(cfg.run_root, s3)
     if not exists(paths.prep_summary, s3):
         raise ValueError(f"no prep output under {cfg.run_root}: run `mode-ray prep` first")
@@ -318,7 +325,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
                         f"smaller than a batch of {t.batch_size} (not trained on); {facts['steps']} steps"
                     )
                     job = Job(job_name, None, 0, facts["steps"], 1.0, False)
-                    schedule = Schedule(moe.lr, moe.warmup_steps, facts["steps"], 0)
+                    schedule = Schedule(moe.lr, moe.warmup_steps, facts["steps"], 0, after_warmup)
                     shared = _shared(schedule, facts["steps"] * t.batch_size / moe.stage_epochs)
                     task = mcl_task(cfg, stage, base_url, facts["steps"])
                     run_phase(cfg, f"moe-{name}", [job], {job_name: settings}, force, shared, {job_name: task})
@@ -327,7 +334,10 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
             stage_urls.append(join(out, "export"))
             previous = settings
         router_settings = settings_hash(
-            cfg.moe.model_dump(mode="json"), stage_urls, previous, t.model_dump(mode="json")
+            without_added_neutral(cfg.moe.model_dump(mode="json")),
+            stage_urls,
+            previous,
+            without_added_neutral(t.model_dump(mode="json")),
         )
         router_out = paths.moe(ROUTER)
         with stage_log("moe: router fine-tuning") as log:
@@ -339,7 +349,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
                 spe = samples_per_epoch(cfg, read_json(paths.prep_summary, s3)["in_manifest"])
                 steps = max(1, round(moe.router_epochs * spe / t.batch_size))
                 job = Job(f"moe-{ROUTER}", None, 0, steps, 1.0, False)
-                schedule = Schedule(moe.router_lr, moe.router_warmup_steps, steps, 0)
+                schedule = Schedule(moe.router_lr, moe.router_warmup_steps, steps, 0, after_warmup)
                 shared = _shared(schedule, spe)
                 run_phase(
                     cfg,

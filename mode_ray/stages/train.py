@@ -75,6 +75,7 @@ def make_plan(cfg: Config, per_expert: dict[str, int]) -> Plan:
         n_coarse=cfg.clustering.n_coarse,
         use_seed=t.use_seed,
         matched_control=t.matched_control,
+        decay_after_warmup=t.lr_decay == "after_warmup",
     )
 
 
@@ -91,7 +92,7 @@ def model_done(cfg: Config, name: str, settings: str) -> bool:
 
 
 def job_hash(cfg: Config, plan: Plan, job: Job, manifest_run_id: str) -> str:
-    return settings_hash(cfg.training.learning_settings(), asdict(job), asdict(plan.schedule), manifest_run_id)
+    return settings_hash(cfg.training.learning_settings(), asdict(job), plan.schedule.settings(), manifest_run_id)
 
 
 # --------------------------------------------------------------------------- one trial

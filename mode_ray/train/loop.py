@@ -37,7 +37,11 @@ STATE_FILE = "state.pt"
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW with open_clip's split: no weight decay on gains, biases or the logit scale."""
+    """AdamW with open_clip's split: no weight decay on gains, biases or the logit scale; or (`optimizer:
+    reference`, CLIP-MoE's jobs) torch's AdamW defaults with decay on every trainable parameter."""
+    if cfg.get("optimizer") == "reference":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -12,7 +12,8 @@ With every model on the same global batch, steps and samples are interchangeable
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 SEED = "seed"
 GENERALIST = "generalist"
@@ -25,12 +26,23 @@ def expert_name(expert: int) -> str:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup, then cosine to zero over the dense schedule (seed + one tail), in steps."""
+    """Linear warmup, then cosine to zero over the dense schedule (seed + one tail), in steps: over the whole
+    schedule (`step / total`), or as open_clip's `cosine_lr` and both references, over the steps after warmup
+    (`decay_after_warmup`)."""
 
     base_lr: float
     warmup_steps: int
     total_steps: int  # seed + one tail
     tail_start: int  # the seed's last step: where every tail branches off
+    decay_after_warmup: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """What completion markers hash: the decay only when it is not the original one, so a run made before
+        the setting existed is not retrained."""
+        out = asdict(self)
+        if not self.decay_after_warmup:
+            del out["decay_after_warmup"]
+        return out
 
     def position(self, step: int, stretch: float = 1.0) -> float:
         """Where on the dense schedule `step` of a run whose tail is `stretch` times longer stands."""
@@ -42,7 +54,8 @@ class Schedule:
         pos = self.position(step, stretch)
         if self.warmup_steps and pos < self.warmup_steps:
             return self.base_lr * (pos + 1) / self.warmup_steps
-        progress = min(max(pos / max(self.total_steps, 1), 0.0), 1.0)
+        start = self.warmup_steps if self.decay_after_warmup else 0
+        progress = min(max((pos - start) / max(self.total_steps - start, 1), 0.0), 1.0)
         return 0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress))
 
 
@@ -88,6 +101,7 @@ def plan_training(
     n_coarse: int,
     use_seed: bool = True,
     matched_control: bool = True,
+    decay_after_warmup: bool = False,
 ) -> Plan:
     """Seed [0, S), each tail [S, S + T), generalist-matched [S, S + n·T); an empty partition trains nothing."""
     steps_per_epoch = samples_per_epoch / batch_size
@@ -104,7 +118,7 @@ def plan_training(
         n = len(experts)
         tails.insert(0, Job(MATCHED, None, seed_steps, seed_steps + n * tail, float(n), from_seed))
     return Plan(
-        schedule=Schedule(base_lr, warmup_steps, total, seed_steps),
+        schedule=Schedule(base_lr, warmup_steps, total, seed_steps, decay_after_warmup),
         samples_per_epoch=samples_per_epoch,
         batch_size=batch_size,
         seed=seed,
