@@ -1,7 +1,12 @@
-"""Two-step clustering for MoDE: balanced spherical k-means (fine), k-means of the fine centres (coarse).
+"""Two-step clustering for MoDE: balanced k-means (fine), k-means of the fine centres (coarse).
 
-Plain numpy + faiss, no Ray. Geometry is cosine: inputs and centroids are L2-normalised, so the
-reference's squared Euclidean distance equals 2 - 2·(inner product) and inner products are all we need.
+Plain numpy + faiss, no Ray. Inputs are L2-normalised. Two geometries (`clustering.geometry`):
+- spherical (default): centres are unit vectors (normalised member means), nearness is cosine;
+- euclidean (the reference's k-means): centres are the raw member means (norms below 1), nearness is L2.
+Both are searched by inner product: for a unit point, ||x − c||² = 1 + ||c||² − 2·x·c, so the L2-nearest
+centre is the one with the largest x·c − ||c||²/2, the inner product of [x, 1] with [c, −||c||²/2]
+(`search_space`). The raw member means of the fine clusters are kept in either geometry: the reference
+router measures distances to them.
 
 The balanced assignment is our own: faiss has no size-constrained assignment. The reference
 (kernelmachine/balanced-kmeans) solves it with an auction over an N×K×D broadcast; here each round
@@ -13,7 +18,7 @@ matmul-sized form (top-m candidates from a faiss search, never an N×K×D tensor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -24,6 +29,36 @@ from mode_ray.encoders import l2_normalize
 CANDIDATES = 8
 FULL_SIMS_LIMIT = 1 << 25  # N×K floats (128 MB) up to which the similarity matrix is kept whole
 COARSE_RESTARTS = 10  # clusters a point may propose to before falling back to an exact search
+Geometry = Literal["spherical", "euclidean"]
+
+
+def search_points(x: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Unit points as the inner-product search sees them: as they are, or [x, 1] (euclidean; see above)."""
+    if geometry == "spherical":
+        return x
+    return np.hstack([x.astype(np.float32), np.ones((len(x), 1), dtype=np.float32)])
+
+
+def search_centres(centroids: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Centres as the inner-product search sees them: as they are, or [c, −||c||²/2] (euclidean)."""
+    if geometry == "spherical":
+        return centroids
+    half_sq = -0.5 * (centroids.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+    return np.hstack([centroids, half_sq]).astype(np.float32)
+
+
+def search_space(x: np.ndarray, centroids: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """(points, centres) whose inner products rank centres as `geometry` does."""
+    return search_points(x, geometry), search_centres(centroids, geometry)
+
+
+def member_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """[k, d] raw mean of each cluster's points (a cluster with none: zeros)."""
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64).index_add_(
+        0, torch.from_numpy(labels), torch.from_numpy(x.astype(np.float64))
+    )
+    counts = np.bincount(labels, minlength=k)
+    return (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def ip_index(centroids: np.ndarray, use_gpu: bool = False) -> faiss.Index:
@@ -34,8 +69,12 @@ def ip_index(centroids: np.ndarray, use_gpu: bool = False) -> faiss.Index:
     return index
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k centroids by inner product: (scores [n,k], ids [n,k])."""
+def nearest(
+    x: np.ndarray, centroids: np.ndarray, k: int = 1, use_gpu: bool = False, geometry: Geometry = "spherical"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k centroids by the geometry's nearness: (scores [n,k], ids [n,k]); scores are inner products
+    (spherical) or x·c − ||c||²/2 (euclidean)."""
+    x, centroids = search_space(x, centroids, geometry)
     return ip_index(centroids, use_gpu).search(np.ascontiguousarray(x, dtype=np.float32), k)
 
 
@@ -113,8 +152,10 @@ def balanced_assign(
     return labels, assigned_scores
 
 
-def _update_centroids(x: np.ndarray, labels: np.ndarray, old: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Spherical update: the normalised mean of each cluster; an empty cluster gets a random point."""
+def _update_centroids(
+    x: np.ndarray, labels: np.ndarray, old: np.ndarray, rng: np.random.Generator, geometry: Geometry = "spherical"
+) -> np.ndarray:
+    """The mean of each cluster, normalised (spherical) or raw (euclidean); an empty cluster gets a random point."""
     k = len(old)
     sums = torch.zeros(old.shape, dtype=torch.float32).index_add_(0, torch.from_numpy(labels), torch.from_numpy(x))
     sums = sums.numpy()
@@ -122,7 +163,8 @@ def _update_centroids(x: np.ndarray, labels: np.ndarray, old: np.ndarray, rng: n
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         sums[empty] = x[rng.choice(len(x), size=len(empty), replace=False)]
-    return l2_normalize(sums)
+        counts[empty] = 1
+    return l2_normalize(sums) if geometry == "spherical" else sums / counts[:, None].astype(np.float32)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, max_points_per_cluster: int = 64) -> np.ndarray:
@@ -143,10 +185,10 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, max_points
 
 @dataclass
 class KMeansResult:
-    centroids: np.ndarray  # [K, d], L2-normalised
+    centroids: np.ndarray  # [K, d]: unit (spherical) or member means (euclidean)
     labels: np.ndarray  # [N] assignment of the fitted points
     iterations: int
-    objective: float  # mean inner product of points to their centroid
+    objective: float  # mean nearness score of points to their centroid (see `nearest`)
     history: list[float] = field(default_factory=list)
 
     @property
@@ -162,29 +204,32 @@ def spherical_kmeans(
     seed: int = 0,
     balanced: bool = True,
     use_gpu: bool = False,
+    geometry: Geometry = "spherical",
 ) -> KMeansResult:
-    """Lloyd iterations on the unit sphere; with `balanced`, every assignment step is size-constrained.
+    """Lloyd iterations on unit points; with `balanced`, every assignment step is size-constrained.
 
-    Stops when the mean point–centroid similarity improves by less than `tol` (relative), or after
-    `iterations`. `balanced=False` hands the whole fit to faiss's spherical k-means.
+    Stops when the mean point–centroid nearness improves by less than `tol` (relative), or after
+    `iterations`. `balanced=False` hands the whole fit to faiss's k-means (spherical or not).
     """
     x = l2_normalize(x)
     n = len(x)
     if n < k:
         raise ValueError(f"cannot fit {k} clusters on {n} points; lower the cluster count or sample more")
+    spherical = geometry == "spherical"
     if not balanced:
-        km = faiss.Kmeans(x.shape[1], k, niter=iterations, spherical=True, seed=seed, gpu=use_gpu, verbose=False)
+        km = faiss.Kmeans(x.shape[1], k, niter=iterations, spherical=spherical, seed=seed, gpu=use_gpu, verbose=False)
         km.train(x)
-        scores, ids = nearest(x, km.centroids, 1, use_gpu)
-        return KMeansResult(l2_normalize(km.centroids), ids[:, 0].astype(np.int64), iterations, float(scores.mean()))
+        centres = l2_normalize(km.centroids) if spherical else km.centroids
+        scores, ids = nearest(x, centres, 1, use_gpu, geometry)
+        return KMeansResult(centres, ids[:, 0].astype(np.int64), iterations, float(scores.mean()))
     rng = np.random.default_rng(seed)
-    centroids = kmeans_plus_plus(x, k, rng)
+    centroids = kmeans_plus_plus(x, k, rng)  # unit points: cosine and L2 seeding weights are proportional
     history: list[float] = []
     labels = np.zeros(n, dtype=np.int64)
     for _ in range(iterations):
-        labels, scores = balanced_assign(x, centroids, use_gpu=use_gpu)
+        labels, scores = balanced_assign(*search_space(x, centroids, geometry), use_gpu=use_gpu)
         history.append(float(scores.mean()))
-        centroids = _update_centroids(x, labels, centroids, rng)
+        centroids = _update_centroids(x, labels, centroids, rng, geometry)
         if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-2]):
             break
     return KMeansResult(centroids, labels, len(history), history[-1], history)
@@ -192,15 +237,17 @@ def spherical_kmeans(
 
 @dataclass
 class TwoStepClusters:
-    fine: np.ndarray  # [Kf, d]
+    fine: np.ndarray  # [Kf, d]: the assignment centres (unit, or raw means under euclidean)
     coarse: np.ndarray  # [Kc, d]
     fine_to_coarse: np.ndarray  # [Kf]
     fine_sizes: np.ndarray  # [Kf] sizes on the fitted sample
     info: dict[str, Any]
+    fine_raw: np.ndarray | None = None  # [Kf, d] raw member means on the sample (the reference router's centres)
+    geometry: Geometry = "spherical"
 
     def assign(self, x: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Nearest fine centre (plain argmax, as the reference) → (fine_id, coarse_id, score)."""
-        scores, ids = nearest(l2_normalize(x), self.fine, 1, use_gpu)
+        scores, ids = nearest(l2_normalize(x), self.fine, 1, use_gpu, self.geometry)
         fine = ids[:, 0].astype(np.int64)
         return fine, self.fine_to_coarse[fine], scores[:, 0]
 
@@ -215,31 +262,43 @@ def two_step(
     seed: int = 0,
     balanced: bool = True,
     use_gpu: bool = False,
+    geometry: Geometry = "spherical",
 ) -> TwoStepClusters:
     """Fine clusters on the sample, then coarse clusters over the fine centres (the data experts).
 
     As in the reference, the stored fine→coarse map is the plain nearest coarse centre, so experts
-    need not own equal numbers of fine clusters.
+    need not own equal numbers of fine clusters. The info counts the sample points whose nearest centre
+    differs between the geometries (cosine to the unit centres vs L2 to the raw member means).
     """
-    fine = spherical_kmeans(x, n_fine, iterations, tol, seed, balanced, use_gpu)
+    fine = spherical_kmeans(x, n_fine, iterations, tol, seed, balanced, use_gpu, geometry)
     # The coarse fit is over only Kf points: cheap enough to keep the best of several seedings.
     coarse = max(
         (
-            spherical_kmeans(fine.centroids, n_coarse, coarse_iterations, tol, seed + r, balanced, use_gpu)
+            spherical_kmeans(fine.centroids, n_coarse, coarse_iterations, tol, seed + r, balanced, use_gpu, geometry)
             for r in range(COARSE_RESTARTS)
         ),
         key=lambda result: result.objective,
     )
-    _, f2c = nearest(fine.centroids, coarse.centroids, 1, use_gpu)
+    _, f2c = nearest(fine.centroids, coarse.centroids, 1, use_gpu, geometry)
+    unit = l2_normalize(x)
+    raw = member_means(unit, fine.labels, n_fine)
+    _, by_cosine = nearest(unit, l2_normalize(raw), 1, use_gpu)
+    _, by_l2 = nearest(unit, raw, 1, use_gpu, "euclidean")
+    disagree = int((by_cosine[:, 0] != by_l2[:, 0]).sum())
     sizes = fine.sizes
     info = {
         "sample_size": int(len(x)),
+        "geometry": geometry,
         "fine_iterations": fine.iterations,
         "fine_objective": fine.objective,
         "coarse_iterations": coarse.iterations,
         "fine_size_max_over_mean": float(sizes.max() / sizes.mean()),
+        "raw_mean_norm_min": float(np.linalg.norm(raw, axis=1).min()),
+        "raw_mean_norm_max": float(np.linalg.norm(raw, axis=1).max()),
+        "geometries_disagree_on": disagree,
+        "geometries_disagree_share": disagree / len(x),
     }
-    return TwoStepClusters(fine.centroids, coarse.centroids, f2c[:, 0].astype(np.int64), sizes, info)
+    return TwoStepClusters(fine.centroids, coarse.centroids, f2c[:, 0].astype(np.int64), sizes, info, raw, geometry)
 
 
 def mcl_stage_labels(

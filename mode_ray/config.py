@@ -30,6 +30,10 @@ ADDED_NEUTRAL: dict[str, Any] = {
     "router_label_smoothing": 0.0,
     "router_temperature": None,
     "optimizer": "mode_ray",
+    "balance_form": "per_layer",
+    "mcl_last_batch": "fill",
+    "mcl_batch_order": "shuffled",
+    "geometry": "spherical",
 }
 
 
@@ -136,6 +140,11 @@ class ClusteringConfig(Section):
     tol: float = Field(default=1e-3, ge=0)
     seed: int = 0
     use_gpu: bool = False
+    geometry: Literal["spherical", "euclidean"] = Field(
+        default="spherical",
+        description="spherical: unit centres, cosine nearness; euclidean: the reference's k-means, raw member "
+        "means as centres, L2 nearness. Either way the fine clusters' raw means are stored for routing.",
+    )
 
 
 RUN_ONLY_TRAINING = {"fail_once_at_step", "max_failures", "controller_poll_s", "max_concurrent_trials"}
@@ -253,6 +262,16 @@ class MoEConfig(Section):
     )
     temperature: float = Field(default=0.01, gt=0, description="MCL: fixed CLIP temperature (logit scale 1/T).")
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="MCL: in the CLIP loss, as the reference.")
+    mcl_last_batch: Literal["fill", "drop"] = Field(
+        default="fill",
+        description="A cluster's last partial batch: filled with other rows of the cluster (nothing left out) or "
+        "dropped, as the reference truncates each cluster to whole global batches.",
+    )
+    mcl_batch_order: Literal["shuffled", "round_robin"] = Field(
+        default="shuffled",
+        description="An epoch's batches in a shuffled order, or as the reference walks them: one batch of each "
+        "cluster in turn (cluster 0, 1, …), skipping clusters that ran out.",
+    )
     top_k: int = Field(default=2, ge=1)
     towers: list[Literal["image", "text"]] = Field(default=["image", "text"], description="Towers made MoE.")
     router_epochs: float = Field(default=1.0, gt=0, description="Router fine-tuning, in training epochs.")
@@ -270,6 +289,12 @@ class MoEConfig(Section):
         description="f_e of the balance loss counts each token's top-1 pick (the paper) or every top-k slot "
         "(the reference code also counts every slot, but its shares sum to k: topk is its value / k). Either way it "
         "is computed per layer and averaged over a tower's layers.",
+    )
+    balance_form: Literal["per_layer", "reference"] = Field(
+        default="per_layer",
+        description="per_layer: the paper's loss per MoE layer, averaged over a tower's layers (f_e by "
+        "balance_counts); reference: the reference code's, tokens pooled over a tower's layers, every top-k slot "
+        "counted (f sums to k), divided by the world size.",
     )
     balance_text_weight: float = Field(default=0.5, ge=0, description="Loss = CLIP + coef·(image + w·text).")
 
@@ -330,6 +355,11 @@ class RoutingConfig(Section):
     temperature: float = Field(default=0.05, gt=0, description="calibrated: soft-assignment temperature.")
     per_class: bool = Field(default=False, description="One weight vector per class name instead of per task.")
     top_k: int | None = Field(default=None, ge=1, description="Keep only the k heaviest experts.")
+    reference_centres: Literal["unit", "raw_means"] = Field(
+        default="unit",
+        description="The reference method's distances: to the fine assignment centres (unit under spherical "
+        "clustering), or to the fine clusters' raw member means, as the released code measures them.",
+    )
 
 
 class EvalTaskConfig(Section):
@@ -448,6 +478,7 @@ class TrackingConfig(Section):
 # `preset: reference`: the references' value of every setting where mode_ray's default differs (README, "Where
 # mode_ray differs from the references"); a value the config sets itself wins.
 REFERENCE_PRESET: dict[str, dict[str, Any]] = {
+    "clustering": {"geometry": "euclidean"},
     "training": {"lr_decay": "after_warmup"},
     "moe": {
         "lr_decay": "after_warmup",
@@ -455,7 +486,11 @@ REFERENCE_PRESET: dict[str, dict[str, Any]] = {
         "router_label_smoothing": 0.1,
         "router_temperature": 0.01,
         "router_warmup_steps": 200,
+        "balance_form": "reference",
+        "mcl_last_batch": "drop",
+        "mcl_batch_order": "round_robin",
     },
+    "eval": {"routing": {"reference_centres": "raw_means"}},
 }
 
 
@@ -480,12 +515,7 @@ class Config(Section):
     def _apply_preset(cls, raw: Any) -> Any:
         if not isinstance(raw, dict) or raw.get("preset") != "reference":
             return raw
-        out = dict(raw)
-        for section, values in REFERENCE_PRESET.items():
-            given = out.get(section) or {}
-            if isinstance(given, dict):
-                out[section] = {**values, **given}
-        return out
+        return _under(REFERENCE_PRESET, raw)
 
     @field_validator("run_root")
     @classmethod
@@ -512,6 +542,17 @@ class Config(Section):
         if isinstance(where, list):
             return [_absolute(s.replace("{run_root}", self.run_root)) for s in where]
         return where
+
+
+def _under(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`given` over `defaults`, section by section: a value set in `given` wins at any depth."""
+    out = dict(given)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
+            out[key] = _under(value, out.get(key) or {})
+        elif key not in out:
+            out[key] = value
+    return out
 
 
 def _absolute(url: str) -> str:

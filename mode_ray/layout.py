@@ -92,8 +92,14 @@ class RunPaths:
 
 
 def read_centroids(url: str, s3: S3Config | None = None) -> dict[str, Any]:
-    """centroids.npz as a dict: fine, coarse, fine_to_coarse, fine_sizes, encoder_id, settings."""
+    """centroids.npz as a dict: fine, coarse, fine_to_coarse, fine_sizes, encoder_id, settings; since raw
+    means: fine_raw (the fine clusters' raw member means) and geometry (spherical | euclidean)."""
     fs, path = get_fs(url, s3)
     with fs.open(path, "rb") as f:
         data = np.load(io.BytesIO(f.read()))
         return {name: data[name] for name in data.files}
+
+
+def centroid_geometry(cents: dict[str, Any]) -> str:
+    """How the fine centres are searched: a file from before the setting is spherical."""
+    return str(cents.get("geometry", "spherical"))

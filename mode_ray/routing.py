@@ -145,10 +145,14 @@ def route(
     temperature: float = 0.02,
     per_class: bool = False,
     top_k: int | None = None,
+    reference_fine: np.ndarray | None = None,
 ) -> Routing:
-    """Dispatch on the method name (config and request parameters carry it as a string)."""
+    """Dispatch on the method name (config and request parameters carry it as a string). `reference_fine`: the
+    centres the reference method measures distances to (default `fine`; the raw member means reproduce the
+    released code, which stores those)."""
     if method == "reference":
-        routing = reference_weights(labels, fine, fine_to_coarse, n_experts, per_class)
+        centres = fine if reference_fine is None else reference_fine
+        routing = reference_weights(labels, centres, fine_to_coarse, n_experts, per_class)
         if top_k is not None:  # an option beyond the reference
             routing = replace(routing, weights=keep_top_k(routing.weights, top_k))
         return routing

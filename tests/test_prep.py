@@ -113,6 +113,12 @@ def test_clusters_find_the_domains_and_are_balanced(shards, local_run):
     cents = read_centroids(RunPaths(cfg.run_root).centroids)
     assert cents["fine"].shape == (16, 384) and cents["coarse"].shape == (4, 384)
     assert str(cents["encoder_id"]) == "minilm:all-MiniLM-L6-v2"
+    # the raw member means beside the unit centres (the reference router's), and how far the geometries differ
+    raw_norms = np.linalg.norm(cents["fine_raw"], axis=1)
+    assert str(cents["geometry"]) == "spherical" and (raw_norms < 1).all() and (raw_norms > 0.3).all()
+    np.testing.assert_allclose(cents["fine_raw"] / raw_norms[:, None], cents["fine"], atol=1e-5)
+    clustering = summary["clustering"]
+    assert 0 <= clustering["geometries_disagree_on"] <= clustering["sample_size"]
     # Fine ids, coarse ids and scores are consistent with the centroids.
     key, (fine, coarse, score) = next(iter(manifest.items()))
     assert cents["fine_to_coarse"][fine] == coarse and 0 < score <= 1.0001

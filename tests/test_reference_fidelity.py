@@ -49,8 +49,13 @@ def test_the_reference_preset_sets_what_differs_and_an_explicit_setting_wins() -
         200,
         "reference",
     )
+    assert (m.balance_form, m.mcl_last_batch, m.mcl_batch_order) == ("reference", "drop", "round_robin")
+    assert reference.clustering.geometry == "euclidean" and reference.eval.routing.reference_centres == "raw_means"
+    nested = _config("preset=reference", "eval.routing.method=calibrated")  # a sibling set: the preset still fills
+    assert nested.eval.routing.reference_centres == "raw_means" and nested.eval.routing.method == "calibrated"
     today = _config()
     assert today.training.lr_decay == "whole_schedule" and today.moe.optimizer == "mode_ray"
+    assert today.clustering.geometry == "spherical" and today.eval.routing.reference_centres == "unit"
     assert today.moe.router_temperature is None and today.moe.router_label_smoothing == 0.0
     mixed = _config("preset=reference", "moe.router_warmup_steps=5")
     assert mixed.moe.router_warmup_steps == 5 and mixed.moe.router_label_smoothing == 0.1
@@ -120,3 +125,148 @@ def test_new_settings_at_their_defaults_leave_completion_hashes_as_they_were() -
     assert reference.training.learning_settings()["lr_decay"] == "after_warmup"
     assert "decay_after_warmup" not in Schedule(1e-3, 10, 100, 50).settings()
     assert stage_settings(today, "base", 1, "") != stage_settings(reference, "base", 1, "")
+
+
+def _reference_load_balancing(gate_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """CLIP-MoE's `load_balancing_loss_func` (clipmoe/model_clipmoe.py), transcribed: gate logits of all a
+    tower's layers [L, N, E] flattened to tokens; softmax; top-k one-hot [T, k, E] averaged over tokens
+    ([k, E]: per slot, so summed over slots the shares make k); times the mean probability per expert; summed;
+    times E."""
+    n_experts = gate_logits.shape[-1]
+    probs = torch.softmax(gate_logits.reshape(-1, n_experts), dim=-1)
+    picks = torch.topk(probs, top_k, dim=-1).indices
+    per_slot = torch.nn.functional.one_hot(picks, n_experts).float().mean(dim=0)
+    return torch.sum(per_slot * probs.mean(dim=0).unsqueeze(0)) * n_experts
+
+
+@pytest.mark.parametrize(("n_experts", "top_k", "world"), [(4, 2, 1), (4, 2, 4), (8, 1, 2), (8, 4, 1)])
+def test_balance_loss_in_the_references_form(n_experts: int, top_k: int, world: int) -> None:
+    """`balance_form: reference` on an upcycled model equals the reference's function on the same router
+    logits, pooled over the tower's layers and divided by the world size; `per_layer` is the paper's mean."""
+    from mode_ray.models.clip import build_clip
+    from mode_ray.models.moe import MoESpec, balance_loss, mlp_state, moe_balance_loss, moe_layers, upcycle
+
+    base, *_ = build_clip("mode-tiny")
+    stages = [mlp_state(base)] * n_experts
+    spec = MoESpec("mode-tiny", {}, n_experts=n_experts, top_k=top_k, towers=["image"])
+    model = upcycle(base, stages, spec, router_seed=3)
+    logits = []
+    for _, _, layer in moe_layers(model):  # record every layer's router logits on a forward pass
+        layer.gate.register_forward_hook(lambda m, i, out: logits.append(out.detach().reshape(-1, n_experts)))
+    torch.manual_seed(0)
+    model.encode_image(torch.randn(3, 3, 32, 32))
+    expected = _reference_load_balancing(torch.stack(logits), top_k) / world
+    ours = moe_balance_loss(model, "topk", 0.5, "reference", world)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    per_layer = torch.stack(
+        [balance_loss(layer.last_probs, layer.last_topk, n_experts, "topk") for _, _, layer in moe_layers(model)]
+    ).mean()
+    torch.testing.assert_close(moe_balance_loss(model, "topk", 0.5), per_layer)
+    # one layer: the reference's value is k times `topk`'s (its per-slot shares sum to k)
+    _, _, first = next(iter(moe_layers(model)))
+    single = _reference_load_balancing(logits[0][None], top_k)
+    torch.testing.assert_close(single, top_k * balance_loss(first.last_probs, first.last_topk, n_experts, "topk"))
+
+
+def _reference_sampler_epoch(labels: list[int], batch: int, world: int, n_clusters: int) -> tuple[list[int], int]:
+    """CLIP-MoE's `MCL_batch_sampler_DDP.__iter__` (train/dataset.py), transcribed for one epoch seen as global
+    batches: each cluster truncated to ⌊n / (world · batch)⌋ whole global batches, then one batch of each
+    cluster in turn (label 0, 1, …), skipping clusters that ran out. Returns the clusters of the batches in
+    order, and the rows left out."""
+    global_batch = batch * world
+    left = {c: sum(1 for x in labels if x == c) // global_batch for c in range(n_clusters)}
+    dropped = sum(sum(1 for x in labels if x == c) % global_batch for c in range(n_clusters) if left[c])
+    dropped += sum(sum(1 for x in labels if x == c) for c in range(n_clusters) if not left[c])
+    order, c = [], 0
+    while any(left.values()):
+        if left[c]:
+            order.append(c)
+            left[c] -= 1
+        c = (c + 1) % n_clusters
+    return order, dropped
+
+
+def test_mcl_sampler_truncates_and_walks_clusters_round_robin_as_the_reference() -> None:
+    import numpy as np
+
+    from mode_ray.train.sampler import epoch_steps, homogeneous_batches
+
+    rng = np.random.default_rng(4)
+    labels = rng.choice(5, size=1917, p=[0.4, 0.25, 0.2, 0.1, 0.05])
+    batch, world = 32, 2
+    order, dropped = _reference_sampler_epoch(labels.tolist(), batch // world, world, 5)
+    steps = epoch_steps(labels, batch, 1.0, "drop")
+    assert steps == len(order)
+    plan = homogeneous_batches(labels, batch, steps, world, seed=0, last_batch="drop", order="round_robin")
+    assert plan.labels.tolist() == order and plan.filled == 0
+    small_rows = sum(plan.small_clusters.values())
+    assert plan.dropped + small_rows == dropped  # truncated rows, and clusters smaller than one global batch
+    for rows, label in zip(plan.batches, plan.labels, strict=True):
+        assert len(set(rows.tolist())) == batch and (labels[rows] == label).all()
+    default = homogeneous_batches(labels, batch, epoch_steps(labels, batch, 1.0), world, seed=0)
+    assert default.dropped == 0 and default.filled > 0 and len(default.batches) > steps
+
+
+def test_euclidean_geometry_assigns_by_l2_to_member_means_and_counts_where_the_geometries_disagree() -> None:
+    """The reference's k-means is Euclidean: a point belongs to its L2-nearest centre (prep_inference.py's
+    argmin) and a centre is its members' raw mean. Checked by brute force against the inner-product search."""
+    import numpy as np
+
+    from mode_ray import cluster
+    from mode_ray.encoders import l2_normalize
+
+    rng = np.random.default_rng(7)
+    x = l2_normalize(rng.normal(size=(3000, 24)).astype(np.float32) + 2.0 * rng.normal(size=(1, 24)))
+    fit = cluster.two_step(x, 24, 3, seed=1, balanced=False, geometry="euclidean")
+    norms = np.linalg.norm(fit.fine, axis=1)
+    assert (norms < 0.999).all()  # raw means, not unit vectors
+    fine_ids, _, _ = fit.assign(x)
+    by_l2 = ((x[:, None, :].astype(np.float64) - fit.fine[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    assert (fine_ids == by_l2).all()
+    np.testing.assert_allclose(fit.fine_raw, cluster.member_means(x, fine_ids, 24), atol=1e-5)
+    assert (fit.fine_to_coarse == cluster.nearest(fit.fine, fit.coarse, geometry="euclidean")[1][:, 0]).all()
+    # the count the prep summary reports: nearest unit centre by cosine vs nearest raw mean by L2
+    raw = fit.fine_raw.astype(np.float64)
+    by_cos = (x @ (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T).argmax(1)
+    by_l2_raw = ((x[:, None, :] - raw[None]) ** 2).sum(-1).argmin(1)
+    assert fit.info["geometries_disagree_on"] == int((by_cos != by_l2_raw).sum())
+    balanced = cluster.two_step(x, 24, 3, seed=1, geometry="euclidean")  # size-constrained, still L2
+    assert balanced.fine_sizes.max() <= -(-len(x) // 24) and (np.linalg.norm(balanced.fine, axis=1) < 0.999).all()
+
+
+class _FixedEncoder:
+    """Stands in for the routing encoder: fixed label embeddings, so the test is about the centres."""
+
+    encoder_id = "test:fixed"
+
+    def __init__(self, vectors: dict[str, list[float]]) -> None:
+        self.vectors = vectors
+
+    def encode(self, texts: list[str]):  # noqa: ANN201
+        import numpy as np
+
+        return np.array([self.vectors[t] for t in texts], dtype=np.float32)
+
+
+def test_the_reference_router_on_raw_member_means_is_the_released_formula() -> None:
+    """post_report_ensemble.py measures each label's L2 distance to the stored (raw) fine means; with
+    `reference_centres: raw_means` the router does exactly that, by default it uses the unit centres."""
+    import numpy as np
+
+    from mode_ray.config import RoutingConfig
+    from mode_ray.eval.router import TaskRouter
+    from tests.test_routing import FINE, FINE_TO_COARSE, LABELS, _by_hand
+
+    raw = FINE * np.array([[0.7], [0.8], [0.65], [0.9]])  # member means of unit points: shorter than 1
+    cents = {"fine": FINE, "fine_raw": raw, "coarse": FINE[:3], "fine_to_coarse": FINE_TO_COARSE}
+    cents["encoder_id"] = np.array(_FixedEncoder.encoder_id)
+    encoder = _FixedEncoder({f"l{i}": v for i, v in enumerate(LABELS.tolist())})
+    names = [f"l{i}" for i in range(len(LABELS))]
+    on_raw = TaskRouter(cents, encoder, RoutingConfig(reference_centres="raw_means")).route(names, ("{}",))
+    np.testing.assert_allclose(on_raw.weights, _by_hand(LABELS.tolist(), raw.tolist(), FINE_TO_COARSE.tolist(), 3))
+    on_unit = TaskRouter(cents, encoder, RoutingConfig()).route(names, ("{}",))
+    np.testing.assert_allclose(on_unit.weights, _by_hand(LABELS.tolist(), FINE.tolist(), FINE_TO_COARSE.tolist(), 3))
+    assert not np.allclose(on_raw.distance, on_unit.distance)
+    del cents["fine_raw"]
+    with pytest.raises(ValueError, match="predates raw member means"):
+        TaskRouter(cents, encoder, RoutingConfig(reference_centres="raw_means"))

@@ -38,6 +38,14 @@ class TaskRouter:
     def __init__(self, centroids: dict[str, Any], encoder: TextEncoder, routing: RoutingConfig) -> None:
         check_encoder(str(centroids["encoder_id"]), encoder.encoder_id)
         self.fine = np.asarray(centroids["fine"], dtype=np.float32)
+        self.reference_fine = self.fine
+        if routing.reference_centres == "raw_means":
+            if "fine_raw" not in centroids:
+                raise ValueError(
+                    "eval.routing.reference_centres=raw_means, but this run's centroids.npz predates raw member "
+                    "means: re-run `mode-ray prep --force`, or route with reference_centres=unit"
+                )
+            self.reference_fine = np.asarray(centroids["fine_raw"], dtype=np.float32)
         self.fine_to_coarse = np.asarray(centroids["fine_to_coarse"], dtype=np.int64)
         self.n_experts = int(np.asarray(centroids["coarse"]).shape[0])
         self.encoder_id = encoder.encoder_id
@@ -63,7 +71,17 @@ class TaskRouter:
     ) -> Routing:
         c = self.config
         emb = self._embed(labels, templates)
-        return route(method, emb, self.fine, self.fine_to_coarse, self.n_experts, c.temperature, per_class, c.top_k)  # type: ignore[arg-type]
+        return route(
+            method,  # type: ignore[arg-type]
+            emb,
+            self.fine,
+            self.fine_to_coarse,
+            self.n_experts,
+            c.temperature,
+            per_class,
+            c.top_k,
+            self.reference_fine,
+        )
 
     def route(
         self,

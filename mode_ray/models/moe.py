@@ -166,15 +166,36 @@ def upcycle(
     return base
 
 
-def moe_balance_loss(model: nn.Module, counts: str, text_weight: float) -> torch.Tensor:
-    """The load-balancing loss of a forward pass: averaged over the MoE layers of each tower (per layer, as the
-    paper; the reference pools the tokens of all layers of a tower), image + `text_weight` · text."""
-    per_tower: dict[str, list[torch.Tensor]] = {t: [] for t in TOWERS}
+def pooled_balance_loss(probs: torch.Tensor, picks: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The reference's form (CLIP-MoE, clipmoe/model_clipmoe.py `load_balancing_loss_func`): the tokens of all
+    of a tower's layers pooled, f_e the share of tokens with expert e in any of their top-k slots — so the f_e
+    sum to k — and P_e its mean router probability: E · Σ_e f_e · P_e."""
+    f = torch.bincount(picks.flatten(), minlength=n_experts).to(probs.dtype) / picks.shape[0]
+    return n_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def moe_balance_loss(
+    model: nn.Module, counts: str, text_weight: float, form: str = "per_layer", world_size: int = 1
+) -> torch.Tensor:
+    """The load-balancing loss of a forward pass, image + `text_weight` · text. `per_layer` (the paper's form):
+    averaged over the MoE layers of each tower, f_e counting `counts` (top-1 picks or every slot). `reference`:
+    the reference code's form, tokens pooled over a tower's layers (`pooled_balance_loss`) and divided by the
+    world size, as the reference divides each rank's loss (its effective coefficient is coef / world size)."""
+    per_tower: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {t: [] for t in TOWERS}
     for tower, _, layer in moe_layers(model):
         if layer.last_probs is not None:
-            per_tower[tower].append(balance_loss(layer.last_probs, layer.last_topk, layer.n_experts, counts))
+            per_tower[tower].append((layer.last_probs, layer.last_topk, layer.n_experts))
     weights = {"image": 1.0, "text": text_weight}
-    total = [weights[t] * torch.stack(v).mean() for t, v in per_tower.items() if v]
+    total = []
+    for tower, layers in per_tower.items():
+        if not layers:
+            continue
+        if form == "reference":
+            probs, picks = torch.cat([p for p, _, _ in layers]), torch.cat([k for _, k, _ in layers])
+            value = pooled_balance_loss(probs, picks, layers[0][2]) / world_size
+        else:
+            value = torch.stack([balance_loss(p, k, n, counts) for p, k, n in layers]).mean()
+        total.append(weights[tower] * value)
     return torch.stack(total).sum() if total else torch.zeros(())
 
 

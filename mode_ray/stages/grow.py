@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from mode_ray import cluster
 from mode_ray.config import Config
-from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.layout import RunPaths, centroid_geometry, read_centroids
 from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
 from mode_ray.progress import console, stage_log
 from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
@@ -87,23 +87,25 @@ def coverage_threshold(cfg: Config, cents: dict[str, Any]) -> float:
     return float(np.percentile(scores.to_numpy(), cfg.continual.coverage_percentile))
 
 
-def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float) -> pa.Table:
+def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float, geometry: str) -> pa.Table:
     """Whether each valid row's best fine-centre score reaches the threshold; only uncovered rows keep their
     embedding (the rest need not travel to the driver)."""
-    scores, _ = cluster.nearest(embeddings_to_numpy(batch["embedding"]), fine, 1)
+    scores, _ = cluster.nearest(embeddings_to_numpy(batch["embedding"]), fine, 1, geometry=geometry)  # type: ignore[arg-type]
     covered = pa.array(scores[:, 0] >= threshold)
     out = batch.select(["key"]).append_column("covered", covered)
     return out.append_column("embedding", pc.if_else(covered, None, batch["embedding"]))
 
 
-def uncovered_embeddings(cfg: Config, paths: RunPaths, fine: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
+def uncovered_embeddings(
+    cfg: Config, paths: RunPaths, fine: np.ndarray, threshold: float, geometry: str = "spherical"
+) -> tuple[int, np.ndarray]:
     """(valid rows, embeddings of the rows the fine centres do not cover); only the latter reach the driver."""
     import ray
 
     fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
     ds = ray.data.read_parquet(paths.embeddings, columns=["key", "reason", "embedding"], filesystem=fs)
     ds = ds.map_batches(_only_valid, batch_format="pyarrow").map_batches(
-        _score_rows, fn_kwargs={"fine": fine, "threshold": threshold}, batch_format="pyarrow"
+        _score_rows, fn_kwargs={"fine": fine, "threshold": threshold, "geometry": geometry}, batch_format="pyarrow"
     )
     valid, parts = 0, []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
@@ -123,11 +125,15 @@ def grown_centroids(cfg: Config, cents: dict[str, Any], x: np.ndarray, per_exper
     fine_per_expert = max(1, round(len(cents["fine"]) / len(cents["coarse"])))
     n_fine = int(min(n_experts * fine_per_expert, max(1, len(x) // 8)))
     n_experts = min(n_experts, n_fine)
-    c = cfg.clustering
-    fit = cluster.two_step(x, n_fine, n_experts, c.iterations, c.coarse_iterations, c.tol, c.seed, c.balanced)
+    c, geometry = cfg.clustering, centroid_geometry(cents)  # new centres in the run's own geometry
+    fit = cluster.two_step(
+        x, n_fine, n_experts, c.iterations, c.coarse_iterations, c.tol, c.seed, c.balanced, geometry=geometry
+    )  # type: ignore[arg-type]
     old_fine, old_coarse = len(cents["fine"]), len(cents["coarse"])
+    raw = {"fine_raw": np.vstack([cents["fine_raw"], fit.fine_raw]).astype(np.float32)} if "fine_raw" in cents else {}
     return {
         **cents,
+        **raw,
         "fine": np.vstack([cents["fine"], fit.fine]).astype(np.float32),
         "coarse": np.vstack([cents["coarse"], fit.coarse]).astype(np.float32),
         "fine_to_coarse": np.concatenate([cents["fine_to_coarse"], fit.fine_to_coarse + old_coarse]),
@@ -157,7 +163,7 @@ def decide_stage(cfg: Config, name: str, upstream: str, force: bool) -> dict[str
         if force and exists(gen.clusters, cfg.data.s3):
             raise ValueError("--force cannot redo a generation whose centres are in use; add it under a new --name")
         threshold = coverage_threshold(cfg, cents)
-        valid, x = uncovered_embeddings(cfg, gen, cents["fine"], threshold)
+        valid, x = uncovered_embeddings(cfg, gen, cents["fine"], threshold, centroid_geometry(cents))
         per_expert = read_json(paths.prep_summary, cfg.data.s3)["per_expert"]
         version = int(cents.get("version", 1))
         decision: dict[str, Any] = {

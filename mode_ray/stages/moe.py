@@ -57,6 +57,7 @@ ROUTER_FIELDS = {
     "expert_dropout",
     "balance_coef",
     "balance_counts",
+    "balance_form",
     "balance_text_weight",
 }
 
@@ -222,8 +223,8 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
     buf = io.BytesIO()
     np.savez(buf, key=rows["key"].astype(str), label=label, acc=acc)
     write_bytes(join(out, "labels.npz"), buf.getvalue(), cfg.data.s3)
-    steps = epoch_steps(acc, t.batch_size, moe.stage_epochs)
-    plan = homogeneous_batches(acc, t.batch_size, steps, t.num_workers, seed)
+    steps = epoch_steps(acc, t.batch_size, moe.stage_epochs, moe.mcl_last_batch)
+    plan = homogeneous_batches(acc, t.batch_size, steps, t.num_workers, seed, moe.mcl_last_batch, moe.mcl_batch_order)
     ranks = {r: plan.rank_rows(r, t.num_workers) for r in range(t.num_workers)}
     write_plan(join(out, "plan.npz"), rows, ranks, cfg)
     values, counts = np.unique(acc, return_counts=True)
@@ -234,6 +235,7 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
         "small_clusters": {str(k): v for k, v in plan.small_clusters.items()},
         "rows_in_small_clusters": plan.skipped_rows,
         "rows_repeated_to_fill_batches": plan.filled,
+        "rows_dropped_by_truncation": plan.dropped,
         "skipped_images": skipped_images,
         "steps": steps,
     }
@@ -280,7 +282,12 @@ def router_task(cfg: Config, stage_urls: list[str]) -> dict[str, Any]:
             "label_smoothing": moe.router_label_smoothing,
             "fixed_temperature": moe.router_temperature,
             "moe": {"stages": stage_urls, "spec": asdict(spec)},
-            "balance": {"coef": moe.balance_coef, "counts": moe.balance_counts, "text_weight": moe.balance_text_weight},
+            "balance": {
+                "coef": moe.balance_coef,
+                "counts": moe.balance_counts,
+                "text_weight": moe.balance_text_weight,
+                "form": moe.balance_form,
+            },
             "export_dir": paths.export(MOE),
         },
     }

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mode_ray import cluster
-from mode_ray.config import Config
+from mode_ray.config import Config, without_added_neutral
 from mode_ray.encoders import build_encoder, encoder_id_for
-from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, read_centroids
+from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
 from mode_ray.ownership import claim_run_root, fresh_dir
 from mode_ray.progress import console, stage_log
 from mode_ray.progress_bars import progress_bars
@@ -98,14 +98,17 @@ class CaptionEmbedder:
 
 
 class CentroidAssigner:
-    """Actor: builds a faiss inner-product index of the fine centroids once, assigns every row."""
+    """Actor: builds a faiss inner-product index of the fine centroids once (in the clustering's geometry,
+    cluster.search_space), assigns every row."""
 
-    def __init__(self, fine: np.ndarray, fine_to_coarse: np.ndarray, use_gpu: bool) -> None:
-        self.index = cluster.ip_index(fine, use_gpu)
+    def __init__(self, fine: np.ndarray, fine_to_coarse: np.ndarray, use_gpu: bool, geometry: str) -> None:
+        self.geometry = geometry
+        self.index = cluster.ip_index(cluster.search_centres(fine, geometry), use_gpu)  # type: ignore[arg-type]
         self.fine_to_coarse = fine_to_coarse
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scores, ids = self.index.search(embeddings_to_numpy(batch["embedding"]), 1)
+        points = cluster.search_points(embeddings_to_numpy(batch["embedding"]), self.geometry)  # type: ignore[arg-type]
+        scores, ids = self.index.search(points, 1)
         fine = ids[:, 0].astype(np.int32)
         out = batch.select(["key", "shard", "caption", "image", "width", "height"])
         out = out.append_column("fine_id", pa.array(fine))
@@ -237,7 +240,7 @@ def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> s
 
     with stage_log("prep: cluster") as log:
         ccfg = cfg.clustering
-        settings = settings_hash(ccfg.model_dump(mode="json"), upstream)
+        settings = settings_hash(without_added_neutral(ccfg.model_dump(mode="json")), upstream)
         if not force and stage_done(paths.clusters, settings, cfg.data.s3):
             log.skip("clusters/centroids.npz complete")
             return _marker_run_id(paths.clusters, cfg)
@@ -257,6 +260,7 @@ def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> s
                 ccfg.seed,
                 ccfg.balanced,
                 ccfg.use_gpu,
+                ccfg.geometry,
             )
         )
         encoder_id = encoder_id_for(cfg.embedding.encoder)
@@ -268,6 +272,8 @@ def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> s
             coarse=result.coarse,
             fine_to_coarse=result.fine_to_coarse,
             fine_sizes=result.fine_sizes,
+            fine_raw=result.fine_raw,
+            geometry=np.array(result.geometry),
             encoder_id=np.array(encoder_id),
             settings=np.array(settings_blob),
         )
@@ -301,6 +307,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
                 "fine": cents["fine"],
                 "fine_to_coarse": cents["fine_to_coarse"],
                 "use_gpu": cfg.clustering.use_gpu,
+                "geometry": centroid_geometry(cents),
             },
             batch_size=4096,
             batch_format="pyarrow",

@@ -34,5 +34,8 @@ def training_loss(loss_fn: ClipLoss, model: torch.nn.Module, outputs: tuple, bal
     if balance and balance["coef"]:
         from mode_ray.models.moe import moe_balance_loss
 
-        loss = loss + balance["coef"] * moe_balance_loss(model, balance["counts"], balance["text_weight"]).to(loss)
+        balancing = moe_balance_loss(
+            model, balance["counts"], balance["text_weight"], balance.get("form", "per_layer"), loss_fn.world_size
+        )
+        loss = loss + balance["coef"] * balancing.to(loss)
     return loss

@@ -2,10 +2,12 @@
 
 Every global batch is drawn from one accumulated pseudo-label cluster, and every worker's share of a batch comes
 from that same batch, so all in-batch negatives — across workers too — share the anchor's label (the reference
-does this with a batch sampler, not a loss mask). Unlike the reference, which truncates each cluster to whole
-batches and drops clusters smaller than a batch without a word: a cluster's last partial batch is filled with
-other rows of the same cluster (nothing is left out), and a cluster smaller than one global batch, which cannot
-form a homogeneous batch at all, is counted and reported in `small_clusters`.
+does this with a batch sampler, not a loss mask). By default, unlike the reference: a cluster's last partial
+batch is filled with other rows of the same cluster (nothing is left out) and an epoch's batches come in a shuffled
+order. `last_batch="drop"` and `order="round_robin"` do what the reference's `MCL_batch_sampler_DDP`
+(CLIP-MoE train/dataset.py) does: truncate each cluster to whole global batches, and take one batch of each
+cluster in turn, in label order, skipping clusters that ran out. Either way a cluster smaller than one global
+batch, which cannot form a homogeneous batch at all, is counted and reported in `small_clusters`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class BatchPlan:
     labels: np.ndarray  # (n_batches,): the cluster every row of that batch belongs to
     small_clusters: dict[int, int]  # cluster → rows, for clusters smaller than one global batch (not trained on)
     filled: int  # rows drawn a second time within an epoch to complete a cluster's last batch
+    dropped: int = 0  # rows left out of an epoch by truncating clusters to whole batches (last_batch="drop")
 
     @property
     def skipped_rows(self) -> int:
@@ -33,9 +36,17 @@ class BatchPlan:
         return self.batches[:, rank * per_worker : (rank + 1) * per_worker].reshape(-1)
 
 
-def homogeneous_batches(labels: np.ndarray, global_batch: int, steps: int, world: int, seed: int) -> BatchPlan:
-    """`steps` global batches, each from a single cluster of `labels` (one per row), epoch after epoch, in a
-    shuffled order. `global_batch` must split evenly over `world` workers."""
+def homogeneous_batches(
+    labels: np.ndarray,
+    global_batch: int,
+    steps: int,
+    world: int,
+    seed: int,
+    last_batch: str = "fill",
+    order: str = "shuffled",
+) -> BatchPlan:
+    """`steps` global batches, each from a single cluster of `labels` (one per row), epoch after epoch.
+    `global_batch` must split evenly over `world` workers."""
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} does not split over {world} workers")
     rng = np.random.default_rng(seed)
@@ -51,28 +62,45 @@ def homogeneous_batches(labels: np.ndarray, global_batch: int, steps: int, world
     members = {v: np.flatnonzero(labels == v) for v in eligible}
     batches: list[np.ndarray] = []
     batch_labels: list[int] = []
-    filled = 0
+    filled = dropped = 0
     while len(batches) < steps:
-        epoch, epoch_labels = [], []
+        per_cluster: dict[int, list[np.ndarray]] = {}
         for v in eligible:
             rows = rng.permutation(members[v])
-            n = math.ceil(len(rows) / global_batch)
+            n = len(rows) // global_batch if last_batch == "drop" else math.ceil(len(rows) / global_batch)
             extra = n * global_batch - len(rows)
-            if extra:  # complete the last batch with other rows of the same cluster
+            if extra > 0:  # complete the last batch with other rows of the same cluster
                 rows = np.concatenate(
                     [rows, rng.choice(rows[: len(rows) - (global_batch - extra)], extra, replace=False)]
                 )
                 filled += extra
-            epoch += list(rows.reshape(n, global_batch))
-            epoch_labels += [v] * n
-        order = rng.permutation(len(epoch))
-        batches += [epoch[i] for i in order]
-        batch_labels += [epoch_labels[i] for i in order]
-    return BatchPlan(np.stack(batches[:steps]), np.array(batch_labels[:steps]), small, filled)
+            elif extra < 0:  # truncated to whole batches
+                rows, dropped = rows[: n * global_batch], dropped - extra
+            per_cluster[v] = list(rows.reshape(n, global_batch))
+        epoch = _round_robin(per_cluster) if order == "round_robin" else _shuffled(per_cluster, rng)
+        batches += [b for _, b in epoch]
+        batch_labels += [v for v, _ in epoch]
+    return BatchPlan(np.stack(batches[:steps]), np.array(batch_labels[:steps]), small, filled, dropped)
 
 
-def epoch_steps(labels: np.ndarray, global_batch: int, epochs: float) -> int:
-    """Steps in `epochs` passes over the clusters that can form a batch (each rounded up to whole batches)."""
+def _shuffled(per_cluster: dict[int, list[np.ndarray]], rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+    epoch = [(v, b) for v, cluster in per_cluster.items() for b in cluster]
+    return [epoch[i] for i in rng.permutation(len(epoch))]
+
+
+def _round_robin(per_cluster: dict[int, list[np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+    """One batch of each cluster in turn, in label order, skipping clusters that ran out."""
+    epoch, depth = [], 0
+    while len(epoch) < sum(map(len, per_cluster.values())):
+        epoch += [(v, cluster[depth]) for v, cluster in sorted(per_cluster.items()) if depth < len(cluster)]
+        depth += 1
+    return epoch
+
+
+def epoch_steps(labels: np.ndarray, global_batch: int, epochs: float, last_batch: str = "fill") -> int:
+    """Steps in `epochs` passes over the clusters that can form a batch (each rounded up to whole batches, or
+    down when the last partial batch is dropped)."""
     values, counts = np.unique(labels, return_counts=True)
-    per_epoch = sum(math.ceil(c / global_batch) for c in counts if c >= global_batch)
+    whole = (lambda c: c // global_batch) if last_batch == "drop" else (lambda c: math.ceil(c / global_batch))
+    per_epoch = sum(whole(c) for c in counts if c >= global_batch)
     return max(1, round(per_epoch * epochs))
