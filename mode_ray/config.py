@@ -34,6 +34,7 @@ ADDED_NEUTRAL: dict[str, Any] = {
     "mcl_last_batch": "fill",
     "mcl_batch_order": "shuffled",
     "geometry": "spherical",
+    "caption_draw": "per_sample",
 }
 
 
@@ -204,6 +205,12 @@ class TrainingConfig(Section):
         ge=1,
         description="Object store a trial's data may fill ahead of training: the read tasks wait beyond it instead "
         "of racing ahead (spilling, and taking the CPU the step needs).",
+    )
+    caption_draw: Literal["per_sample", "per_read"] = Field(
+        default="per_sample",
+        description="data.caption_field texts: one caption per sample, chosen at prep by a seeded hash of its key "
+        "(clustering and training see the same), or, as the reference, one of its texts drawn on every training "
+        "read (clustering and validation keep prep's). Other caption fields have one caption: no difference.",
     )
     decode_cache: bool = Field(
         default=False,
@@ -479,7 +486,7 @@ class TrackingConfig(Section):
 # mode_ray differs from the references"); a value the config sets itself wins.
 REFERENCE_PRESET: dict[str, dict[str, Any]] = {
     "clustering": {"geometry": "euclidean"},
-    "training": {"lr_decay": "after_warmup"},
+    "training": {"lr_decay": "after_warmup", "caption_draw": "per_read"},
     "moe": {
         "lr_decay": "after_warmup",
         "optimizer": "reference",

@@ -38,6 +38,7 @@ VALID_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("shard", pa.string()),
         ("caption", pa.string()),
+        ("texts", pa.list_(pa.string())),  # caption_field texts: every caption a training read may draw
         ("image", pa.binary()),
         ("width", pa.int32()),
         ("height", pa.int32()),
@@ -68,14 +69,19 @@ def seeded_key_hash(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
 
 
+def texts_of(meta: dict[str, Any]) -> list[str]:
+    """A sample's non-empty `texts` (the reference's list of captions; a string is a list of one)."""
+    texts = meta.get("texts")
+    if isinstance(texts, str):
+        texts = [texts]
+    return [t for t in texts or [] if isinstance(t, str) and t.strip()]
+
+
 def pick_caption(meta: dict[str, Any], txt: bytes | None, key: str, limits: Limits) -> str:
     """The caption by the configured field; from a `texts` list one entry, chosen by a seeded hash of the key."""
     field = limits.caption_field
     if field == "texts":
-        texts = meta.get("texts")
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t for t in texts or [] if isinstance(t, str) and t.strip()]
+        texts = texts_of(meta)
         if not texts:
             return ""
         return texts[seeded_key_hash(limits.seed, key) % len(texts)]
@@ -133,7 +139,8 @@ def check_image(payload: bytes | None, limits: Limits, full_decode: bool = False
 
 
 def validate_row(row: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    out = {"key": row["key"], "shard": row["shard"], "caption": None, "image": None, "width": None, "height": None}
+    out = {"key": row["key"], "shard": row["shard"], "caption": None, "texts": None, "image": None}
+    out.update(width=None, height=None)
     try:
         if row.get("read_error"):
             raise Rejected(Reason.UNREADABLE_SHARD, row["read_error"])
@@ -145,6 +152,7 @@ def validate_row(row: dict[str, Any], limits: Limits) -> dict[str, Any]:
     return {
         **out,
         "caption": caption,
+        "texts": texts_of(json.loads(row["json"])) if limits.caption_field == "texts" else None,
         "image": row["image"],
         "width": width,
         "height": height,

@@ -4,6 +4,7 @@ the reference's own lines (cited per test; transcribed as arithmetic, not copied
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_the_reference_preset_sets_what_differs_and_an_explicit_setting_wins() -
         "reference",
     )
     assert (m.balance_form, m.mcl_last_batch, m.mcl_batch_order) == ("reference", "drop", "round_robin")
+    assert reference.training.caption_draw == "per_read" and _config().training.caption_draw == "per_sample"
     assert reference.clustering.geometry == "euclidean" and reference.eval.routing.reference_centres == "raw_means"
     nested = _config("preset=reference", "eval.routing.method=calibrated")  # a sibling set: the preset still fills
     assert nested.eval.routing.reference_centres == "raw_means" and nested.eval.routing.method == "calibrated"
@@ -270,3 +272,116 @@ def test_the_reference_router_on_raw_member_means_is_the_released_formula() -> N
     del cents["fine_raw"]
     with pytest.raises(ValueError, match="predates raw member means"):
         TaskRouter(cents, encoder, RoutingConfig(reference_centres="raw_means"))
+
+
+def test_captions_drawn_per_read_as_the_reference(tmp_path) -> None:
+    """The reference's loader draws one of a sample's `texts` on every read (mode_wds.py: random.choice). With
+    `training.caption_draw: per_read` every training read draws, from the manifest or from the decoded cache's
+    tokens of every text; validation and the cache's own caption keep prep's seeded pick."""
+    import dataclasses
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mode_ray import demo_data
+    from mode_ray.samples import Limits, validate_row
+    from mode_ray.stages.train_data import Source, _inputs, _read_groups, decode_to_cache
+    from mode_ray.train.transforms import input_spec, tokenize
+
+    img, _ = demo_data.DRAW["shapes"](np.random.default_rng(0), "train")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    meta = {"texts": ["a red star", "a star drawn in red", "red star"]}
+    row = validate_row({"key": "k", "shard": "s", "json": json_bytes(meta), "image": buf.getvalue()}, Limits("texts"))
+    assert row["texts"] == meta["texts"] and row["caption"] in meta["texts"]
+    table = pa.table(
+        {
+            "key": ["a", "b"],
+            "image": [buf.getvalue()] * 2,
+            "caption": [row["caption"], "only one"],
+            "texts": [meta["texts"], None],
+        }
+    )
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path)
+    items = {"path": np.array([str(path)]), "row_group": np.array([0]), "coarse_id": np.array([0])}
+    spec = input_spec("mode-tiny")
+    manifest = Source(str(tmp_path), False, "mode-tiny", {}, spec.load, spec.context_length, True)
+    rows = _read_groups(items, manifest, lambda t, _: np.ones(len(t), dtype=bool))
+    tokens = {t: tokenize([t], "mode-tiny")[0] for t in [*meta["texts"], "only one"]}
+    cache = decode_to_cache(items, manifest)
+    cached = dataclasses.replace(manifest, root=str(tmp_path), decoded=True)
+    for source, table_in in ((manifest, rows), (cached, cache)):
+        rng, seen = np.random.default_rng(1), set()
+        for _ in range(40):
+            text = _inputs(table_in, source, rng)["text"]
+            seen |= {t for t in meta["texts"] if (text[0] == tokens[t]).all()}
+            assert (text[1] == tokens["only one"]).all()  # no texts: its one caption
+        assert seen == set(meta["texts"])
+        assert (_inputs(table_in, source)["text"][0] == tokens[row["caption"]]).all()  # no draw: prep's pick
+    old = tmp_path / "old.parquet"  # a manifest from before per-read captions
+    pq.write_table(table.drop_columns(["texts"]), old)
+    with pytest.raises(ValueError, match="has no texts column: training.caption_draw=per_read"):
+        _read_groups({**items, "path": np.array([str(old)])}, manifest, lambda t, _: np.ones(len(t), dtype=bool))
+
+
+def json_bytes(value: object) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
+def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path) -> None:
+    """prep (Euclidean k-means, raw means), training (cosine after warmup, captions drawn per read from the
+    decoded cache's tokens), the CLIP-MoE (the reference's optimizer, pooled balance loss, truncated
+    round-robin MCL batches, router with label smoothing and a fixed temperature) and the reference router on
+    raw means, all on one tiny run: the switches work together, not only one by one."""
+    import json
+
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from mode_ray import demo_data
+    from mode_ray.config import RoutingConfig
+    from mode_ray.eval.router import TaskRouter
+    from mode_ray.layout import RunPaths, read_centroids
+    from mode_ray.routing import reference_weights
+    from mode_ray.stages.moe import run_moe
+    from mode_ray.stages.prep import run_prep
+    from mode_ray.stages.train import run_train
+    from tests.conftest import demo_config
+
+    shards = tmp_path / "shards"
+    demo_data.generate(str(shards), samples=320, shards=1, seed=7)
+    sets = (
+        "preset=reference", "data.caption_field=texts", "clustering.n_coarse=2", "training.samples_per_epoch=64",
+        "training.epochs=2", "training.batch_size=32", "training.seed_fraction=0.5", "training.warmup_steps=1",
+        "training.matched_control=false", "training.decode_cache=true", "moe.stages=2", "moe.image_clusters=2",
+        "moe.text_clusters=2", "moe.warmup_steps=1", "moe.router_warmup_steps=1", "moe.router_epochs=0.25",
+    )  # fmt: skip
+    cfg = demo_config(tmp_path / "run", shards, *sets)
+    assert (cfg.clustering.geometry, cfg.training.caption_draw, cfg.moe.balance_form) == (
+        "euclidean",
+        "per_read",
+        "reference",
+    )
+    summary = run_prep(cfg)
+    assert summary["clustering"]["geometry"] == "euclidean"
+    cents = read_centroids(RunPaths(cfg.run_root).centroids)
+    np.testing.assert_allclose(cents["fine"], cents["fine_raw"], atol=1e-5)  # euclidean: the centres are the means
+    manifest = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive").to_table()
+    assert all(len(t) == 2 for t in manifest["texts"].to_pylist())  # the demo's two phrasings, kept for reads
+    trained = run_train(cfg)
+    assert sorted(trained["models"]) == ["expert-0", "expert-1", "generalist", "seed"]
+    moe = run_moe(cfg)
+    plan = json.loads((Path(cfg.run_root) / "moe" / "stage-1" / "plan.json").read_text())
+    assert plan["rows_repeated_to_fill_batches"] == 0 and plan["rows_dropped_by_truncation"] > 0
+    assert moe["router"] and moe["stages"]
+    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, RoutingConfig(reference_centres="raw_means"))
+    labels = ["a red star", "a green circle", "the digit seven"]
+    got = router.route(labels, ("{}",), "reference")
+    emb = router._embed(tuple(labels), ("{}",))
+    expected = reference_weights(emb, cents["fine_raw"], cents["fine_to_coarse"], len(cents["coarse"]))
+    np.testing.assert_allclose(got.weights, expected.weights)

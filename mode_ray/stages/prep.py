@@ -110,7 +110,8 @@ class CentroidAssigner:
         points = cluster.search_points(embeddings_to_numpy(batch["embedding"]), self.geometry)  # type: ignore[arg-type]
         scores, ids = self.index.search(points, 1)
         fine = ids[:, 0].astype(np.int32)
-        out = batch.select(["key", "shard", "caption", "image", "width", "height"])
+        columns = ["key", "shard", "caption", "texts", "image", "width", "height"]
+        out = batch.select([c for c in columns if c in batch.column_names])  # texts: since per-read captions
         out = out.append_column("fine_id", pa.array(fine))
         out = out.append_column("coarse_id", pa.array(self.fine_to_coarse[fine].astype(np.int32)))
         return out.append_column("score", pa.array(scores[:, 0].astype(np.float32)))

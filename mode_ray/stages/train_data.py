@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at imp
 
 MANIFEST_COLUMNS = ["key", "image", "caption"]
 CACHE_COLUMNS = ["key", "pixels", "text", "ok"]
+PER_READ_COLUMN = {False: "texts", True: "texts_tokens"}  # manifest: every text; cache: every text's tokens
 ROWS_PER_READ_TASK = 1024
 EXECUTION_ROWS = 1_000_000  # up to this many rows, one execution of a job's dataset covers the whole job
 DRAW_MARGIN = 1.02  # out-of-cluster draws and the batch cut at the end vary: a little more, not one more pass
@@ -66,10 +67,19 @@ class Source:
     s3: dict[str, Any]
     load: int  # decoded side and token count, known up front: a read task then needs no torch or open_clip
     context_length: int
+    per_read_captions: bool = False  # a training read draws one of each sample's texts (the reference's way)
+
+    @property
+    def columns(self) -> list[str]:
+        """What a read takes from the manifest, or from the decoded cache."""
+        extra = [PER_READ_COLUMN[self.decoded]] if self.per_read_captions else []
+        return (CACHE_COLUMNS if self.decoded else MANIFEST_COLUMNS) + extra
 
 
 def make_source(cfg: Config, root: str, decoded: bool, spec: InputSpec) -> Source:
-    return Source(root, decoded, cfg.training.model, cfg.data.s3.model_dump(), spec.load, spec.context_length)
+    per_read = cfg.training.caption_draw == "per_read" and cfg.data.caption_field == "texts"
+    s3 = cfg.data.s3.model_dump()
+    return Source(root, decoded, cfg.training.model, s3, spec.load, spec.context_length, per_read)
 
 
 def input_cache_dir(cfg: Config) -> str:
@@ -159,30 +169,49 @@ def _read_groups(items: dict[str, np.ndarray], source: Source, keep: Any) -> pa.
     import pyarrow.parquet as pq
 
     fs, _ = get_fs(source.root, S3Config(**source.s3))
-    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
     tables = []
     for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
         with fs.open(str(path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
+            table = _read_row_group(pq.ParquetFile(f), int(group), source, str(path))
         table = table.filter(pa.array(keep(table, int(coarse))))
         tables.append(table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32))))
     return pa.concat_tables(tables)
 
 
-def _inputs(table: pa.Table, source: Source) -> dict[str, np.ndarray]:
-    """pixels, text, ok, coarse_id as numpy: unpacked from the cache, or decoded now."""
+def _read_row_group(file: Any, group: int, source: Source, path: str) -> pa.Table:
+    missing = sorted(set(source.columns) - set(file.schema_arrow.names))
+    if missing:  # a manifest or cache made before per-read captions
+        raise ValueError(
+            f"{path} has no {', '.join(missing)} column: training.caption_draw=per_read needs a manifest from this "
+            "version (re-run `mode-ray prep --force`; with training.decode_cache, the cache is rebuilt itself)"
+        )
+    return file.read_row_group(group, columns=source.columns)
+
+
+def _inputs(table: pa.Table, source: Source, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """pixels, text, ok, coarse_id as numpy: unpacked from the cache, or decoded now. With per-read captions
+    and an `rng` (a training read), each row's text is drawn from its texts; without one (validation, the
+    cache's own caption, MCL clustering) it is the caption prep chose."""
     from mode_ray.train.transforms import decode_rows, input_spec
 
     coarse = table["coarse_id"].to_numpy()
+    draw = source.per_read_captions and rng is not None
     if not source.decoded:
-        return {
-            **decode_rows(table["image"].to_pylist(), table["caption"].to_pylist(), source.model),
-            "coarse_id": coarse,
-        }
+        captions = table["caption"].to_pylist()
+        if draw:
+            texts = table["texts"].to_pylist()
+            captions = [t[rng.integers(len(t))] if t else c for t, c in zip(texts, captions, strict=True)]  # type: ignore[union-attr]
+        return {**decode_rows(table["image"].to_pylist(), captions, source.model), "coarse_id": coarse}
     spec = input_spec(source.model)
     n = len(table)
     pixels = np.frombuffer(b"".join(table["pixels"].to_pylist()), dtype=np.uint8).reshape(n, spec.load, spec.load, 3)
     text = np.frombuffer(b"".join(table["text"].to_pylist()), dtype=np.int32).reshape(n, spec.context_length)
+    if draw:
+        text = text.copy()
+        for i, blob in enumerate(table["texts_tokens"].to_pylist()):
+            options = np.frombuffer(blob, dtype=np.int32).reshape(-1, spec.context_length) if blob else None
+            if options is not None and len(options):
+                text[i] = options[rng.integers(len(options))]  # type: ignore[union-attr]
     return {"pixels": pixels, "text": text, "ok": table["ok"].to_numpy(zero_copy_only=False), "coarse_id": coarse}
 
 
@@ -200,7 +229,7 @@ def read_job_rows(
         return mask
 
     table = _read_groups(items, source, keep)
-    return _inputs(table.take(pa.array(rng.permutation(len(table)))), source)
+    return _inputs(table.take(pa.array(rng.permutation(len(table)))), source, rng)
 
 
 def read_holdout_rows(items: dict[str, np.ndarray], source: Source, holdout: float) -> dict[str, np.ndarray]:
@@ -212,15 +241,22 @@ def decode_to_cache(items: dict[str, np.ndarray], source: Source) -> pa.Table:
     """Manifest row groups → cache rows: key, pixels and tokens as bytes, ok, coarse_id."""
     table = _read_groups(items, source, lambda t, _: np.ones(len(t), dtype=bool))
     inputs = _inputs(table, source)
-    return pa.table(
-        {
-            "key": table["key"],
-            "pixels": pa.array([p.tobytes() for p in inputs["pixels"]], type=pa.binary()),
-            "text": pa.array([t.tobytes() for t in inputs["text"]], type=pa.binary()),
-            "ok": pa.array(inputs["ok"]),
-            "coarse_id": pa.array(inputs["coarse_id"]),
-        }
-    )
+    columns = {
+        "key": table["key"],
+        "pixels": pa.array([p.tobytes() for p in inputs["pixels"]], type=pa.binary()),
+        "text": pa.array([t.tobytes() for t in inputs["text"]], type=pa.binary()),
+        "ok": pa.array(inputs["ok"]),
+        "coarse_id": pa.array(inputs["coarse_id"]),
+    }
+    if source.per_read_captions:  # every text tokenized once, so a read draws among tokens
+        from mode_ray.train.transforms import tokenize
+
+        texts = [t or [c] for t, c in zip(table["texts"].to_pylist(), table["caption"].to_pylist(), strict=True)]
+        tokens = tokenize([x for t in texts for x in t], source.model)
+        ends = np.cumsum([len(t) for t in texts])
+        blobs = [tokens[end - len(t) : end].tobytes() for t, end in zip(texts, ends, strict=True)]
+        columns[PER_READ_COLUMN[True]] = pa.array(blobs, type=pa.binary())
+    return pa.table(columns)
 
 
 @dataclass(frozen=True)
@@ -258,15 +294,15 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     if not cfg.training.decode_cache:
         return False
     out = input_cache_dir(cfg)
-    settings = settings_hash(manifest_run_id, cfg.training.model, ROW_GROUP_ROWS)
+    from mode_ray.train.transforms import input_spec
+
+    source = make_source(cfg, RunPaths(cfg.run_root).manifest, False, input_spec(cfg.training.model))
+    per_read = ["per_read_captions"] if source.per_read_captions else []  # a cache without them keeps its hash
+    settings = settings_hash(manifest_run_id, cfg.training.model, ROW_GROUP_ROWS, *per_read)
     if not force and stage_done(out, settings, cfg.data.s3):
         return False
     fresh_dir(out, "decoded inputs", cfg.data.s3)
-    manifest = RunPaths(cfg.run_root).manifest
-    groups = row_groups(manifest, cfg.data.s3)
-    from mode_ray.train.transforms import input_spec
-
-    source = make_source(cfg, manifest, False, input_spec(cfg.training.model))
+    groups = row_groups(source.root, cfg.data.s3)
     tasks = DataTasks(1.0, max(1, int(_cluster_cpus())))
     ds = tasks.read(groups, decode_to_cache, source=source)
     ds.write_parquet(
@@ -345,7 +381,6 @@ def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: st
 
     plan = _load_plan(plan_url, tuple(sorted(source.s3.items())))
     fs, _ = get_fs(source.root, S3Config(**source.s3))
-    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
     parts = []
     for rank, start, stop in zip(items["rank"], items["start"], items["stop"], strict=True):
         ids = plan[f"rank{int(rank)}"][int(start) : int(stop)]
@@ -353,11 +388,11 @@ def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: st
         tables: dict[tuple[str, int], pa.Table] = {}
         for path, group in {(str(p), int(g)) for p, g in zip(paths, groups, strict=True)}:
             with fs.open(path, "rb") as f:
-                tables[path, group] = pq.ParquetFile(f).read_row_group(group, columns=columns)
+                tables[path, group] = _read_row_group(pq.ParquetFile(f), group, source, path)
         picked = [tables[str(p), int(g)].slice(int(r), 1) for p, g, r in zip(paths, groups, rows, strict=True)]
         table = pa.concat_tables(picked)
         parts.append(table.append_column("coarse_id", pa.array(plan["coarse_id"][ids].astype(np.int32))))
-    return _inputs(pa.concat_tables(parts), source)
+    return _inputs(pa.concat_tables(parts), source, np.random.default_rng())
 
 
 _PLANS: dict[str, dict[str, np.ndarray]] = {}

@@ -60,6 +60,11 @@ def _tokenizer(model_name: str) -> Any:
     return open_clip.get_tokenizer(model_name)
 
 
+def tokenize(texts: list[str], model_name: str) -> np.ndarray:
+    """[n, context] int32 tokens by the model's own tokenizer."""
+    return _tokenizer(model_name)(texts).numpy().astype(np.int32)
+
+
 def decode_rows(images: list[bytes | None], captions: list[str], model_name: str) -> dict[str, np.ndarray]:
     """pixels [n, L, L, 3] uint8, text [n, context] int32, ok [n]: an image that fails to decode is flagged
     (its pixels zero), never fatal."""
@@ -78,8 +83,7 @@ def decode_rows(images: list[bytes | None], captions: list[str], model_name: str
             ok[i] = True
         except Exception:  # noqa: BLE001 - any decode failure is counted by the loop, never fatal
             ok[i] = False
-    text = _tokenizer(model_name)(captions).numpy().astype(np.int32)
-    return {"pixels": pixels, "text": text, "ok": ok}
+    return {"pixels": pixels, "text": tokenize(captions, model_name), "ok": ok}
 
 
 def crop_boxes(n: int, side: int, generator: torch.Generator | None = None) -> torch.Tensor:
