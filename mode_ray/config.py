@@ -363,9 +363,10 @@ class RoutingConfig(Section):
     per_class: bool = Field(default=False, description="One weight vector per class name instead of per task.")
     top_k: int | None = Field(default=None, ge=1, description="Keep only the k heaviest experts.")
     reference_centres: Literal["unit", "raw_means"] = Field(
-        default="unit",
-        description="The reference method's distances: to the fine assignment centres (unit under spherical "
-        "clustering), or to the fine clusters' raw member means, as the released code measures them.",
+        default="raw_means",
+        description="The reference method's distances: to the fine clusters' raw member means, as the released "
+        "code measures them, or to the fine assignment centres (unit under spherical clustering). A run whose "
+        "centroids predate raw means falls back to its unit centres, and says so, unless raw_means is set here.",
     )
 
 
@@ -497,7 +498,6 @@ REFERENCE_PRESET: dict[str, dict[str, Any]] = {
         "mcl_last_batch": "drop",
         "mcl_batch_order": "round_robin",
     },
-    "eval": {"routing": {"reference_centres": "raw_means"}},
 }
 
 

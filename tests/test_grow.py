@@ -81,6 +81,7 @@ def test_known_domains_make_no_new_expert(ray_session, grown_run, tmp_path):
     assert out["in_manifest"] == 150 and sum(out["per_expert"].values()) == 150  # covered: joined old experts
     grown = np.load(root / "clusters/centroids.npz")
     assert len(grown["fine"]) == len(np.load(io.BytesIO(before))["fine"]) and int(grown["version"]) == 2
+    assert len(grown["fine_raw"]) == len(grown["fine"])  # raw means grow with the centres
     assert (root / "clusters/versions/centroids-v1.npz").read_bytes() == before  # the previous version kept
 
 

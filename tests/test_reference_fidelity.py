@@ -52,12 +52,12 @@ def test_the_reference_preset_sets_what_differs_and_an_explicit_setting_wins() -
     )
     assert (m.balance_form, m.mcl_last_batch, m.mcl_batch_order) == ("reference", "drop", "round_robin")
     assert reference.training.caption_draw == "per_read" and _config().training.caption_draw == "per_sample"
-    assert reference.clustering.geometry == "euclidean" and reference.eval.routing.reference_centres == "raw_means"
-    nested = _config("preset=reference", "eval.routing.method=calibrated")  # a sibling set: the preset still fills
-    assert nested.eval.routing.reference_centres == "raw_means" and nested.eval.routing.method == "calibrated"
+    assert reference.clustering.geometry == "euclidean"
+    nested = _config("preset=reference", "moe.top_k=1")  # a sibling set in the same section: the preset still fills
+    assert nested.moe.balance_form == "reference" and nested.moe.top_k == 1
     today = _config()
     assert today.training.lr_decay == "whole_schedule" and today.moe.optimizer == "mode_ray"
-    assert today.clustering.geometry == "spherical" and today.eval.routing.reference_centres == "unit"
+    assert today.clustering.geometry == "spherical" and today.eval.routing.reference_centres == "raw_means"
     assert today.moe.router_temperature is None and today.moe.router_label_smoothing == 0.0
     mixed = _config("preset=reference", "moe.router_warmup_steps=5")
     assert mixed.moe.router_warmup_steps == 5 and mixed.moe.router_label_smoothing == 0.1
@@ -251,8 +251,9 @@ class _FixedEncoder:
 
 
 def test_the_reference_router_on_raw_member_means_is_the_released_formula() -> None:
-    """post_report_ensemble.py measures each label's L2 distance to the stored (raw) fine means; with
-    `reference_centres: raw_means` the router does exactly that, by default it uses the unit centres."""
+    """post_report_ensemble.py measures each label's L2 distance to the stored (raw) fine means; the router
+    does exactly that by default (`reference_centres: raw_means`); `unit` measures to the unit centres. A run
+    from before raw means falls back to its unit centres, unless raw means were asked for by name."""
     import numpy as np
 
     from mode_ray.config import RoutingConfig
@@ -266,10 +267,15 @@ def test_the_reference_router_on_raw_member_means_is_the_released_formula() -> N
     names = [f"l{i}" for i in range(len(LABELS))]
     on_raw = TaskRouter(cents, encoder, RoutingConfig(reference_centres="raw_means")).route(names, ("{}",))
     np.testing.assert_allclose(on_raw.weights, _by_hand(LABELS.tolist(), raw.tolist(), FINE_TO_COARSE.tolist(), 3))
-    on_unit = TaskRouter(cents, encoder, RoutingConfig()).route(names, ("{}",))
+    by_default = TaskRouter(cents, encoder, RoutingConfig())
+    assert by_default.reference_centres == "raw_means"
+    np.testing.assert_allclose(by_default.route(names, ("{}",)).weights, on_raw.weights)
+    on_unit = TaskRouter(cents, encoder, RoutingConfig(reference_centres="unit")).route(names, ("{}",))
     np.testing.assert_allclose(on_unit.weights, _by_hand(LABELS.tolist(), FINE.tolist(), FINE_TO_COARSE.tolist(), 3))
     assert not np.allclose(on_raw.distance, on_unit.distance)
     del cents["fine_raw"]
+    old_run = TaskRouter(cents, encoder, RoutingConfig())
+    assert old_run.reference_centres.startswith("unit") and np.allclose(old_run.reference_fine, FINE)
     with pytest.raises(ValueError, match="predates raw member means"):
         TaskRouter(cents, encoder, RoutingConfig(reference_centres="raw_means"))
 
@@ -379,7 +385,7 @@ def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path)
     plan = json.loads((Path(cfg.run_root) / "moe" / "stage-1" / "plan.json").read_text())
     assert plan["rows_repeated_to_fill_batches"] == 0 and plan["rows_dropped_by_truncation"] > 0
     assert moe["router"] and moe["stages"]
-    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, RoutingConfig(reference_centres="raw_means"))
+    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, RoutingConfig())
     labels = ["a red star", "a green circle", "the digit seven"]
     got = router.route(labels, ("{}",), "reference")
     emb = router._embed(tuple(labels), ("{}",))

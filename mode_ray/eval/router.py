@@ -17,6 +17,7 @@ from mode_ray.config import EmbeddingConfig, RoutingConfig, S3Config
 from mode_ray.encoders import TextEncoder, build_encoder, encoder_id_for
 from mode_ray.eval.zero_shot import template_averaged
 from mode_ray.layout import RunPaths, read_centroids
+from mode_ray.progress import console
 from mode_ray.routing import Routing, route
 
 CACHE_SIZE = 1024
@@ -38,14 +39,15 @@ class TaskRouter:
     def __init__(self, centroids: dict[str, Any], encoder: TextEncoder, routing: RoutingConfig) -> None:
         check_encoder(str(centroids["encoder_id"]), encoder.encoder_id)
         self.fine = np.asarray(centroids["fine"], dtype=np.float32)
-        self.reference_fine = self.fine
-        if routing.reference_centres == "raw_means":
-            if "fine_raw" not in centroids:
-                raise ValueError(
-                    "eval.routing.reference_centres=raw_means, but this run's centroids.npz predates raw member "
-                    "means: re-run `mode-ray prep --force`, or route with reference_centres=unit"
-                )
-            self.reference_fine = np.asarray(centroids["fine_raw"], dtype=np.float32)
+        self.reference_fine, self.reference_centres = self.fine, "unit"
+        if routing.reference_centres == "raw_means" and "fine_raw" in centroids:
+            self.reference_fine, self.reference_centres = np.asarray(centroids["fine_raw"], np.float32), "raw_means"
+        elif routing.reference_centres == "raw_means":
+            why = "this run's centroids.npz predates raw member means"
+            if "reference_centres" in routing.model_fields_set:  # asked for by name: not quietly something else
+                raise ValueError(f"eval.routing.reference_centres=raw_means, but {why}: re-run `mode-ray prep --force`")
+            console.print(f"[yellow]routing: {why}; the reference router uses the unit centres[/yellow]")
+            self.reference_centres = "unit (centroids from before raw means)"
         self.fine_to_coarse = np.asarray(centroids["fine_to_coarse"], dtype=np.int64)
         self.n_experts = int(np.asarray(centroids["coarse"]).shape[0])
         self.encoder_id = encoder.encoder_id

@@ -495,6 +495,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             or "off",
             "routing": cfg.eval.routing.model_dump(),
             "routing encoder": router.encoder_id,
+            "reference router centres": router.reference_centres,
         }
         suite = resolve_benchmark(cfg.eval.benchmark, s3)
         suite_result = summarize(suite, scores.metrics) if suite is not None else None
