@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mode_ray.config import Config, EvalTaskConfig
+
+if TYPE_CHECKING:
+    from mode_ray.eval.suite import Suite
 
 SKIP_NO_LABEL = "no_label"
 SKIP_UNKNOWN_LABEL = "unknown_label"
 
 
-def configured_tasks(cfg: Config) -> list[EvalTaskConfig]:
-    """eval.tasks, eval.benchmark's datasets, and the demo's five when eval.demo_tasks is on (over eval.shards)."""
+def configured_tasks(cfg: Config, suite: Suite | None = None) -> list[EvalTaskConfig]:
+    """eval.tasks, eval.benchmark's datasets, and the demo's five when eval.demo_tasks is on (over eval.shards).
+    `suite`: eval.benchmark already resolved (its folders are read once); None resolves it here."""
     from mode_ray.eval.suite import as_webdataset_task, resolve_benchmark
 
     tasks = [as_webdataset_task(t, cfg.data.s3) if t.source == "clip_benchmark" else t for t in cfg.eval.tasks]
-    suite = resolve_benchmark(cfg.eval.benchmark, cfg.data.s3)
+    suite = suite or resolve_benchmark(cfg.eval.benchmark, cfg.data.s3)
     tasks += suite.tasks if suite else []
     if cfg.eval.demo_tasks:
         if not cfg.eval.shards:

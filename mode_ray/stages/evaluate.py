@@ -41,6 +41,7 @@ from mode_ray.eval.suite import (
     MULTI_LABEL_FIELD,
     MULTILABEL,
     RETRIEVAL,
+    Suite,
     describe,
     resolve_benchmark,
     summarize,
@@ -394,12 +395,12 @@ def _compute(summary: dict[str, Any], moe: dict[str, Any] | None = None) -> dict
     return out
 
 
-def check_eval_inputs(cfg: Config) -> list[EvalTaskConfig]:
+def check_eval_inputs(cfg: Config, suite: Suite | None = None) -> list[EvalTaskConfig]:
     """The configured tasks; an error when there is nothing to evaluate (checked before `mode-ray run` starts,
     not after hours of training)."""
     from mode_ray.eval.tasks import configured_tasks
 
-    tasks = configured_tasks(cfg)
+    tasks = configured_tasks(cfg, suite)
     corpus = eval_shards_corpus(cfg)
     if corpus is not None and any(t.name == corpus.name for t in tasks):
         raise ValueError(f"eval task name {corpus.name!r} is eval.shards' retrieval task: name yours otherwise")
@@ -422,7 +423,8 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     if not exists(paths.experts_summary, s3):
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
     summary = read_json(paths.experts_summary, s3)
-    tasks = check_eval_inputs(cfg)
+    suite = resolve_benchmark(cfg.eval.benchmark, s3)  # read once: its tasks now, its average after scoring
+    tasks = check_eval_inputs(cfg, suite)
     moe = moe_usage.trained_moe(paths, s3)
     models = in_service(cfg, list(summary["models"])) + ([MOE] if moe is not None else [])
     present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
@@ -497,7 +499,6 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
             "routing encoder": router.encoder_id,
             "reference router centres": router.reference_centres,
         }
-        suite = resolve_benchmark(cfg.eval.benchmark, s3)
         suite_result = summarize(suite, scores.metrics) if suite is not None else None
         if suite is not None:
             header["suite"] = describe(suite)
