@@ -23,19 +23,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Settings added after runs existed, at the value that reproduces what runs did before them: left out of the
-# completion hashes at that value, so upgrading does not retrain a finished model.
-ADDED_NEUTRAL: dict[str, Any] = {
-    "lr_decay": "whole_schedule",
-    "router_label_smoothing": 0.0,
-    "router_temperature": None,
-    "optimizer": "mode_ray",
-    "balance_form": "per_layer",
-    "mcl_last_batch": "fill",
-    "mcl_batch_order": "shuffled",
-    "geometry": "spherical",
-    "caption_draw": "per_sample",
-}
+# Prep settings added after runs existed, at the value that reproduces what runs did before them: left out of
+# prep's completion hashes at that value, so upgrading does not redo a finished clustering. (Training jobs hash
+# what they are, `mode_ray.train.job.hashed_fields`.)
+ADDED_NEUTRAL: dict[str, Any] = {"geometry": "spherical"}
 
 
 def without_added_neutral(dump: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +139,6 @@ class ClusteringConfig(Section):
     )
 
 
-RUN_ONLY_TRAINING = {"fail_once_at_step", "max_failures", "controller_poll_s", "max_concurrent_trials"}
 
 
 class TrainingConfig(Section):
@@ -232,11 +222,6 @@ class TrainingConfig(Section):
     fail_once_at_step: dict[str, int] | None = Field(
         default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
     )
-
-    def learning_settings(self) -> dict[str, Any]:
-        """What a trained model depends on: completion markers hash these, so changing how a job runs
-        (injected faults, retries, polling, trial concurrency) never retrains a model."""
-        return without_added_neutral(self.model_dump(mode="json", exclude=RUN_ONLY_TRAINING))
 
 
 class MoEConfig(Section):

@@ -27,6 +27,7 @@ from mode_ray.storage import get_fs, join
 # batches mix every expert's data. Written as one big row group per partition file, each read task held one
 # partition, and the seed and the generalists trained on one domain at a time.
 ROW_GROUP_ROWS = 128
+STATE_FILE = "state.pt"  # a job's final training state: weights, optimizer, scaler, loop state
 MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
 # The run root's folders the stages write, delete and redo: nothing else may live in them (no input data).
 STAGE_FOLDERS = (

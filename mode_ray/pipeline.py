@@ -55,8 +55,11 @@ def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> 
     needs_ray = any(name not in RAY_FREE for name, _ in selected)
     # One Ray for every stage (each would otherwise start and stop its own); none for demo data alone.
     with ray_runtime(cfg) if needs_ray else nullcontext():
-        for _, fn in selected:
-            fn(cfg, force)
+        for name, fn in selected:
+            if name == "train" and any(n == "moe" for n, _ in selected):
+                run_train(cfg, force, with_moe=True)  # one DAG: the MoE trains beside the experts' tails
+            elif name != "moe" or not any(n == "train" for n, _ in selected):
+                fn(cfg, force)
     print_closing_summary(cfg)
 
 

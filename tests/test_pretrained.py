@@ -100,8 +100,9 @@ def test_the_seed_starts_from_training_init_and_moe_base_takes_hub_weights(init_
     seed.load_state_dict(torch.load(Path(cfg.run_root) / "experts/seed/state.pt", weights_only=True)["model"])
     for key, value in state.items():  # one step at lr 1e-12 from the init: the init, to float precision
         torch.testing.assert_close(seed.state_dict()[key], value, rtol=0, atol=1e-6)
-    url, identity, _ = resolve_base(cfg)
-    assert url == str(folder) and identity == f"local-dir:{folder}" and _same_weights(url, state)
+    base, known = resolve_base(cfg, set())
+    assert base.url == str(folder) and base.identity == f"local-dir:{folder}" and not known
+    assert _same_weights(base.url, state)
 
 
 def _wandb_records(path: Path) -> list:

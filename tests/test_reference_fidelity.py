@@ -66,67 +66,71 @@ def test_the_reference_preset_sets_what_differs_and_an_explicit_setting_wins() -
 def test_router_stage_loss_under_the_preset_is_the_references() -> None:
     """CLIP-MoE's router fine-tuning (train/train_moe.py): logit scale fixed at 100, and the CLIP loss
     (cross-entropy both ways, averaged) with label smoothing 0.1."""
-    from mode_ray.stages.moe import router_task
     from mode_ray.train.losses import SmoothedClipLoss
 
-    loop = router_task_loop(router_task, _config("preset=reference"))
-    assert loop["fixed_temperature"] == 0.01 and loop["label_smoothing"] == 0.1
+    loss = router_job(_config("preset=reference")).loss
+    assert loss.fixed_temperature == 0.01 and loss.label_smoothing == 0.1
     torch.manual_seed(0)
     image, text = (torch.nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
-    scale = torch.tensor(1 / loop["fixed_temperature"])
+    scale = torch.tensor(1 / loss.fixed_temperature)
     logits = scale * image @ text.T
     labels = torch.arange(8)
     expected = (
         torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
         + torch.nn.functional.cross_entropy(logits.T, labels, label_smoothing=0.1)
     ) / 2
-    ours = SmoothedClipLoss(loop["label_smoothing"])(image, text, scale)
+    ours = SmoothedClipLoss(loss.label_smoothing)(image, text, scale)
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
 
 
-def router_task_loop(router_task, cfg: Config) -> dict:  # noqa: ANN001
-    """The router job's loop settings, without the MCL stages it would upcycle (a tiny export stands in)."""
-    import tempfile
+def router_job(cfg: Config):  # noqa: ANN201
+    """The router job as planned, from an outside base (no MCL stage needs to exist to plan it)."""
+    from mode_ray.stages.plan_jobs import MoEBase, inputs_of, moe_jobs
 
-    from mode_ray.models.clip import build_clip, export_open_clip
-
-    model, *_ = build_clip("mode-tiny")
-    with tempfile.TemporaryDirectory() as tmp:
-        export_open_clip(model, "mode-tiny", tmp)
-        return router_task(cfg, [tmp, tmp])["loop"]
+    return moe_jobs(cfg, MoEBase("/nowhere", identity="base"), inputs_of(cfg, "manifest"), 1000)[-1]
 
 
 def test_the_reference_optimizer_is_torch_adamw_defaults_with_decay_everywhere() -> None:
     """CLIP-MoE's train scripts build `torch.optim.AdamW(params, lr=…, weight_decay=…)`: β (0.9, 0.999),
     ε 1e-8, one group (every trainable parameter decays)."""
     from mode_ray.models.clip import build_clip
+    from mode_ray.train.job import Optimizer
     from mode_ray.train.loop import make_optimizer
 
     model, *_ = build_clip("mode-tiny")
-    base = {"lr": 1e-5, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6}
-    ours = make_optimizer(model, {**base, "optimizer": "reference"})
+    ours = make_optimizer(model, Optimizer("reference", 1e-5, 0.2, (0.9, 0.98), 1e-6))
     reference = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.2)
     assert len(ours.param_groups) == 1
     for key in ("betas", "eps", "weight_decay", "lr"):
         assert ours.param_groups[0][key] == reference.param_groups[0][key]
     assert sum(p.numel() for p in ours.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
-    today = make_optimizer(model, base)  # open_clip's split: gains, biases and the logit scale do not decay
+    today = make_optimizer(model, Optimizer("mode_ray", 1e-5, 0.2, (0.9, 0.98), 1e-6))  # open_clip's split
     assert [g["weight_decay"] for g in today.param_groups] == [0.0, 0.2] and today.param_groups[0]["betas"] == (
         0.9,
         0.98,
     )
 
 
-def test_new_settings_at_their_defaults_leave_completion_hashes_as_they_were() -> None:
-    """A run trained before these settings existed is not retrained after an upgrade: at their defaults they
-    are not in what completion markers hash; at the reference's values they are."""
-    from mode_ray.stages.moe import stage_settings
+def test_a_jobs_hash_is_what_the_job_is() -> None:
+    """Completion markers hash the planned job itself: the reference's settings change every job they reach
+    (the MCL stages and the router too); how a job runs does not; a cosine over the whole schedule (the
+    setting's first form) is left out, so it hashes as before the setting existed."""
+    from mode_ray.stages.plan_jobs import MoEBase, inputs_of, make_plan, moe_jobs, training_jobs
+    from mode_ray.train.job import hashed_fields, job_hashes
+
+    def hashes(cfg: Config) -> dict[str, str]:
+        plan, inputs = make_plan(cfg, {"0": 100, "1": 100}), inputs_of(cfg, "manifest")
+        jobs = training_jobs(cfg, plan, inputs, None) + moe_jobs(cfg, MoEBase("/x", job="generalist"), inputs, 200)
+        return job_hashes(jobs)
 
     today, reference = _config(), _config("preset=reference")
-    assert "lr_decay" not in today.training.learning_settings()
-    assert reference.training.learning_settings()["lr_decay"] == "after_warmup"
+    ran_otherwise = _config("training.max_failures=7", "training.fail_once_at_step={seed: 3}", "training.num_workers=2")
+    assert hashes(ran_otherwise) == hashes(today)
+    changed = {n for n, h in hashes(reference).items() if h != hashes(today)[n]}
+    assert {"seed", "generalist", "moe-stage-1", "moe-router"} <= changed
+    job = training_jobs(today, make_plan(today, {"0": 100}), inputs_of(today, "m"), None)[0]
+    assert "decay_after_warmup" not in hashed_fields(job)["schedule"]
     assert "decay_after_warmup" not in Schedule(1e-3, 10, 100, 50).settings()
-    assert stage_settings(today, "base", 1, "") != stage_settings(reference, "base", 1, "")
 
 
 def _reference_load_balancing(gate_logits: torch.Tensor, top_k: int) -> torch.Tensor:

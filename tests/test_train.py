@@ -22,7 +22,7 @@ from mode_ray.stages.train_data import (
     row_groups,
 )
 from mode_ray.storage import read_json
-from mode_ray.train.schedule import MATCHED, Job, Schedule, plan_training
+from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
 from tests.conftest import TRAIN_BATCH as BATCH
 from tests.conftest import TRAIN_EPOCH
@@ -195,7 +195,7 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
 
 
 def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(trained):
-    from mode_ray.stages.train import make_plan
+    from mode_ray.stages.plan_jobs import make_plan
 
     cfg, prep, _ = trained
     plan = make_plan(cfg, prep["per_expert"])
@@ -322,8 +322,8 @@ def test_one_execution_holds_the_whole_small_job():
 
     cfg = config_from_dict({"run_root": "/tmp/x", "data": {"shards": "/tmp/x"}, "training": {"batch_size": 10}})
     groups = [{"coarse_id": 0, "rows": 100}, {"coarse_id": 1, "rows": 300}]
-    expert = Job("expert-0", 0, 0, 50, 1.0, False)  # 500 samples from a partition of 100 (+2% of 300)
+    expert = Span("expert-0", 0, 0, 50, 1.0, False)  # 500 samples from a partition of 100 (+2% of 300)
     draws = draws_per_execution(groups, expert, cfg, holdout=0.0)
     assert draws * (100 + 0.02 * 300) >= 500 and (draws - 1) * (100 + 0.02 * 300) < 500 * 1.02
-    dense = Job("generalist", None, 0, 40, 1.0, False)
+    dense = Span("generalist", None, 0, 40, 1.0, False)
     assert draws_per_execution(groups, dense, cfg, holdout=0.0) == 2  # 400 samples from 400 rows, with a margin

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,11 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mode_ray import cluster
+from mode_ray.compute import model_compute
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths, centroid_geometry, read_centroids
+from mode_ray.names import SEED, expert_id, expert_name
 from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
 from mode_ray.progress import console, stage_log
 from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
+from mode_ray.stages.dag import job_done, run_jobs
+from mode_ray.stages.plan_jobs import inputs_of, model_job
 from mode_ray.stages.prep import (
     _only_valid,
     assign_stage,
@@ -44,7 +48,7 @@ from mode_ray.stages.prep import (
     print_summary,
     summarise,
 )
-from mode_ray.stages.train import experts_dir, model_compute, plan_shared, run_phase
+from mode_ray.stages.train import experts_dir
 from mode_ray.stages.train_data import build_generation_caches, generation_roots
 from mode_ray.storage import (
     MARKER,
@@ -62,7 +66,8 @@ from mode_ray.storage import (
     write_bytes,
     write_json,
 )
-from mode_ray.train.schedule import SEED, Job, Plan, Schedule, expert_name
+from mode_ray.train.job import TrainJob, job_hashes
+from mode_ray.train.schedule import Plan, Schedule
 
 
 def generation_paths(cfg: Config, name: str) -> RunPaths:
@@ -226,29 +231,30 @@ def previous_version(cfg: Config, expert: str, name: str) -> str:
     return archive
 
 
-def refresh_jobs(
-    cfg: Config, name: str, experts: list[str], summary: dict[str, Any], manifest_run: str
-) -> tuple[list[Job], dict[str, str], dict[str, dict[str, Any]]]:
-    """Each grown expert's own job again (from the seed, its budget), now over its grown partition: the
-    trial reads every generation's rows (`train_data.training_roots`). Its previous version is kept first;
-    the new marker names the settings `train` knows the expert by, so `train` keeps the refresh."""
-    jobs, settings, tasks = [], {}, {}
-    for e in experts:
-        archive = previous_version(cfg, e, name)
-        before = marker_info(archive, cfg.data.s3)
-        jobs.append(Job(**summary["models"][e]["job"]))
-        settings[e] = settings_hash(before["config_hash"], manifest_run)
-        tasks[e] = {"marker": {"train_settings": before.get("train_settings", before["config_hash"])}}
-    return jobs, settings, tasks
+def generation_jobs(
+    cfg: Config, name: str, new: list[str], refresh: list[str], plan: Plan, manifest_run: str
+) -> list[TrainJob]:
+    """The new experts, and the grown ones again (each its own job: from the seed, its budget, now over its
+    grown partition — the trial reads every generation's rows, `train_data.training_roots`). A grown
+    expert's previous version is kept first; its new marker names the settings `train` knows it by, so
+    `train` keeps the refresh."""
+    inputs = inputs_of(cfg, manifest_run)
+    jobs = []
+    for e in new + refresh:
+        job = model_job(cfg, plan.tail(e, expert_id(e)), plan.schedule, inputs, None)
+        if e in refresh:
+            before = marker_info(previous_version(cfg, e, name), cfg.data.s3)
+            job = replace(job, marker={"train_settings": before.get("train_settings", before["config_hash"])})
+        jobs.append(job)
+    return jobs
 
 
 def train_generation(
     cfg: Config, name: str, new: list[str], refresh: list[str], manifest_run: str, force: bool
 ) -> tuple[list[str], list[str]]:
     """The new experts, from the seed on an existing expert's budget, and (when asked) the grown ones, as
-    one phase of Tune trials; no other model is loaded. Returns (new trained, refreshed) now."""
-    paths = RunPaths(cfg.run_root)
-    summary = read_json(paths.experts_summary, cfg.data.s3)
+    one DAG of Tune trials after the seed; no other model is loaded. Returns (new trained, refreshed) now."""
+    summary = read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)
     if SEED not in summary["models"]:
         raise ValueError("add-data needs a run trained from a seed (training.use_seed): new experts start from it")
     plan = _plan_from_summary(summary)
@@ -257,30 +263,19 @@ def train_generation(
             f"training.batch_size is {cfg.training.batch_size} here but the run's experts trained with "
             f"{plan.batch_size}: add-data must use the run's own training settings (its config.yaml)"
         )
-    seed = summary["models"][SEED]
-    jobs = [Job(e, int(e.split("-")[1]), seed["end_step"], plan.schedule.total_steps, 1.0, True) for e in new]
-    seed_settings = marker_info(experts_dir(cfg, SEED), cfg.data.s3)["config_hash"]
-    settings = {
-        j.name: settings_hash(
-            cfg.training.learning_settings(), asdict(j), asdict(plan.schedule), manifest_run, seed_settings
-        )
-        for j in jobs
-    }
-    old_jobs, old_settings, tasks = refresh_jobs(cfg, name, refresh, summary, manifest_run)
-    jobs, settings = jobs + old_jobs, {**settings, **old_settings}
-    todo = [j for j in jobs if force or not stage_done(experts_dir(cfg, j.name), settings[j.name], cfg.data.s3)]
+    jobs = generation_jobs(cfg, name, new, refresh, plan, manifest_run)
+    known = {SEED: marker_info(experts_dir(cfg, SEED), cfg.data.s3)["config_hash"]}
+    hashes = job_hashes(jobs, known)
+    for job in jobs:  # mid-refresh, the folder is not the old expert any more
+        if job.name in refresh and (force or not job_done(cfg, job, hashes[job.name])):
+            claim(job.paths.out_dir, f"model {job.name}", cfg.data.s3)  # still ours without a marker
+            clear_marker(job.paths.out_dir, cfg.data.s3)
     with stage_log("add-data: train") as log:
-        if not todo:
-            log.skip("new and refreshed experts complete")
+        done = run_jobs(cfg, jobs, plan.samples_per_epoch, force, log, known)
+        if done:
+            log.done(f"{len(done)} experts, from the seed")
         else:
-            for j in todo:
-                if j.name in tasks:  # mid-refresh, the folder is not the old expert any more
-                    claim(experts_dir(cfg, j.name), f"model {j.name}", cfg.data.s3)  # still ours without a marker
-                    clear_marker(experts_dir(cfg, j.name), cfg.data.s3)
-            log.info("training " + ", ".join(j.name for j in todo) + " from the seed, as Tune trials")
-            run_phase(cfg, f"grow-{name}", todo, settings, force, plan_shared(plan), tasks)
-            log.done(f"{len(todo)} experts")
-    done = {j.name for j in todo}
+            log.skip("new and refreshed experts complete")
     return [e for e in new if e in done], [e for e in refresh if e in done]
 
 
@@ -316,7 +311,7 @@ def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
         assigned = assign_stage(gen_cfg, gen, settings_hash(embedded, decision), force)
         with stage_log("add-data: summary") as log:
             prep = summarise(gen_cfg, gen)
-            sizes = {e: prep["per_expert"].get(e.split("-")[1], 0) for e in decision["new_experts"]}
+            sizes = {e: prep["per_expert"].get(str(expert_id(e)), 0) for e in decision["new_experts"]}
             generation = {**prep, "name": name, "shards": shards, "manifest_run_id": assigned, **decision}
             generation["new_expert_sizes"] = sizes
             write_json(join(gen.root, "summary.json"), generation, cfg.data.s3)
@@ -333,14 +328,14 @@ def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
             record_added(cfg, e, name, sizes[e])
         for e in refreshed:
             record_refreshed(cfg, e, name, partition_size(cfg, e), previous_version(cfg, e, name))
-    print_growth(generation, trained, {e: prep["per_expert"][e.split("-")[1]] for e in grown}, refresh, refreshed)
+    print_growth(generation, trained, {e: prep["per_expert"][str(expert_id(e))] for e in grown}, refresh, refreshed)
     return {**generation, "grown_experts": grown, "refreshed": refreshed}
 
 
 def partition_size(cfg: Config, expert: str) -> int:
     """The expert's partition over the run's manifest and every generation added to it: what a refresh
     trains on (`train_data.training_roots`)."""
-    coarse = expert.split("-")[1]
+    coarse = str(expert_id(expert))
     summaries = [RunPaths(cfg.run_root).prep_summary] + [join(g, "summary.json") for g in generation_roots(cfg)]
     return sum(read_json(s, cfg.data.s3)["per_expert"].get(coarse, 0) for s in summaries if exists(s, cfg.data.s3))
 

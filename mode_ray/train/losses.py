@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from mode_ray.train.job import Balance
+
 
 class SmoothedClipLoss(ClipLoss):
     """`ClipLoss` with label smoothing on both directions (0: exactly open_clip's loss)."""
@@ -27,15 +29,13 @@ class SmoothedClipLoss(ClipLoss):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-def training_loss(loss_fn: ClipLoss, model: torch.nn.Module, outputs: tuple, balance: dict | None) -> torch.Tensor:
+def training_loss(loss_fn: ClipLoss, model: torch.nn.Module, outputs: tuple, balance: Balance | None) -> torch.Tensor:
     """CLIP loss, plus `coef · (image + text_weight · text)` load balancing when the model routes (CLIP-MoE)."""
     img_f, txt_f, logit_scale = outputs
     loss = loss_fn(img_f, txt_f, logit_scale)
-    if balance and balance["coef"]:
+    if balance and balance.coef:
         from mode_ray.models.moe import moe_balance_loss
 
-        balancing = moe_balance_loss(
-            model, balance["counts"], balance["text_weight"], balance.get("form", "per_layer"), loss_fn.world_size
-        )
-        loss = loss + balance["coef"] * balancing.to(loss)
+        balancing = moe_balance_loss(model, balance.counts, balance.text_weight, balance.form, loss_fn.world_size)
+        loss = loss + balance.coef * balancing.to(loss)
     return loss

@@ -15,13 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SEED = "seed"
-GENERALIST = "generalist"
-MATCHED = "generalist-matched"
-
-
-def expert_name(expert: int) -> str:
-    return f"expert-{expert}"
+from mode_ray.names import GENERALIST, MATCHED, SEED, expert_name
 
 
 @dataclass(frozen=True)
@@ -60,15 +54,16 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One model to train: steps [start_step, end_step) of the schedule, its data, where it starts from."""
+class Span:
+    """Steps [start_step, end_step) of the schedule for one model, and the data it reads (mode_ray.train.job
+    turns each into a `TrainJob`)."""
 
     name: str  # seed | expert-{e} | generalist | generalist-matched
     expert: int | None  # the coarse cluster of a data expert; None: all data
     start_step: int
     end_step: int
-    stretch: float  # the tail's learning-rate curve is stretched this much (generalist-matched: n experts)
-    init_from_seed: bool
+    stretch: float = 1.0  # the tail's learning-rate curve is stretched this much (generalist-matched: n experts)
+    init_from_seed: bool = True
 
     @property
     def steps(self) -> int:
@@ -80,13 +75,18 @@ class Plan:
     schedule: Schedule
     samples_per_epoch: int
     batch_size: int
-    seed: Job | None
-    tails: list[Job]  # experts, generalist, generalist-matched (longest first: it bounds the phase)
+    seed: Span | None
+    tails: list[Span]  # experts, generalist, generalist-matched (longest first: it starts first)
     empty_experts: list[int]
 
     @property
     def steps_per_epoch(self) -> float:
         return self.samples_per_epoch / self.batch_size
+
+    def tail(self, name: str, expert: int | None, tails: int = 1) -> Span:
+        """A model continuing the seed for `tails` tails (generalist-matched: one per expert), or from scratch."""
+        start, one = self.schedule.tail_start, self.schedule.total_steps - self.schedule.tail_start
+        return Span(name, expert, start, start + tails * one, float(tails), start > 0)
 
 
 def plan_training(
@@ -108,20 +108,12 @@ def plan_training(
     total = max(1, round(epochs * steps_per_epoch))
     seed_steps = round(epochs * seed_fraction * steps_per_epoch) if use_seed and seed_fraction > 0 else 0
     seed_steps = min(seed_steps, total - 1)
-    tail = total - seed_steps
-    from_seed = seed_steps > 0
-    seed = Job(SEED, None, 0, seed_steps, 1.0, False) if from_seed else None
+    schedule = Schedule(base_lr, warmup_steps, total, seed_steps, decay_after_warmup)
+    seed = Span(SEED, None, 0, seed_steps, init_from_seed=False) if seed_steps > 0 else None
     empty = [e for e in range(n_coarse) if per_expert.get(str(e), 0) == 0]
-    experts = [Job(expert_name(e), e, seed_steps, total, 1.0, from_seed) for e in range(n_coarse) if e not in empty]
-    tails = [*experts, Job(GENERALIST, None, seed_steps, total, 1.0, from_seed)]
+    plan = Plan(schedule, samples_per_epoch, batch_size, seed, [], empty)
+    experts = [plan.tail(expert_name(e), e) for e in range(n_coarse) if e not in empty]
+    plan.tails.extend([*experts, plan.tail(GENERALIST, None)])
     if matched_control and len(experts) > 1:
-        n = len(experts)
-        tails.insert(0, Job(MATCHED, None, seed_steps, seed_steps + n * tail, float(n), from_seed))
-    return Plan(
-        schedule=Schedule(base_lr, warmup_steps, total, seed_steps, decay_after_warmup),
-        samples_per_epoch=samples_per_epoch,
-        batch_size=batch_size,
-        seed=seed,
-        tails=tails,
-        empty_experts=empty,
-    )
+        plan.tails.insert(0, plan.tail(MATCHED, None, len(experts)))
+    return plan

@@ -9,6 +9,7 @@ caption identical to the true one counts as right (web captions repeat).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,10 +17,10 @@ import torch.nn.functional as F
 
 
 class HeldOut:
-    """A dataset shard of held-out rows, read and resized (no random crop) once, on first use."""
+    """Held-out rows, read and resized (no random crop) once, on first use."""
 
-    def __init__(self, shard: Any, model_name: str) -> None:
-        self.shard = shard
+    def __init__(self, read: Callable[[], Iterable[dict[str, torch.Tensor]]], model_name: str) -> None:
+        self.read = read  # one pass over the held-out rows, in batches
         self.model_name = model_name
         self._tensors: dict[str, torch.Tensor] | None = None
 
@@ -28,7 +29,7 @@ class HeldOut:
 
         if self._tensors is None:
             parts: dict[str, list[torch.Tensor]] = {"pixels": [], "text": [], "coarse_id": []}
-            for batch in self.shard.iter_torch_batches(batch_size=256):
+            for batch in self.read():
                 ok = batch["ok"].bool()
                 for name in parts:
                     parts[name].append(batch[name][ok])

@@ -1,0 +1,214 @@
+"""One runner for every training job: a DAG of `TrainJob`s, each started as soon as its parents are complete
+and a slot is free — the experts and generalists after the seed, MCL stage 1 as soon as the MoE's base
+exists, the router after the last stage, added experts after the seed — so the MoE branch trains beside the
+expert tails, on a laptop and on a cluster.
+
+Each job runs in a small Ray task (no CPU of its own) that plans its data when that needs its parent (an MCL
+stage clusters with the previous stage's model), then fits one Ray Tune trial of one `TorchTrainer`
+(`mode_ray.stages.trial`). A job whose `_SUCCESS` matches its settings hash is never run again; an unfinished
+one resumes from its own Train checkpoints. Tune's experiment folder is never resumed: its state is pickled,
+and a run root on shared storage must not run code from a file; it holds only bookkeeping and starts afresh.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from mode_ray.config import Config
+from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
+from mode_ray.progress import StageLog
+from mode_ray.resources import training_needs
+from mode_ray.runtime import cluster_address, require_resources
+from mode_ray.stages.progress_bars import progress_bars
+from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
+from mode_ray.storage import arrow_filesystem, join, marker_info, stage_done
+from mode_ray.train.job import TrainJob, critical_path, job_hashes
+from mode_ray.train.loop import LoopRun
+from mode_ray.train.transforms import input_spec
+
+
+def job_done(cfg: Config, job: TrainJob, settings: str) -> bool:
+    """Complete with these settings, or retrained since by `add-data --refresh-experts` from a model that was
+    (its marker keeps the settings `train` knows it by, so `train` does not undo the refresh)."""
+    out = job.paths.out_dir
+    if stage_done(out, settings, cfg.data.s3):
+        return True
+    try:
+        return marker_info(out, cfg.data.s3).get("train_settings") == settings
+    except (OSError, ValueError):
+        return False
+
+
+def claim_job_folders(cfg: Config, jobs: list[TrainJob], hashes: dict[str, str], force: bool) -> None:
+    """Each job's output folder and Ray Train run folder, claimed before its trial writes there (so a later
+    --force or rollback may delete them); under --force the Train run starts from nothing."""
+    for job in jobs:
+        claim(job.paths.out_dir, f"model {job.name}", cfg.data.s3)
+        train_run = join(cfg.run_root, "train_runs", train_run_name(job, hashes[job.name]))
+        if force:  # nothing to resume: --force means from the start
+            remove_owned_tree(train_run, cfg.data.s3)
+        claim(train_run, f"Ray Train run of {job.name}", cfg.data.s3)
+
+
+def max_concurrent(cfg: Config) -> int:
+    """Jobs side by side: the configured count, or as many trials as the cluster's CPUs (GPUs) hold."""
+    import ray
+
+    t = cfg.training
+    if t.max_concurrent_trials:
+        return t.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if t.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // t.num_workers))
+    per_trial = t.num_workers * t.cpus_per_worker + t.data_cpus_per_trial
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def torch_threads(cfg: Config, concurrent: int) -> int:
+    """The configured count, or this node's CPUs shared by the trials running side by side."""
+    import ray
+
+    if cfg.training.torch_threads:
+        return cfg.training.torch_threads
+    cpus = ray.cluster_resources().get("CPU", 1) / max(1, len(ray.nodes()))
+    return max(1, int(cpus // (concurrent * cfg.training.num_workers)))
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every job's trial gets besides its job: the config, how jobs run, the stage's progress board."""
+
+    cfg: dict[str, Any]
+    run: LoopRun
+    samples_per_epoch: float
+    input_spec: dict[str, Any]
+    embedded_ray: bool
+    board: str
+
+
+def run_node(job: TrainJob, settings: str, shared: Shared, started_at: float) -> dict[str, Any]:
+    """A Ray task: plan an MCL stage's batches (its parent's model is ready now), then fit the job's trial.
+    `started_at`: when the runner launched it (Unix seconds), kept in its metrics.json."""
+    cfg = Config.model_validate(shared.cfg)
+    t, facts, spe = cfg.training, {}, shared.samples_per_epoch
+    if job.data.mcl is not None:
+        from mode_ray.stages.mcl import prepare_stage
+
+        stage = job.data.mcl.stage
+        facts = prepare_stage(cfg, stage, job.paths.data_model, t.seed + stage)
+        job = job.with_steps(facts["steps"])
+        spe = facts["steps"] * t.batch_size / job.data.mcl.epochs
+    run = replace(
+        shared.run,
+        checkpoint_every_steps=t.checkpoint_every_epochs * spe / t.batch_size,
+        fail_once_at_step=(t.fail_once_at_step or {}).get(job.name),
+        failure_marker=failure_marker_path(cfg, job.name),
+    )
+    fit_trial(
+        cfg, job, settings, shared, {"run": run, "samples_per_epoch": spe, "facts": facts, "started_at": started_at}
+    )
+    return facts
+
+
+def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: dict[str, Any]) -> None:
+    """One Tune trial of `run_job_trial` for the job; its workers ask for their own CPUs/GPUs."""
+    import ray.tune as tune
+
+    tune_root = join(cfg.run_root, "tune")
+    name = train_run_name(job, settings)
+    fresh_dir(join(tune_root, name), "a Tune experiment", cfg.data.s3)
+    param_space = {
+        "job": job,
+        "cfg": shared.cfg,
+        "settings": settings,
+        "input_spec": shared.input_spec,
+        "embedded_ray": shared.embedded_ray,
+        "progress_board": shared.board,
+        **extra,
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(run_job_trial, {"CPU": 0.01}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(trial_name_creator=lambda _: job.name, trial_dirname_creator=lambda _: job.name),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=tune_root,
+            storage_filesystem=arrow_filesystem(tune_root, cfg.data.s3),
+            failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
+            verbose=0,  # the runner says when each job starts and ends
+        ),
+    )
+    errors = [r.error for r in tuner.fit() if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{job.name}: " + str(errors[0])[:600])
+
+
+def run_jobs(
+    cfg: Config, jobs: list[TrainJob], spe: float, force: bool, log: StageLog, known: dict[str, str] | None = None
+) -> list[str]:
+    """Train every job of the DAG that is not complete; returns the names trained now. `spe`: the run's
+    samples per epoch (MCL stages count their own); `known`: settings hashes of complete parents outside
+    `jobs` (add-data's seed, a standalone MoE's base)."""
+    hashes = job_hashes(jobs, known)
+    todo = [j for j in jobs if force or not job_done(cfg, j, hashes[j.name])]
+    if not todo:
+        return []
+    require_resources(cfg, training_needs(cfg), log.name)
+    claim_job_folders(cfg, todo, hashes, force)
+    concurrent = min(len(todo), max_concurrent(cfg))
+    t = cfg.training
+    run = LoopRun(torch_threads(cfg, concurrent), 1.0, t.log_every_steps, False, cfg.data.s3.model_dump(),
+                  tracking=tracking_spec(cfg))  # fmt: skip
+    with progress_bars(log.name) as board:
+        shared = Shared(cfg.model_dump(mode="json"), run, float(spe), asdict(input_spec(t.model)),
+                        cluster_address(cfg) is None, board)  # fmt: skip
+        return drive(todo, hashes, shared, concurrent, log)
+
+
+def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurrent: int, log: StageLog) -> list[str]:
+    """Start every job whose parents are complete, longest chain first, up to `concurrent` at once; a failed
+    job's descendants never start, the others finish; then its error is raised."""
+    import ray
+
+    node = ray.remote(num_cpus=0, max_retries=0)(run_node)
+    depth, order = critical_path(todo), {j.name: i for i, j in enumerate(todo)}
+    pending = sorted(todo, key=lambda j: (-depth[j.name], order[j.name]))
+    waiting = {j.name for j in todo}
+    running: dict[Any, tuple[TrainJob, float]] = {}
+    done, failed = [], {}
+    while pending or running:
+        for job in [j for j in pending if not waiting & set(j.parents)][: concurrent - len(running)]:
+            pending.remove(job)
+            started = time.time()
+            running[node.remote(job, hashes[job.name], shared, started)] = (job, started)
+            log.info(f"{job.name} started")
+        if not running:  # what is left waits on a job that failed
+            break
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        job, started = running.pop(ref)
+        try:
+            facts = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 — reported with every other failure at the end
+            failed[job.name] = str(err).strip().splitlines()[-1][:300]
+            log.info(f"[red]{job.name} failed[/red]: {failed[job.name]}")
+            continue
+        waiting.discard(job.name)
+        done.append(job.name)
+        log.info(f"{job.name} done in {time.time() - started:.0f}s" + (f" ({describe(facts)})" if facts else ""))
+    if failed or pending:
+        never = [j.name for j in pending]
+        raise RuntimeError(
+            f"{len(failed)} training job(s) failed: {failed}" + (f"; not started: {never}" if never else "")
+        )
+    return done
+
+
+def describe(facts: dict[str, Any]) -> str:
+    """An MCL stage's plan in one line."""
+    return (
+        f"{facts['rows']:,} pairs in {len(facts['clusters'])} accumulated clusters; {facts['rows_in_small_clusters']} "
+        f"pairs in {len(facts['small_clusters'])} clusters smaller than a batch (not trained on); "
+        f"{facts['steps']} steps"
+    )

@@ -1,0 +1,182 @@
+"""One training job as a Ray Tune trial fitting one Ray Train `TorchTrainer`, and what it leaves behind:
+metrics.json (with when it ran and where its seconds went), the model card, the completion marker.
+
+A job resumes from its own latest checkpoint: Train V2 restores a run by name and storage path, and the
+name is the job's settings hash, so the same settings resume and changed ones start afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+from mode_ray.config import Config, TrainingConfig
+from mode_ray.models.card import write_card
+from mode_ray.storage import arrow_filesystem, join, mark_done, read_json, settings_hash, write_json
+from mode_ray.train.job import TrainJob
+from mode_ray.train.outputs import TRAIN_RECORD
+from mode_ray.train.transforms import InputSpec
+
+
+def train_run_name(job: TrainJob, settings: str) -> str:
+    """Same settings, same name: a rerun resumes this Train run's checkpoints; changed settings start afresh."""
+    return f"{job.name}-{settings[:10]}"
+
+
+def failure_marker_path(cfg: Config, job_name: str) -> str:
+    """Where the fail-once test hook records that it fired (a local temp file: it only guards a test aid)."""
+    return os.path.join(tempfile.gettempdir(), "mode_ray_failures", settings_hash(cfg.run_root, job_name))
+
+
+def tracking_spec(cfg: Config) -> dict[str, Any] | None:
+    """What the loop's tracker needs: one experiment per run, named after the run root."""
+    tr = cfg.tracking
+    if not tr.report_to:
+        return None
+    experiment = f"mode_ray-{cfg.run_root.rstrip('/').rsplit('/', 1)[-1]}"
+    return {**tr.model_dump(mode="json"), "experiment": experiment}
+
+
+def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ingest defaults, with the training data's object store budget capped; an MCL rank's data
+    keeps its planned order (every global batch is one cluster)."""
+    from ray.train import DataConfig
+
+    options = {}
+    for name in datasets:
+        opts = DataConfig.default_ingest_options()
+        if name.startswith("train"):
+            opts.resource_limits = opts.resource_limits.copy(object_store_memory=t.data_buffer_mb * 1024 * 1024)
+            opts.preserve_order = name != "train"
+        options[name] = opts
+    return options
+
+
+def job_data(cfg: Config, job: TrainJob, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's datasets: an MCL stage reads each rank's planned rows in order; every other job draws its
+    rows (all, or its partition plus the out-of-cluster share)."""
+    from mode_ray.stages.train_data import job_datasets, mcl_datasets
+
+    t = cfg.training
+    if job.data.kind == "mcl":
+        ranks = {r: job.steps * (t.batch_size // t.num_workers) for r in range(t.num_workers)}
+        return mcl_datasets(cfg, join(job.paths.out_dir, "plan.npz"), ranks, spec), {}
+    return job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), spec)
+
+
+def set_train_environment(t: TrainingConfig, embedded_ray: bool) -> None:
+    """Read by the Train controller this trial starts (Ray Train propagates it from the trial's environment)."""
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.controller_poll_s)
+    if embedded_ray:
+        # An embedded one-node Ray: no node can be preempted and nobody scrapes Train's metrics, so the
+        # preemption watcher actor and the metrics callbacks would only cost each trial CPU and a process.
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
+
+
+def run_job_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: build and fit one TorchTrainer for one job, then record what it did."""
+    trial_start = time.time()
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mode_ray.stages.data_backoff import quiet_training_data
+    from mode_ray.train.ray_adapter import train_loop_per_worker
+
+    cfg, job = Config.model_validate(config["cfg"]), config["job"]
+    t, runs = cfg.training, join(cfg.run_root, "train_runs")
+    set_train_environment(t, config["embedded_ray"])
+    quiet_training_data()
+    datasets, facts = job_data(cfg, job, InputSpec(**config["input_spec"]))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job,
+            "run": replace(config["run"], holdout="holdout" in datasets),
+            "progress_board": config["progress_board"],
+        },  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=train_run_name(job, config["settings"]),
+            storage_path=runs,
+            storage_filesystem=arrow_filesystem(runs, cfg.data.s3),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if job.data.kind == "mcl" else ["train"], execution_options=ingest_options(t, datasets)
+        ),
+    )
+    fit_start = time.time()
+    trainer.fit()
+    trial = {"trial_start": trial_start, "fit_start": fit_start, "fit_end": time.time()}
+    metrics = finalize_job(cfg, job, config, {**config["facts"], **facts}, trial)
+    ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
+
+
+def time_breakdown(record: dict[str, Any], trial: dict[str, float], done: float) -> dict[str, float]:
+    """Where a trial's seconds went: everything but `compute` is fixed cost the model learns nothing from.
+
+    Wall-clock stamps from the trial and its worker (the same machine on one node; on a cluster, clocks
+    are assumed in sync). After a worker restart the stamps are the last attempt's."""
+    stamps, inside = record["stamps"], record["worker_seconds"]
+    first_batch = stamps.get("first_batch", stamps["model_ready"])
+    parts = {
+        "ray_train_start": stamps["worker_start"] - trial["fit_start"],
+        "imports": stamps["imports_done"] - stamps["worker_start"],
+        "model_build_and_resume": stamps["model_ready"] - stamps["imports_done"],
+        "data_start": first_batch - stamps["model_ready"],
+        "compute": inside["compute"],
+        "data_wait": inside["data_wait"] - (first_batch - stamps["model_ready"]) if "first_batch" in stamps else 0.0,
+        "validation": inside["validation"],
+        "checkpoint_and_report": inside["checkpoint"],
+        "export": record["export_seconds"],
+        "ray_train_end": trial["fit_end"] - stamps["outputs_written"],
+        "trial_setup": trial["fit_start"] - trial["trial_start"],
+        "finalize": done - trial["fit_end"],
+    }
+    parts = {k: max(0.0, v) for k, v in parts.items()}
+    total = done - trial["trial_start"]
+    return {**parts, "other": max(0.0, total - sum(parts.values())), "trial": total, "fixed": total - parts["compute"]}
+
+
+def finalize_job(
+    cfg: Config, job: TrainJob, config: dict[str, Any], facts: dict[str, Any], trial: dict[str, float]
+) -> dict[str, Any]:
+    """metrics.json from the worker's record and the trial's timing, then the card and the completion marker."""
+    out, s3 = job.paths.out_dir, cfg.data.s3
+    record = read_json(join(out, TRAIN_RECORD), s3)
+    seen = {k: int(v) for k, v in record["seen"].items()}
+    done = time.time()
+    metrics = {
+        "job": job.summary(),
+        "model": job.inputs.model,
+        "started_at": config["started_at"],  # when the runner launched it (Unix seconds), and when it ended
+        "ended_at": done,
+        "steps": record["end_step"] - record["start_step"],
+        "start_step": record["start_step"],
+        "end_step": record["end_step"],
+        "batch_size": job.inputs.batch_size,
+        "samples_per_epoch": config["samples_per_epoch"],
+        "samples_seen": sum(seen.values()),
+        "samples_seen_by_cluster": seen,
+        **{k: record[k] for k in ("executions", "first_lr", "skipped_images", "loss_history", "val_history")},
+        "recovery": record.get("recovery", []),  # unreadable checkpoints skipped on the way
+        "torch_threads": config["run"].torch_threads,
+        **facts,
+    }
+    metrics["timing"] = time_breakdown(record, trial, done)
+    write_json(join(out, "metrics.json"), metrics, s3)
+    if job.role == "model":  # a model of the run (not a CLIP-MoE step): its export gets a model card
+        write_card(cfg, job.name)
+    mark_done(out, config["settings"], s3, **job.marker)
+    return metrics

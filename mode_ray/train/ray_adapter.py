@@ -1,0 +1,58 @@
+"""What Ray Train gives the training loop (`mode_ray.train.loop.Runtime`): the worker's rank and device, its
+dataset shards, the job's latest checkpoint, DDP, reports with checkpoints, and the stage's progress bars.
+The only module under `mode_ray/train/` that imports Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mode_ray.train.loop import train
+
+
+class RayTrainRuntime:
+    def __init__(self, board: str | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device: torch.device = ray.train.torch.get_device()
+        self.board = board if self.rank == 0 else None
+
+    def batches(self, dataset: str, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, torch.Tensor]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(dataset)
+        drop_last = dataset != "holdout"  # training batches are whole; every held-out row counts
+        return shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=shuffle_buffer or None
+        )
+
+    def latest_checkpoint(self) -> Any | None:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def progress(self, bar: str, **update: Any) -> None:
+        from mode_ray.stages.progress_bars import report
+
+        report(self.board, bar, **update)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: `config` holds the job, how it runs and the progress board."""
+    train(config["job"], config["run"], RayTrainRuntime(config.get("progress_board")))
