@@ -183,7 +183,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
             loss = training_loss(self.loss_fn, self.model, self.model(images, texts), self.job.loss.balance)
         self.scaler.scale(loss / accum).backward()
-        return float(loss)
+        return float(loss.detach())
 
     def optimizer_step(self, lr: float) -> None:
         for group in self.opt.param_groups:
