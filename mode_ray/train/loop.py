@@ -234,9 +234,10 @@ def build_trainer(job: TrainJob, run: LoopRun, rt: Runtime) -> tuple[Trainer, di
     return trainer, state, restored is not None
 
 
-def train(job: TrainJob, run: LoopRun, rt: Runtime) -> None:
-    """Train `job` to its last step on this worker; rank 0 writes the model's folder."""
-    stamps = {"worker_start": time.time()}
+def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None = None) -> None:
+    """Train `job` to its last step on this worker; rank 0 writes the model's folder. `worker_start`: when
+    the worker's entry point began (its imports count as fixed cost)."""
+    stamps = {"worker_start": worker_start or time.time()}
     per_worker_batch = max(2, job.inputs.batch_size // (rt.world_size * job.inputs.grad_accum_steps))
     mcl = job.data.kind == "mcl"  # each rank reads its planned share of every global batch, in order
     data = f"train_rank{rt.rank}" if mcl else "train"

@@ -4,6 +4,7 @@ The only module under `mode_ray/train/` that imports Ray."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,4 +56,5 @@ class RayTrainRuntime:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: `config` holds the job, how it runs and the progress board."""
-    train(config["job"], config["run"], RayTrainRuntime(config.get("progress_board")))
+    started = time.time()
+    train(config["job"], config["run"], RayTrainRuntime(config.get("progress_board")), started)
