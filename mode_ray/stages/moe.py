@@ -82,7 +82,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     complete already; skips whatever is complete."""
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.dag import run_jobs
-    from mode_ray.stages.train import decoded_inputs, read_prep
+    from mode_ray.stages.run_inputs import decoded_inputs, read_prep
 
     prep = read_prep(cfg)
     manifest_run = prep.get("manifest_run_id", "")

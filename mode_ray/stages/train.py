@@ -22,12 +22,11 @@ from mode_ray.compute import model_compute
 from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
-from mode_ray.ownership import claim_run_root
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.stages.dag import run_jobs
 from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
-from mode_ray.stages.train_data import build_generation_caches, build_input_cache, input_cache_dir
-from mode_ray.storage import exists, join, read_json, write_json
+from mode_ray.stages.run_inputs import decoded_inputs, read_prep
+from mode_ray.storage import join, read_json, write_json
 from mode_ray.train.job import TrainJob
 from mode_ray.train.schedule import Plan
 
@@ -43,27 +42,6 @@ def resolve_init(cfg: Config) -> str | None:
     folder = resolve_pretrained(cfg.training.init, cfg.run_root, cfg.data.s3)
     check_architecture(folder, cfg.training.model, "training.init", cfg.data.s3)
     return folder
-
-
-def read_prep(cfg: Config) -> dict[str, Any]:
-    paths = RunPaths(cfg.run_root)
-    claim_run_root(cfg.run_root, cfg.data.s3)
-    if not exists(paths.prep_summary, cfg.data.s3):
-        raise ValueError(f"no prep output under {cfg.run_root}: run `mode-ray prep` first")
-    return read_json(paths.prep_summary, cfg.data.s3)
-
-
-def decoded_inputs(cfg: Config, manifest_run: str, force: bool) -> None:
-    """Every image decoded once into train_inputs/ (training.decode_cache), the run's and its generations'."""
-    if not cfg.training.decode_cache:
-        return
-    with stage_log("train: decoded inputs") as log:
-        built = build_input_cache(cfg, manifest_run, force)
-        build_generation_caches(cfg)  # rows `mode-ray add-data` added train too
-        if built:
-            log.done(f"every image decoded once into {input_cache_dir(cfg)}")
-        else:
-            log.skip("train_inputs/ complete")
 
 
 def run_train(cfg: Config, force: bool = False, with_moe: bool = False) -> dict[str, Any]:
