@@ -72,15 +72,16 @@ def seed_root(root: Path, seed: int) -> Path:
 
 def train_and_evaluate(config: str, overrides: list[str], run: Path, seed: int) -> dict[str, Any]:
     from mode_ray.config import load_config
+    from mode_ray.layout import RunPaths
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.evaluate import run_eval
-    from mode_ray.stages.moe import run_moe_if_enabled
     from mode_ray.stages.train import run_train
+    from mode_ray.storage import read_json
 
     cfg = load_config(config, [*overrides, f"run_root={run}", f"training.seed={seed}"])
     with ray_runtime(cfg):
-        summary = run_train(cfg)
-        moe = run_moe_if_enabled(cfg)
+        summary = run_train(cfg, with_moe=True)  # as `mode-ray run`: the MoE's jobs beside the tails
+        moe = read_json(RunPaths(cfg.run_root).moe_summary) if cfg.moe.enabled else None
         run_eval(cfg)
     compute = {**summary["compute"], **({"moe": moe["compute"]} if moe else {})}
     return {"accuracy": accuracy_rows(run / "eval" / "report.csv"), "compute": compute}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mode_ray.stages.train import experts_dir, failure_marker_path, run_train
+from mode_ray.stages.train import experts_dir, run_train
 from mode_ray.stages.train_data import (
     Source,
     draws_per_execution,
@@ -21,6 +21,7 @@ from mode_ray.stages.train_data import (
     read_job_rows,
     row_groups,
 )
+from mode_ray.stages.trial import failure_marker_path
 from mode_ray.storage import read_json
 from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
