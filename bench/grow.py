@@ -105,6 +105,7 @@ def refresh_seed(config: str, held_out: str, seed: int, root: Path, extra: list[
     from mode_ray import demo_data
     from mode_ray.config import load_config
     from mode_ray.layout import RunPaths
+    from mode_ray.names import expert_id
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.evaluate import run_eval
     from mode_ray.stages.grow import run_add_data
@@ -132,7 +133,7 @@ def refresh_seed(config: str, held_out: str, seed: int, root: Path, extra: list[
         "after": after,
         "added_samples": generation["in_manifest"],
         "new_experts": generation["new_experts"],
-        "grown": {e: generation["per_expert"][e.split("-")[1]] for e in generation["grown_experts"]},
+        "grown": {e: generation["per_expert"][str(expert_id(e))] for e in generation["grown_experts"]},
         "refreshed": generation["refreshed"],
         "cost": {"seconds": seconds, "samples": sum(models[e]["samples_seen"] for e in generation["refreshed"])},
     }

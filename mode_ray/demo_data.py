@@ -345,32 +345,13 @@ def generate(
     """Write the demo shards under `out` (any fsspec URL) and return the `dataset.json` record. `domains`:
     only these of DOMAINS (a system built without one, to grow it later with `mode-ray add-data`)."""
     domains = tuple(domains or DOMAINS)
-    unknown = sorted(set(domains) - set(DOMAINS))
-    if unknown:
-        raise ValueError(f"unknown demo domains {unknown}; the demo has {list(DOMAINS)}")
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if shards > samples:
-        raise ValueError(f"{shards} shards for {samples} samples would leave empty shards")
+    _check_arguments(samples, shards, split, domains)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     prefix = "t" if split == "train" else "e"
     fs, root = get_fs(out, s3)
     empty_for_generation(out, s3)
-    per_shard: list[list[Sample]] = []
-    bounds = np.linspace(0, samples, shards + 1).astype(int)
-    for s in range(shards):
-        keys = range(bounds[s], bounds[s + 1])
-        per_shard.append([make_sample(f"{prefix}{i:08d}", rng, split, domains) for i in keys])
-
-    fault_records: list[dict[str, Any]] = []
-    if faults:
-        for j, kind in enumerate(FAULT_KINDS):
-            s = j % shards
-            key = f"{prefix}f{j:07d}"
-            position = len(per_shard[s]) // 2
-            per_shard[s].insert(position, make_fault(kind, key, rng, split, max_image_pixels))
-            fault_records.append({"kind": kind, "key": key, "shard": shard_path(s), "reason": str(FAULT_KINDS[kind])})
-
+    per_shard = _clean_shards(samples, shards, prefix, rng, split, domains)
+    fault_records = _insert_faults(per_shard, prefix, rng, split, max_image_pixels) if faults else []
     record: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION,
         "split": split,
@@ -388,26 +369,7 @@ def generate(
         for sample in shard_samples:
             if sample.domain is not None:
                 domain_counts[sample.domain] = domain_counts.get(sample.domain, 0) + 1
-
-    if faults:
-        # One more shard, cut off in the middle of a sample's image: a download that died.
-        s = shards
-        truncated = [make_sample(f"{prefix}t{i:07d}", rng, split, domains) for i in range(TRUNCATED_SHARD_SAMPLES)]
-        blob = _tar_bytes(truncated)
-        cut = _offset_inside_last_image(blob)
-        _write(fs, f"{root}/{shard_path(s)}", blob[:cut])
-        record["shards"].append({"path": shard_path(s), "samples": len(truncated)})
-        intact = [smp.key for smp in truncated[:-1]]
-        fault_records.append(
-            {
-                "kind": "truncated_tar",
-                "shard": shard_path(s),
-                "keys": [smp.key for smp in truncated],
-                "intact_keys": intact,
-                "reason": str(Reason.UNREADABLE_SHARD),
-            }
-        )
-
+    intact = _write_truncated_shard(fs, root, shards, prefix, rng, split, domains, record) if faults else []
     record["samples"] = sum(sh["samples"] for sh in record["shards"])
     record["clean_samples"] = sum(domain_counts.values())
     record["fault_samples"] = len(FAULT_KINDS) if faults else 0
@@ -415,6 +377,72 @@ def generate(
     record["domains"] = dict(sorted(domain_counts.items()))
     _write(fs, f"{root}/dataset.json", json.dumps(record, indent=2, sort_keys=True).encode())
     return record
+
+
+def _check_arguments(samples: int, shards: int, split: str, domains: tuple[str, ...]) -> None:
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown:
+        raise ValueError(f"unknown demo domains {unknown}; the demo has {list(DOMAINS)}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if shards > samples:
+        raise ValueError(f"{shards} shards for {samples} samples would leave empty shards")
+
+
+def _clean_shards(
+    samples: int, shards: int, prefix: str, rng: np.random.Generator, split: str, domains: tuple[str, ...]
+) -> list[list[Sample]]:
+    """`samples` clean samples spread evenly over `shards` shards, keys in order."""
+    per_shard: list[list[Sample]] = []
+    bounds = np.linspace(0, samples, shards + 1).astype(int)
+    for s in range(shards):
+        keys = range(bounds[s], bounds[s + 1])
+        per_shard.append([make_sample(f"{prefix}{i:08d}", rng, split, domains) for i in keys])
+    return per_shard
+
+
+def _insert_faults(
+    per_shard: list[list[Sample]], prefix: str, rng: np.random.Generator, split: str, max_image_pixels: int
+) -> list[dict[str, Any]]:
+    """One damaged sample of each FAULT_KINDS, in the middle of a shard (round robin); their records."""
+    fault_records: list[dict[str, Any]] = []
+    for j, kind in enumerate(FAULT_KINDS):
+        s = j % len(per_shard)
+        key = f"{prefix}f{j:07d}"
+        position = len(per_shard[s]) // 2
+        per_shard[s].insert(position, make_fault(kind, key, rng, split, max_image_pixels))
+        fault_records.append({"kind": kind, "key": key, "shard": shard_path(s), "reason": str(FAULT_KINDS[kind])})
+    return fault_records
+
+
+def _write_truncated_shard(
+    fs: Any,
+    root: str,
+    s: int,
+    prefix: str,
+    rng: np.random.Generator,
+    split: str,
+    domains: tuple[str, ...],
+    record: dict[str, Any],
+) -> list[str]:
+    """One more shard (index `s`), cut off in the middle of a sample's image: a download that died. Added to
+    the record's shards and faults; returns the keys before the cut."""
+    truncated = [make_sample(f"{prefix}t{i:07d}", rng, split, domains) for i in range(TRUNCATED_SHARD_SAMPLES)]
+    blob = _tar_bytes(truncated)
+    cut = _offset_inside_last_image(blob)
+    _write(fs, f"{root}/{shard_path(s)}", blob[:cut])
+    record["shards"].append({"path": shard_path(s), "samples": len(truncated)})
+    intact = [smp.key for smp in truncated[:-1]]
+    record["faults"].append(
+        {
+            "kind": "truncated_tar",
+            "shard": shard_path(s),
+            "keys": [smp.key for smp in truncated],
+            "intact_keys": intact,
+            "reason": str(Reason.UNREADABLE_SHARD),
+        }
+    )
+    return intact
 
 
 def made_by_generator(url: str, s3: S3Config | None = None) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import S3Config
+from mode_ray.eval.plots import png_bytes, share_heatmap
 from mode_ray.layout import RunPaths
 from mode_ray.storage import exists, join, read_json
 
@@ -129,8 +130,6 @@ def plot(record: dict[str, Any]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mode_ray.eval.report import png_bytes, share_heatmap
 
     towers = list(record["shares"])
     fig, axes = plt.subplots(1, len(towers), figsize=(5.5 * len(towers), 4.5), squeeze=False)

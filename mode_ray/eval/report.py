@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 from mode_ray.config import S3Config
 from mode_ray.eval import moe_usage
 from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
-from mode_ray.eval.scoring import RETRIEVAL_TASK, Scores
+from mode_ray.eval.plots import png_bytes, share_heatmap
+from mode_ray.eval.scoring import ALL_UNIT, EXPERT_MAX, RETRIEVAL_TASK, Scores
 from mode_ray.layout import MOE
+from mode_ray.names import GENERALIST, MATCHED, expert_name
 from mode_ray.storage import join, write_bytes, write_json
 
 CSV_COLUMNS = [
@@ -87,16 +89,42 @@ def markdown(
     usage: dict[str, Any] | None = None,
     suite: dict[str, Any] | None = None,
 ) -> str:
+    picks = {m["task"]: m["note"] for m in metrics if m["model"] == EXPERT_MAX and m.get("note")}
+    lines = [f"# Evaluation report — {header['run_root']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
+    lines += _accuracy_lines(metrics)
+    lines += _metric_lines(metrics, MEAN_PER_CLASS_RECALL, "Mean per-class recall (%), as CLIP_benchmark reports it "
+                           "for imbalanced sets:")  # fmt: skip
+    lines += _metric_lines(metrics, MEAN_AVERAGE_PRECISION, "Mean average precision (%), the multi-label tasks:")
+    lines += _suite_lines(suite)
+    if picks:
+        lines += ["", f"{EXPERT_MAX} picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
+    lines += [
+        "",
+        f"`{ALL_UNIT}`: uniform average of the experts. `{EXPERT_MAX}`: the best single expert per task — an oracle. "
+        f"`{GENERALIST}`: the seed continued for one tail on all data (the dense baseline); `{MATCHED}`: "
+        "the seed continued for one tail per expert, so its compute equals the ensemble's.",
+        "Training compute counts every sample a model's training processed and the seconds spent learning "
+        "(forward, backward, step), the seed's included (the ensemble pays for the seed and every expert).",
+        *_moe_lines(metrics),
+        *_hit_rate_lines(routing),
+    ]
+    lines += _routing_lines(routing)
+    if usage is not None:
+        lines += moe_usage.markdown_lines(usage)
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """The main table: per model, accuracy per task and on average, the retrieval recalls, and what the model
+    cost (samples behind its weights, training compute in samples and seconds)."""
     tasks, table = accuracy_table(metrics)
     retrieval = {(m["model"], m["task"], m["metric"]): m["value"] for m in metrics if m["metric"] in RETRIEVAL_SHOWN}
     shown = list(dict.fromkeys((k[1], k[2]) for k in retrieval))  # (task, metric), in report order
     compute = {
         m["model"]: (m.get("trained_samples"), m.get("compute_samples"), m.get("train_seconds")) for m in metrics
     }
-    picks = {m["task"]: m["note"] for m in metrics if m["model"] == "expert-max" and m.get("note")}
-    lines = [f"# Evaluation report — {header['run_root']}", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items() if k != "run_root"]
-    lines += ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
+    lines = ["", "## Zero-shot accuracy (%) and retrieval recall (%)", ""]
     recall_cols = [metric if task == RETRIEVAL_TASK else f"{task} {metric}" for task, metric in shown]
     cols = ["model", *tasks, "average", *recall_cols, "samples behind the weights", "training compute (samples)"]
     cols.append("(s)")
@@ -104,26 +132,17 @@ def markdown(
     for model in models_in_order(metrics):
         row = table.get(model, {})
         seen, cost, seconds = compute.get(model, (None, None, None))
-        cells = [model + (" (oracle)" if model == "expert-max" else "")]
+        cells = [model + (" (oracle)" if model == EXPERT_MAX else "")]
         cells += [_fmt(row.get(t)) for t in [*tasks, "average"]]
         cells += [_fmt(retrieval.get((model, task, metric))) for task, metric in shown]
         cells += [_fmt(seen, pct=False), _fmt(cost, pct=False), "–" if seconds is None else f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _metric_lines(metrics, MEAN_PER_CLASS_RECALL, "Mean per-class recall (%), as CLIP_benchmark reports it "
-                           "for imbalanced sets:")  # fmt: skip
-    lines += _metric_lines(metrics, MEAN_AVERAGE_PRECISION, "Mean average precision (%), the multi-label tasks:")
-    lines += _suite_lines(suite)
-    if picks:
-        lines += ["", "expert-max picks, per task: " + ", ".join(f"{t} → {e}" for t, e in picks.items()) + "."]
-    lines += [
-        "",
-        "`all_unit`: uniform average of the experts. `expert-max`: the best single expert per task — an oracle. "
-        "`generalist`: the seed continued for one tail on all data (the dense baseline); `generalist-matched`: "
-        "the seed continued for one tail per expert, so its compute equals the ensemble's.",
-        "Training compute counts every sample a model's training processed and the seconds spent learning "
-        "(forward, backward, step), the seed's included (the ensemble pays for the seed and every expert).",
-        *_moe_lines(metrics),
-        *_hit_rate_lines(routing),
+    return lines
+
+
+def _routing_lines(routing: list[dict[str, Any]]) -> list[str]:
+    """The routing weights of every task and method, with their distances and the routing hit."""
+    lines = [
         "",
         "## Routing weights per task",
         "",
@@ -145,9 +164,7 @@ def markdown(
             {True: "yes", False: "no"}.get(r.get("hit"), "–"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    if usage is not None:
-        lines += moe_usage.markdown_lines(usage)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _metric_lines(metrics: list[dict[str, Any]], metric: str, title: str) -> list[str]:
@@ -229,7 +246,7 @@ def plot(metrics: list[dict[str, Any]], routing: list[dict[str, Any]]) -> bytes:
     if routing:
         weights = np.array([r["weights"] for r in routing])
         rows = [f"{r['task']} / {r['method']}" for r in routing]
-        columns = [f"expert-{e}" for e in range(weights.shape[1])]
+        columns = [expert_name(e) for e in range(weights.shape[1])]
         share_heatmap(fig, ax_w, weights, rows, columns, "routing weights", fontsize=6)
     return png_bytes(fig)
 
@@ -250,29 +267,6 @@ def training_curves(models: dict[str, dict[str, Any]]) -> bytes:
     ax.set_title("training curves")
     ax.legend(fontsize=8)
     return png_bytes(fig)
-
-
-def share_heatmap(
-    fig: Any, ax: Any, values: np.ndarray, rows: list[str], columns: list[str], title: str, fontsize: int
-) -> None:
-    """Shares in [0, 1] as an annotated heatmap (routing weights, MoE expert usage)."""
-    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_xticks(range(len(columns)), columns, fontsize=7)
-    for (i, j), w in np.ndenumerate(values):
-        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=fontsize, color="w" if w < 0.6 else "k")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-
-
-def png_bytes(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def write_report(

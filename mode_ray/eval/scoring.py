@@ -21,6 +21,7 @@ from mode_ray.eval.retrieval import Corpus, ensemble_retrieval, recall_at_k
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits, mean_average_precision
 from mode_ray.layout import MOE
+from mode_ray.names import expert_id, expert_name
 from mode_ray.routing import Routing, distance_from_uniform
 
 METHODS = ("reference", "calibrated")
@@ -65,7 +66,7 @@ class Scores:
 
 
 def kind_of(model: str) -> str:
-    if model.startswith("expert-") and model != EXPERT_MAX:
+    if expert_id(model) is not None:
         return "expert"
     if model.startswith("ensemble-"):
         return "ensemble"
@@ -111,7 +112,7 @@ def score_task(
     baselines: list[str],
 ) -> Scores:
     out = Scores()
-    experts = [f"expert-{e}" for e in present]
+    experts = [expert_name(e) for e in present]
     logits = {m: cosine_logits(task.image_feats[m], class_feats[m]) for m in experts + baselines}
     stacked = np.stack([logits[m] for m in experts])  # [E, N, C]
     for method in METHODS:
@@ -162,7 +163,7 @@ def score_retrieval(
     """One retrieval task: image_feats over the corpus' images, text_feats over corpus.texts."""
     out = Scores()
     pairs = (corpus.pair_images, corpus.pair_texts)
-    experts = [f"expert-{e}" for e in present]
+    experts = [expert_name(e) for e in present]
     scores = {m: image_feats[m] @ text_feats[m].T for m in experts + baselines}
     results = {m: recall_at_k(s, s, *pairs) for m, s in scores.items()}
     stacked = np.stack([scores[m] for m in experts])

@@ -34,6 +34,7 @@ from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
 from mode_ray.layout import MOE, RunPaths
+from mode_ray.names import expert_id, expert_ids, expert_name
 from mode_ray.registry import in_service, read_registry
 from mode_ray.serve.contract import stated_limits
 from mode_ray.serve.experts import ExpertDeployment
@@ -169,7 +170,7 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
     fine_counts = np.bincount(router.fine_to_coarse, minlength=router.n_experts)
     experts = []
     for name in models:
-        expert = int(name.split("-")[1]) if name.startswith("expert-") else None
+        expert = expert_id(name)
         entry = added.get(name, {})
         experts.append(
             ExpertInfo(
@@ -207,7 +208,7 @@ class ZeroShotIngress:
         self.router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, cfg.data.s3)
         self.groups = [(handle, names) for handle, names in zip(handles, groups, strict=True)]
         self.models = [n for names in groups for n in names]
-        self.present = sorted(int(n.split("-")[1]) for n in self.models if n.startswith("expert-"))
+        self.present = expert_ids(self.models)
         self.info = _experts_info(cfg, self.models, self.router)
         api.openapi_schema = stated_limits(api.openapi(), self.limits, self.models)
 
@@ -288,7 +289,7 @@ class ZeroShotIngress:
             return [params.model], np.ones(1), None, None
         method = params.routing or self.cfg.eval.routing.method
         routing = await run_in_threadpool(self.router.route, labels, templates, method)
-        names = [f"expert-{e}" for e in self.present]
+        names = [expert_name(e) for e in self.present]
         weights = restrict(routing.weights, self.present)
         reported = dict(zip(names, (float(w) for w in restrict(routing.task_weights, self.present)), strict=True))
         used = weights.reshape(-1, len(names)).max(axis=0) > 0  # top-k routing: experts at 0 are not called
@@ -335,7 +336,7 @@ def served_models(cfg: Config) -> list[str]:
     missing = sorted(set(names) - set(trained))
     if missing:
         raise ValueError(f"serve.models names {missing}, not trained in {cfg.run_root} (have {trained})")
-    if not any(n.startswith("expert-") for n in names):
+    if not expert_ids(names):
         raise ValueError("serve.models must include the data experts (expert-N) for the ensemble")
     return names
 

@@ -4,6 +4,7 @@ retrieval → eval/report.{csv,md,png} (+ predictions, logits and routing weight
     task images ─read (Ray Data)─▶ decode/check ─▶ image features of every model (actor) ─▶ driver
     class names × templates, captions ─▶ text features of every model (one Ray task)     ─▶ driver
     driver: routing (clustering encoder + fine centres) → cosine logits → ensembles → report
+            (plain Python: mode_ray/eval/assemble.py)
 
 Each image is read and decoded once, and all models see it in the same actor, so adding models costs
 forward passes only. Images that cannot be used are counted per task and reason, never dropped silently.
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,40 +23,30 @@ import pyarrow as pa
 
 from mode_ray.config import Config, EvalTaskConfig, S3Config
 from mode_ray.eval import moe_usage
-from mode_ray.eval.retrieval import Corpus, build_corpus
+from mode_ray.eval.assemble import (
+    EvalPlan,
+    Features,
+    Featurized,
+    print_accuracy,
+    source_key,
+    task_inputs,
+    write_results,
+)
+from mode_ray.eval.assemble import task_data as _task_data  # noqa: F401 — the name tests/test_suite.py imports
 from mode_ray.eval.router import TaskRouter
-from mode_ray.eval.scoring import (
-    ENSEMBLE_MODELS,
-    MEAN_AVERAGE_PRECISION,
-    MEAN_PER_CLASS_RECALL,
-    RETRIEVAL_TASK,
-    TaskData,
-    merge,
-    score_retrieval,
-    score_task,
-)
-from mode_ray.eval.suite import (
-    LABEL_FIELD,
-    MULTI_LABEL_FIELD,
-    MULTILABEL,
-    RETRIEVAL,
-    Suite,
-    describe,
-    resolve_benchmark,
-    summarize,
-)
-from mode_ray.eval.tasks import SKIP_NO_LABEL, SKIP_UNKNOWN_LABEL, folder_classes, templates_of, webdataset_label
+from mode_ray.eval.scoring import RETRIEVAL_TASK
+from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, RETRIEVAL, Suite, resolve_benchmark
 from mode_ray.layout import MOE, RunPaths
-from mode_ray.models.card import write_card
+from mode_ray.names import GENERALIST, MATCHED, SEED, expert_ids
 from mode_ray.ownership import claim_run_root
-from mode_ray.progress import console, stage_log, verbose
-from mode_ray.progress_bars import progress_bars
-from mode_ray.progress_bars import report as report_progress
+from mode_ray.progress import StageLog, console, stage_log
 from mode_ray.registry import in_service
 from mode_ray.rejects import Reason
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
 from mode_ray.shards import list_shards
 from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
+from mode_ray.stages.progress_bars import progress_bars
+from mode_ray.stages.progress_bars import report as report_progress
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
@@ -68,9 +57,7 @@ from mode_ray.storage import (
     read_json,
     settings_hash,
     stage_done,
-    write_json,
 )
-from mode_ray.train.schedule import GENERALIST, MATCHED, SEED
 
 ROW_SCHEMA = pa.schema(
     [
@@ -281,59 +268,6 @@ def text_features(
 # --------------------------------------------------------------------------- driver
 
 
-def _task_data(task: EvalTaskConfig, rows: pa.Table, models: list[str], default_templates: list[str]) -> TaskData:
-    metas = [json.loads(m) if m else None for m in rows["meta"].to_pylist()]
-    reasons = rows["reason"].to_pylist()
-    if task.source == "folder":
-        class_dirs = sorted({m["class_dir"] for m in metas})
-        class_names = folder_classes(class_dirs, task)
-        index = {d: i for i, d in enumerate(class_dirs)}
-        labels = [(index[m["class_dir"]], None) for m in metas]
-    else:
-        class_names = list(task.class_names or [])
-        labels = [webdataset_label(m, task) for m in metas]
-    skipped: Counter[str] = Counter()
-    keep = []
-    for i, ((_, why), reason) in enumerate(zip(labels, reasons, strict=True)):
-        if why == SKIP_NO_LABEL:
-            continue  # not a sample of this task (shards shared by several tasks)
-        if why or reason:
-            skipped[why or reason] += 1
-        else:
-            keep.append(i)
-    if task.label_field in (LABEL_FIELD, MULTI_LABEL_FIELD) and skipped.get(SKIP_UNKNOWN_LABEL):
-        what = "a .cls label that is not an index into" if task.label_field == LABEL_FIELD else (
-            "a .npy label that is not a vector with one entry per class of")  # fmt: skip
-        raise ValueError(
-            f"task {task.name!r}: {skipped[SKIP_UNKNOWN_LABEL]} samples have {what} its {len(class_names)} class "
-            "names: the dataset's classnames.txt does not match its labels"
-        )
-    idx = np.array(keep, dtype=np.int64)
-    label_array = np.array([labels[i][0] for i in idx], dtype=np.int64)
-    if task.kind == MULTILABEL:
-        label_array = label_array.reshape(len(idx), len(class_names))
-    return TaskData(
-        name=task.name,
-        class_names=class_names,
-        templates=templates_of(task, default_templates),
-        keys=rows["key"].take(idx).to_pylist(),
-        labels=label_array,
-        image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
-        skipped=dict(skipped),
-    )
-
-
-@dataclass
-class RetrievalData:
-    """One retrieval task's usable images (each model's features, in corpus order) and its caption corpus."""
-
-    name: str
-    keys: list[str]
-    corpus: Corpus
-    image_feats: dict[str, np.ndarray]
-    skipped: dict[str, int]
-
-
 def eval_shards_corpus(cfg: Config) -> EvalTaskConfig | None:
     """eval.shards' captions as the `retrieval` task: identical captions one text (web captions repeat)."""
     if not (cfg.eval.retrieval and cfg.eval.shards):
@@ -345,54 +279,6 @@ def eval_shards_corpus(cfg: Config) -> EvalTaskConfig | None:
         kind=RETRIEVAL,
         merge_identical_captions=True,
     )
-
-
-def _retrieval_data(
-    task: EvalTaskConfig, rows: pa.Table, models: list[str], txt_lines: bool, limit: int | None = None
-) -> RetrievalData | None:
-    """The usable images with at least one caption — KEY.txt's lines (`txt_lines`: the suite's layout) or else
-    the sample's caption — the first `limit` of them; images without one are counted. None: no caption at all."""
-    keep, captions, skipped = [], [], Counter()
-    for i, row in enumerate(rows.select(["caption", "txt", "reason"]).to_pylist()):
-        lines = [line.strip() for line in (row["txt"] or "").splitlines() if line.strip()] if txt_lines else []
-        lines = lines or ([row["caption"]] if row["caption"] else [])
-        if row["reason"] or not lines:
-            skipped[row["reason"] or "no_caption"] += 1
-        else:
-            keep.append(i)
-            captions.append(lines)
-    if not keep:
-        return None
-    idx = np.array(keep[:limit], dtype=np.int64)
-    return RetrievalData(
-        name=task.name,
-        keys=rows["key"].take(idx).to_pylist(),
-        corpus=build_corpus(captions[:limit], task.merge_identical_captions),
-        image_feats={m: embeddings_to_numpy(rows[f"f:{m}"])[idx] for m in models},
-        skipped=dict(skipped),
-    )
-
-
-def _compute(summary: dict[str, Any], moe: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Per report row: the samples behind the model's weights, and the training compute it took to make it
-    (samples and seconds spent learning; a model continuing the seed carries the seed's share, and every
-    ensemble the seed's and all experts'; the MoE its base's, its MCL stages' and its router's, as the
-    moe summary counts them)."""
-    compute = summary["compute"]
-
-    def row(c: dict[str, Any], trained: bool) -> dict[str, Any]:
-        samples = c["samples"]
-        return {
-            "trained_samples": samples if trained else None,
-            "compute_samples": samples,
-            "train_seconds": c["train_seconds"],
-        }
-
-    out = {name: row(compute[name], True) for name in summary["models"]}
-    out.update({name: row(compute["ensemble"], False) for name in ENSEMBLE_MODELS})
-    if moe is not None:
-        out[MOE] = row(moe["compute"], True)
-    return out
 
 
 def check_eval_inputs(cfg: Config, suite: Suite | None = None) -> list[EvalTaskConfig]:
@@ -412,14 +298,11 @@ def check_eval_inputs(cfg: Config, suite: Suite | None = None) -> list[EvalTaskC
     return tasks
 
 
-def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
-    from mode_ray.eval.report import accuracy_table, retrieval_table, routing_hit_rates, write_report
-    from mode_ray.resources import eval_needs
-    from mode_ray.runtime import ray_runtime, require_resources
-
+def plan_eval(cfg: Config) -> EvalPlan:
+    """The models, tasks, suite and MoE of this evaluation, and its settings hash; an error when there is
+    nothing to evaluate or no data expert to ensemble."""
     paths = RunPaths(cfg.run_root)
     s3 = cfg.data.s3
-    claim_run_root(cfg.run_root, s3)
     if not exists(paths.experts_summary, s3):
         raise ValueError(f"no trained models under {cfg.run_root}: run `mode-ray train` first")
     summary = read_json(paths.experts_summary, s3)
@@ -427,7 +310,7 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
     tasks = check_eval_inputs(cfg, suite)
     moe = moe_usage.trained_moe(paths, s3)
     models = in_service(cfg, list(summary["models"])) + ([MOE] if moe is not None else [])
-    present = sorted(int(m.split("-")[1]) for m in models if m.startswith("expert-"))
+    present = expert_ids(models)
     if not present:
         raise ValueError(f"no data experts under {paths.experts()}: nothing to ensemble")
     singles = [m for m in (MOE, GENERALIST, MATCHED, SEED) if m in models]  # single models after the ensembles
@@ -439,114 +322,47 @@ def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
         marker_info(paths.clusters, s3).get("run_id", ""),
         *([moe] if moe is not None else []),  # a run without a MoE keeps the hash it had before MoEs
     )
+    return EvalPlan(summary, suite, tasks, eval_shards_corpus(cfg), moe, models, present, singles, settings)
+
+
+def featurize_all(cfg: Config, plan: EvalPlan, log: StageLog) -> Features:
+    """On Ray: every image source through every model (each source once, however many tasks read it), then
+    the class prompts and captions of the tasks read from them."""
+    from mode_ray.resources import eval_needs
+    from mode_ray.runtime import ray_runtime, require_resources
+
+    exports = {m: RunPaths(cfg.run_root).export(m) for m in plan.models}
+    with ray_runtime(cfg):
+        require_resources(cfg, eval_needs(cfg), "eval")
+        sources: dict[str, Featurized] = {}
+        for task in [*plan.tasks, *([plan.corpus_task] if plan.corpus_task else [])]:
+            key = source_key(task)
+            if key not in sources:
+                log.info(f"image features of {len(plan.models)} models over {task.source} {task.location}")
+                rows = featurize(cfg, task.source, task.location, exports)
+                sources[key] = Featurized(rows, {m: embeddings_to_numpy(rows[f"f:{m}"]) for m in plan.models})
+        data, corpora = task_inputs(cfg, plan, sources, log)
+        texts = {c.name: c.corpus.texts for c in corpora}
+        log.info(f"text features: {len(data)} tasks, {sum(map(len, texts.values()))} retrieval texts")
+        per_task, per_caption, text_usage = text_features(
+            cfg, exports, {d.name: (d.class_names, d.templates) for d in data}, texts
+        )
+    return Features(sources, data, corpora, per_task, per_caption, text_usage)
+
+
+def run_eval(cfg: Config, force: bool = False) -> dict[str, Any]:
+    paths = RunPaths(cfg.run_root)
+    s3 = cfg.data.s3
+    claim_run_root(cfg.run_root, s3)
+    plan = plan_eval(cfg)
     with stage_log("eval") as log:
-        if not force and stage_done(paths.eval, settings, s3):
+        if not force and stage_done(paths.eval, plan.settings, s3):
             log.skip("eval/ complete")
             return read_json(join(paths.eval, "summary.json"), s3)
-        exports = {m: paths.export(m) for m in models}
         router = TaskRouter.from_run(cfg.run_root, cfg.embedding, cfg.eval.routing, s3)
-        with ray_runtime(cfg):
-            require_resources(cfg, eval_needs(cfg), "eval")
-            sources: dict[str, pa.Table] = {}
-            corpus_task = eval_shards_corpus(cfg)
-            everything = [*tasks, *([corpus_task] if corpus_task else [])]
-            for task in everything:
-                key = json.dumps([task.source, task.location])
-                if key not in sources:
-                    log.info(f"image features of {len(models)} models over {task.source} {task.location}")
-                    sources[key] = featurize(cfg, task.source, task.location, exports)
-            data, corpora = [], []
-            for task in tasks:
-                rows = sources[json.dumps([task.source, task.location])]
-                if task.kind == RETRIEVAL:
-                    found = _retrieval_data(task, rows, models, txt_lines=True)
-                    if found is None:
-                        raise ValueError(f"retrieval task {task.name!r}: no usable image with a caption")
-                    corpora.append(found)
-                else:
-                    data.append(_task_data(task, rows, models, cfg.eval.templates))
-            if corpus_task is not None:
-                rows = sources[json.dumps([corpus_task.source, corpus_task.location])]
-                corpus = _retrieval_data(corpus_task, rows, models, False, cfg.eval.max_retrieval_texts)
-                if corpus is None:  # label-only shards (a classification set): nothing to retrieve, said once
-                    log.info(f"no captions in eval.shards={cfg.eval.shards}: no retrieval corpus, no retrieval rows")
-                else:
-                    corpora.append(corpus)
-            texts = {c.name: c.corpus.texts for c in corpora}
-            log.info(f"text features: {len(data)} tasks, {sum(map(len, texts.values()))} retrieval texts")
-            per_task, per_caption, text_usage = text_features(
-                cfg, exports, {d.name: (d.class_names, d.templates) for d in data}, texts
-            )
-        parts = [score_task(d, {m: per_task[m][d.name] for m in models}, router, present, singles) for d in data]
-        for c in corpora:
-            text_feats = {m: per_caption[m][c.name] for m in models}
-            parts.append(score_retrieval(c.name, c.corpus, c.image_feats, text_feats, router, present, singles))
-        scores = merge(parts)
-        for r in scores.routing if verbose() else []:  # the weights per task (also in the report)
-            log.info(
-                f"routing {r['task']}/{r['method']}: [{', '.join(f'{w:.3f}' for w in r['weights'])}], "
-                f"{r['distance_from_uniform']:.3f} from uniform; label→centre d mean {r['distance_mean']:.3f} "
-                f"[{r['distance_min']:.3f}, {r['distance_max']:.3f}]"
-            )
-        skipped = {d.name: d.skipped for d in [*data, *corpora] if d.skipped}
-        header = {
-            "run_root": cfg.run_root,
-            "tasks": ", ".join(f"{d.name} ({len(d.labels)} images, {len(d.class_names)} classes)" for d in data),
-            "skipped images": skipped or "none",
-            "retrieval": ", ".join(f"{c.name} ({len(c.keys)} images, {len(c.corpus.texts)} texts)" for c in corpora)
-            or "off",
-            "routing": cfg.eval.routing.model_dump(),
-            "routing encoder": router.encoder_id,
-            "reference router centres": router.reference_centres,
-        }
-        suite_result = summarize(suite, scores.metrics) if suite is not None else None
-        if suite is not None:
-            header["suite"] = describe(suite)
-            log.info(f"suite {header['suite']}")
-        usage = None
-        if moe is not None:
-            image_usage: moe_usage.Counts = {}
-            for table in sources.values():
-                image_usage = moe_usage.add(image_usage, moe_usage.column_counts(table, f"u:{MOE}"))
-            usage = moe_usage.usage_record(image_usage, text_usage[MOE], MOE)
-        trained = {m: summary["models"][m] for m in models if m in summary["models"]}
-        files = write_report(paths.eval, scores, _compute(summary, moe), header, s3, usage, trained, suite_result)
-        tasks_order, table = accuracy_table(scores.metrics)
-        result = {
-            "files": files,
-            "accuracy": table,
-            "mean_per_class_recall": accuracy_table(scores.metrics, MEAN_PER_CLASS_RECALL)[1],
-            "mean_average_precision": accuracy_table(scores.metrics, MEAN_AVERAGE_PRECISION)[1],
-            "retrieval": retrieval_table(scores.metrics),
-            "tasks": tasks_order,
-            "header": header,
-            "routing_hit_rate": routing_hit_rates(scores.routing),
-            "suite": suite_result,
-        }
-        write_json(join(paths.eval, "summary.json"), result, s3)
-        for name in (m for m in table if m in models):  # each trained model's card gets its report row
-            write_card(cfg, name, table[name])
-        mark_done(paths.eval, settings, s3)
+        features = featurize_all(cfg, plan, log)
+        result = write_results(cfg, plan, features, router, log)
+        mark_done(paths.eval, plan.settings, s3)
         print_accuracy(result)
-        log.done(f"report: {files['md']}")
+        log.done(f"report: {result['files']['md']}")
     return result
-
-
-def print_accuracy(result: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    tasks = result["tasks"]
-    table = Table(title="zero-shot accuracy (%)")
-    for col in ("model", *tasks, "average"):
-        table.add_column(col)
-    for model, row in result["accuracy"].items():
-        table.add_row(model, *(f"{100 * row[t]:.1f}" for t in [*tasks, "average"]))
-    console.print(table)
-    suite = result.get("suite")
-    if suite:
-        table = Table(title=f"suite average (%): {suite['name']}, main metric of each dataset")
-        for col in ("model", "average", "datasets"):
-            table.add_column(col)
-        for model, row in suite["average"].items():
-            table.add_row(model, f"{100 * row['average']:.1f}", f"{row['datasets']} of {suite['size']}")
-        console.print(table)
