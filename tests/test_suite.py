@@ -203,13 +203,14 @@ def test_a_dataset_on_s3_reads_like_a_local_one(s3_endpoint, tmp_path):
 def test_labels_that_do_not_index_classnames_are_a_clear_error():
     import pyarrow as pa
 
-    from mode_ray.stages.evaluate import _task_data, with_suite_labels
+    from mode_ray.eval.assemble import task_data
+    from mode_ray.stages.evaluate import with_suite_labels
 
     task = EvalTaskConfig(name="shapes", source="webdataset", location="x", label_field="cls", class_names=CLASSES)
     metas = [with_suite_labels(None, str(label).encode()) for label in (0, 3, 7, 9)]  # 7 and 9: no such class
     rows = pa.table({"key": list("abcd"), "meta": metas, "reason": [None] * 4})
     with pytest.raises(ValueError, match="a .cls label that is not an index.*classnames.txt does not match"):
-        _task_data(task, rows, [], ["{}"])
+        task_data(task, rows, [], ["{}"])
     multi = task.model_copy(update={"kind": "multilabel", "label_field": "npy"})
     vectors = [np.eye(len(CLASSES), dtype=np.int64)[0], np.ones(len(CLASSES) + 1, dtype=np.int64)]  # the 2nd: 5 of 4
     metas = []
@@ -220,7 +221,7 @@ def test_labels_that_do_not_index_classnames_are_a_clear_error():
     metas.append(with_suite_labels(None, None, b"not an npy file"))
     rows = pa.table({"key": list("abc"), "meta": metas, "reason": [None] * 3})
     with pytest.raises(ValueError, match="2 samples have a .npy label that is not a vector with one entry per class"):
-        _task_data(multi, rows, [], ["{}"])
+        task_data(multi, rows, [], ["{}"])
 
 
 def test_retrieval_recall_and_multilabel_map_match_clip_benchmarks_own_functions():

@@ -32,7 +32,6 @@ from mode_ray.eval.assemble import (
     task_inputs,
     write_results,
 )
-from mode_ray.eval.assemble import task_data as _task_data  # noqa: F401 — the name tests/test_suite.py imports
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import RETRIEVAL_TASK
 from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, RETRIEVAL, Suite, resolve_benchmark
