@@ -74,6 +74,7 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
 
             console.print(f"  joining the Ray cluster at {address}: ray.{', ray.'.join(ignored)} ignored")
     else:
+        _explicit_token_auth()
         kwargs["num_cpus"] = cfg.ray.num_cpus
         kwargs["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.object_store_memory_mb:
@@ -86,6 +87,33 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     finally:
         _STARTED_HERE.clear()
         ray.shutdown()
+
+
+def _explicit_token_auth() -> None:
+    """Token authentication for the embedded Ray, chosen explicitly.
+
+    Ray 2.60 turns token authentication on for a new local `ray.init()` when RAY_AUTH_MODE is unset, and
+    warns on the console that it did so (pointing at RAY_AUTH_MODE=disabled). The notice is for a mode picked
+    on the user's behalf; Ray's docs (ray-security/token-auth) make `RAY_AUTH_MODE=token` the way to ask for
+    it, and for a local `ray.init()` Ray then generates and uses the token itself (~/.ray/auth_token, or
+    RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH when set). So ask for token mode: the same secure default, stated
+    rather than defaulted, and no warning is due. Disabling it would open the embedded Ray (it runs any code
+    it is sent) to anyone on the network, so only the user does that: a RAY_AUTH_MODE already set (token or
+    disabled, as the test suite sets it) is left as it is; an empty one counts as unset. Only for an embedded
+    start: a cluster we join has its own mode, which Ray reads from the environment and the cluster's token.
+
+    Ray reads its configuration once, when imported, so setting the variable now also needs that cached copy
+    re-read — what Ray itself does when it turns the mode on (`Config.initialize("")`); the raylet and the
+    workers inherit the variable from this process.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._raylet import Config
+    except ImportError:  # a Ray without it: leave the mode unset, Ray's own default (and notice) applies
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
 
 
 def quiet_at_the_source() -> None:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
+from mode_ray.config import load_config
 from tests.conftest import REPO
 
 
@@ -59,3 +63,36 @@ def test_a_failing_stage_prints_its_reason_and_where_the_logs_are(tmp_path):
     assert proc.returncode == 2
     assert "nowhere" in proc.stderr and "full logs: " in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_embedded_ray_asks_for_token_auth_itself(monkeypatch):
+    """Unset, RAY_AUTH_MODE becomes `token` (Ray's own default, asked for: no notice) and Ray's cached config is
+    re-read; a mode the user set stays."""
+    import ray._raylet
+
+    from mode_ray.runtime import _explicit_token_auth
+
+    reread: list[str] = []
+
+    class Config:
+        @staticmethod
+        def initialize(config: str) -> None:
+            reread.append(config)
+
+    monkeypatch.setattr(ray._raylet, "Config", Config)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    _explicit_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and not reread
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    _explicit_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token" and reread == [""]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "own-data.yaml"])
+def test_the_prep_pipelines_never_hold_every_cpu(name, tmp_path):
+    """Beside the embedding (and assign) actors, Ray Data runs 1-CPU read/write and 0.5-CPU validate tasks: no
+    mix of them may fill the embedded Ray, or write_parquet, which looks for a free CPU as it returns, warns
+    that the job "will hang unless more CPUs are freed up"."""
+    cfg = load_config(REPO / "configs" / name, [f"data.shards={tmp_path}", f"eval.shards={tmp_path}"])
+    left = cfg.ray.num_cpus - cfg.embedding.num_cpus_per_actor * cfg.embedding.max_actors
+    assert left >= 1 and (left * 2) % 1 != 0  # one read or write fits; tasks of 1 and 0.5 CPU never sum to it
