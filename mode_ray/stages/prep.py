@@ -27,12 +27,12 @@ from mode_ray.encoders import build_encoder, encoder_id_for
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
 from mode_ray.ownership import claim_run_root, fresh_dir
 from mode_ray.progress import console, stage_log
-from mode_ray.progress_bars import progress_bars
-from mode_ray.progress_bars import report as report_progress
 from mode_ray.resources import assignment_needs, clustering_needs, embedding_needs
 from mode_ray.runtime import require_resources, wait_for_released_cpus
 from mode_ray.samples import Limits, seeded_key_hash, validate_batch
 from mode_ray.shards import list_shards
+from mode_ray.stages.progress_bars import progress_bars
+from mode_ray.stages.progress_bars import report as report_progress
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
@@ -130,8 +130,6 @@ def _only_rejects(batch: pa.Table) -> pa.Table:
 
 def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
     """Read + validate + embed → embeddings/ and rejects/. Returns the stage's run id."""
-    import ray
-
     with stage_log("prep: embed") as log:
         shards, missing = list_shards(cfg.data.shards, cfg.data.s3)
         settings = settings_hash(
@@ -146,50 +144,62 @@ def embed_stage(cfg: Config, paths: RunPaths, force: bool) -> str:
         if not shards:
             raise ValueError(f"no readable shards in data.shards={cfg.data.shards!r}: {missing}")
         log.info(f"{len(shards)} shards ({len(missing)} missing or unreadable)")
-        emb = cfg.embedding
-        limits = Limits(cfg.data.caption_field, cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.seed)
-        from mode_ray.stages.reader import ShardDatasource
-
-        source = ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], cfg.data.s3))
-        ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
-        ds = ds.map_batches(validate_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
-        out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
-        wait_for_released_cpus()  # also right after Ray starts, before its resources are reported
-        with progress_bars("prep-embed") as board:
-            ds = ds.map_batches(
-                CaptionEmbedder,
-                fn_constructor_kwargs={
-                    "encoder": emb.encoder,
-                    "device": emb.device,
-                    "dtype": emb.dtype,
-                    "batch_size": emb.batch_size,
-                    "num_threads": emb.num_threads,
-                    "board": board,
-                },
-                batch_size=emb.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
-                num_cpus=emb.num_cpus_per_actor,
-                num_gpus=emb.num_gpus_per_actor or None,
-            )
-            ds.write_parquet(paths.embeddings, filesystem=out_fs)
-        wait_for_released_cpus()
-
-        rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
-            _only_rejects, batch_format="pyarrow"
-        )
-        rejects.write_parquet(paths.rejects, filesystem=out_fs)
-        listing = [
-            {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why}
-            for u, why in missing
-        ]
-        # Shard-level listing rejects, maybe none: rejects/ always holds a table and reads back.
-        schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
-        _write_table(join(paths.rejects, "listing.parquet"), pa.Table.from_pylist(listing, schema=schema), cfg)
+        write_embeddings(cfg, shards, paths)
+        write_rejects(cfg, paths, missing)
         run_id = uuid.uuid4().hex
         mark_done(paths.embeddings, settings, cfg.data.s3, run_id=run_id, shards=len(shards))
         log.done("embeddings/ and rejects/ written")
         return run_id
+
+
+def write_embeddings(cfg: Config, shards: list[str], paths: RunPaths) -> None:
+    """Every shard read, validated and its captions embedded by an actor pool → embeddings/ (rejects too)."""
+    import ray
+
+    from mode_ray.stages.reader import ShardDatasource
+
+    emb, data = cfg.embedding, cfg.data
+    limits = Limits(data.caption_field, data.max_image_bytes, data.max_image_pixels, data.seed)
+    source = ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], data.s3))
+    ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
+    ds = ds.map_batches(validate_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow", num_cpus=0.5)
+    wait_for_released_cpus()  # also right after Ray starts, before its resources are reported
+    with progress_bars("prep-embed") as board:
+        ds = ds.map_batches(
+            CaptionEmbedder,
+            fn_constructor_kwargs={
+                "encoder": emb.encoder,
+                "device": emb.device,
+                "dtype": emb.dtype,
+                "batch_size": emb.batch_size,
+                "num_threads": emb.num_threads,
+                "board": board,
+            },
+            batch_size=emb.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=emb.min_actors, max_size=emb.max_actors),
+            num_cpus=emb.num_cpus_per_actor,
+            num_gpus=emb.num_gpus_per_actor or None,
+        )
+        ds.write_parquet(paths.embeddings, filesystem=arrow_filesystem(paths.embeddings, data.s3))
+    wait_for_released_cpus()
+
+
+def write_rejects(cfg: Config, paths: RunPaths, missing: list[tuple[str, str]]) -> None:
+    """rejects/: every sample validation or embedding rejected, with its reason, and the unreadable shards."""
+    import ray
+
+    out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
+    rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
+        _only_rejects, batch_format="pyarrow"
+    )
+    rejects.write_parquet(paths.rejects, filesystem=out_fs)
+    listing = [
+        {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why} for u, why in missing
+    ]
+    # Shard-level listing rejects, maybe none: rejects/ always holds a table and reads back.
+    schema = pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+    _write_table(join(paths.rejects, "listing.parquet"), pa.Table.from_pylist(listing, schema=schema), cfg)
 
 
 def _write_table(url: str, table: pa.Table, cfg: Config) -> None:
