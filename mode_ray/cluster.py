@@ -301,14 +301,38 @@ def two_step(
     return TwoStepClusters(fine.centroids, coarse.centroids, f2c[:, 0].astype(np.int64), sizes, info, raw, geometry)
 
 
+def mcl_fit(
+    image: np.ndarray, text: np.ndarray, k_image: int, k_text: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One MCL stage's centres (CLIP-MoE): k-means of the image and of the text embeddings separately (faiss
+    spherical: the embeddings are compared by cosine). Fitted on all pairs or on a sample of them."""
+    image_centres = spherical_kmeans(image, k_image, iterations=20, seed=seed, balanced=False).centroids
+    text_centres = spherical_kmeans(text, k_text, iterations=20, seed=seed + 1, balanced=False).centroids
+    return image_centres, text_centres
+
+
+def mcl_assign(
+    image: np.ndarray,
+    text: np.ndarray,
+    image_centres: np.ndarray,
+    text_centres: np.ndarray,
+    previous: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs' labels by nearest centre per modality, label = text · k_image + image, accumulated over stages as
+    `acc · (k_image · k_text) + label`; a pair whose previous label is negative (none) keeps none (−1).
+    Returns (this stage's labels, the accumulated labels)."""
+    k_image, k_text = len(image_centres), len(text_centres)
+    image_ids = nearest(l2_normalize(image), image_centres, 1)[1][:, 0].astype(np.int64)
+    text_ids = nearest(l2_normalize(text), text_centres, 1)[1][:, 0].astype(np.int64)
+    label = text_ids * k_image + image_ids
+    if previous is None:
+        return label, label
+    return label, np.where(previous < 0, -1, previous * (k_image * k_text) + label)
+
+
 def mcl_stage_labels(
     image: np.ndarray, text: np.ndarray, k_image: int, k_text: int, previous: np.ndarray | None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One MCL stage's pseudo labels (CLIP-MoE): k-means of the image and of the text embeddings separately
-    (faiss spherical: the embeddings are compared by cosine), label = text · k_image + image, accumulated over
-    stages as `acc · (k_image · k_text) + label`. Returns (this stage's labels, the accumulated labels)."""
-    image_ids = spherical_kmeans(image, k_image, iterations=20, seed=seed, balanced=False).labels
-    text_ids = spherical_kmeans(text, k_text, iterations=20, seed=seed + 1, balanced=False).labels
-    label = text_ids * k_image + image_ids
-    acc = label if previous is None else previous * (k_image * k_text) + label
-    return label, acc
+    """One MCL stage's pseudo labels on all pairs at once: `mcl_fit` then `mcl_assign` on the same pairs (a
+    stage fits on a bounded sample instead and assigns every pair where it is read)."""
+    return mcl_assign(image, text, *mcl_fit(image, text, k_image, k_text, seed), previous)

@@ -16,14 +16,20 @@ hold-out (the same rows for every model and every seed) never train.
 
 With `training.decode_cache` the images are decoded once per run into `train_inputs/` (small models on
 small data: decoding was as costly as training); without it, every read task decodes (web-scale data).
+
+Every read of rows goes through `read_rows` (whole row groups, or given rows of a file in a given order), and
+every read dataset through `DataTasks.read` (read tasks, or an actor pool). An MCL stage's ranks read their
+planned rows by id — a file's offset plus the row in the file (`mode_ray.stages.mcl`) — in exactly the
+planned order (`read_planned_rows`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +48,6 @@ from mode_ray.storage import (
     settings_hash,
     stage_done,
 )
-from mode_ray.train.schedule import Job
 
 if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at import time
     from mode_ray.train.transforms import InputSpec
@@ -55,6 +60,15 @@ EXECUTION_ROWS = 1_000_000  # up to this many rows, one execution of a job's dat
 DRAW_MARGIN = 1.02  # out-of-cluster draws and the batch cut at the end vary: a little more, not one more pass
 HOLDOUT_SALT = 0x5EED  # the hold-out is fixed per run, whatever the training seed
 _COARSE_DIR = re.compile(r"coarse_id=(\d+)")
+PLAN_FILES = ("file_path", "file_coarse", "file_offset")  # a plan's file table; its rows: file_offset + row in file
+
+
+class JobLike(Protocol):
+    """What the data of a training job depends on (the planner's job type, duck-typed)."""
+
+    name: str
+    expert: int | None
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,12 @@ class Source:
     def columns(self) -> list[str]:
         """What a read takes from the manifest, or from the decoded cache."""
         extra = [PER_READ_COLUMN[self.decoded]] if self.per_read_captions else []
-        return (CACHE_COLUMNS if self.decoded else MANIFEST_COLUMNS) + extra
+        return self.base_columns + extra
+
+    @property
+    def base_columns(self) -> list[str]:
+        """What every read of a row needs (the prep-chosen caption, no per-read texts)."""
+        return CACHE_COLUMNS if self.decoded else MANIFEST_COLUMNS
 
 
 def make_source(cfg: Config, root: str, decoded: bool, spec: InputSpec) -> Source:
@@ -104,24 +123,41 @@ def training_roots(cfg: Config) -> list[str]:
     return roots + [join(g, sub) for g in generation_roots(cfg) if exists(join(g, sub, "_SUCCESS"), cfg.data.s3)]
 
 
-def row_groups(root: str | list[str], s3: S3Config) -> list[dict[str, Any]]:
-    """Every row group under a coarse_id-partitioned folder: path, index, coarse cluster, row count."""
+def _footers(root: str, s3: S3Config) -> Iterator[tuple[str, int, Any]]:
+    """(path, coarse_id, Parquet metadata) of every file under a coarse_id-partitioned folder, in path order."""
     import pyarrow.parquet as pq
 
-    if isinstance(root, list):
-        return [g for r in root for g in row_groups(r, s3)]
     fs, path = get_fs(root, s3)
-    groups = []
     for file in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
         match = _COARSE_DIR.search(file)
         if match is None:
             continue
         with fs.open(file, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
+            yield file, int(match.group(1)), pq.ParquetFile(f).metadata
+
+
+def parquet_files(root: str, s3: S3Config) -> list[dict[str, Any]]:
+    """Every non-empty file under a coarse_id-partitioned folder: path, coarse cluster, rows, row groups —
+    one entry a file, what an MCL stage reads by (a file's rows are numbered from its `offset`)."""
+    files, offset = [], 0
+    for path, coarse, meta in _footers(root, s3):
+        if meta.num_rows:
+            files.append({"path": path, "coarse_id": coarse, "rows": meta.num_rows, "groups": meta.num_row_groups})
+            files[-1].update(index=len(files) - 1, offset=offset)
+            offset += meta.num_rows
+    return files
+
+
+def row_groups(root: str | list[str], s3: S3Config) -> list[dict[str, Any]]:
+    """Every row group under a coarse_id-partitioned folder: path, index, coarse cluster, row count."""
+    if isinstance(root, list):
+        return [g for r in root for g in row_groups(r, s3)]
+    groups = []
+    for path, coarse, meta in _footers(root, s3):
         for i in range(meta.num_row_groups):
             rows = meta.row_group(i).num_rows
             if rows:
-                groups.append({"path": file, "row_group": i, "coarse_id": int(match.group(1)), "rows": rows})
+                groups.append({"path": path, "row_group": i, "coarse_id": coarse, "rows": rows})
     return groups
 
 
@@ -140,7 +176,7 @@ def held_out(keys: list[str], fraction: float) -> np.ndarray:
     return u < fraction
 
 
-def draws_per_execution(groups: list[dict[str, Any]], job: Job, cfg: Config, holdout: float) -> int:
+def draws_per_execution(groups: list[dict[str, Any]], job: JobLike, cfg: Config, holdout: float) -> int:
     """How many draws of the job's rows one execution of its dataset holds: the whole job when it is at most
     `EXECUTION_ROWS` rows (each execution start costs seconds), else about one epoch; a short execution is
     simply followed by another."""
@@ -153,7 +189,7 @@ def draws_per_execution(groups: list[dict[str, Any]], job: Job, cfg: Config, hol
     return max(1, math.ceil(target * DRAW_MARGIN / max(per_draw, 1.0)))
 
 
-def draw_items(groups: list[dict[str, Any]], job: Job, draws: int, ooc_ratio: float, seed: int) -> list[dict]:
+def draw_items(groups: list[dict[str, Any]], job: JobLike, draws: int, ooc_ratio: float, seed: int) -> list[dict]:
     """The row groups one execution reads: `draws` draws, each in its own shuffled order (the out-of-cluster
     groups are skipped when there is no share to draw)."""
     rng = np.random.default_rng(seed)
@@ -164,28 +200,54 @@ def draw_items(groups: list[dict[str, Any]], job: Job, draws: int, ooc_ratio: fl
     return items
 
 
-def _read_groups(items: dict[str, np.ndarray], source: Source, keep: Any) -> pa.Table:
-    """The row groups' rows that `keep(table, coarse)` selects, with their coarse_id."""
+def read_rows(
+    source: Source,
+    path: str,
+    coarse: int,
+    groups: Sequence[int] | None = None,
+    rows: np.ndarray | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """The one reader of training rows (no Ray): rows of one Parquet file of the coarse_id partition `coarse`,
+    with a coarse_id column. `groups`: those row groups whole, in that order (None: every one); `rows`
+    instead: those rows of the file (numbered over the whole file; any order, repeats allowed), each row
+    group they fall in read once. `columns`: default `source.columns`."""
     import pyarrow.parquet as pq
 
+    columns = source.columns if columns is None else columns
     fs, _ = get_fs(source.root, S3Config(**source.s3))
-    tables = []
-    for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
-        with fs.open(str(path), "rb") as f:
-            table = _read_row_group(pq.ParquetFile(f), int(group), source, str(path))
-        table = table.filter(pa.array(keep(table, int(coarse))))
-        tables.append(table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32))))
-    return pa.concat_tables(tables)
+    with fs.open(str(path), "rb") as f:
+        file = pq.ParquetFile(f)
+        _check_columns(file, columns, str(path))
+        if rows is None:
+            table = file.read_row_groups(list(range(file.num_row_groups) if groups is None else groups), columns)
+        else:
+            sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            group_of = np.searchsorted(starts, rows, side="right") - 1
+            needed = np.unique(group_of)
+            at = np.concatenate([[0], np.cumsum(sizes[needed])])  # where each needed group starts in `table`
+            table = file.read_row_groups(needed.tolist(), columns)
+            table = table.take(pa.array(at[np.searchsorted(needed, group_of)] + rows - starts[group_of]))
+    return table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32)))
 
 
-def _read_row_group(file: Any, group: int, source: Source, path: str) -> pa.Table:
-    missing = sorted(set(source.columns) - set(file.schema_arrow.names))
+def _check_columns(file: Any, columns: list[str], path: str) -> None:
+    missing = sorted(set(columns) - set(file.schema_arrow.names))
     if missing:  # a manifest or cache made before per-read captions
         raise ValueError(
             f"{path} has no {', '.join(missing)} column: training.caption_draw=per_read needs a manifest from this "
             "version (re-run `mode-ray prep --force`; with training.decode_cache, the cache is rebuilt itself)"
         )
-    return file.read_row_group(group, columns=source.columns)
+
+
+def _read_groups(items: dict[str, np.ndarray], source: Source, keep: Any) -> pa.Table:
+    """The items' row groups (path, row_group, coarse_id), each filtered by `keep(table, coarse)`."""
+    tables = []
+    for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
+        table = read_rows(source, str(path), int(coarse), groups=[int(group)])
+        tables.append(table.filter(pa.array(keep(table, int(coarse)))))
+    return pa.concat_tables(tables)
 
 
 def _inputs(table: pa.Table, source: Source, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -267,20 +329,29 @@ class DataTasks:
     cpus: float
     concurrency: int
 
-    def read(self, items: list[dict[str, Any]], fn: Any, **kwargs: Any) -> Any:
-        """A dataset of `fn` over the items, about ROWS_PER_READ_TASK rows a task. The item blocks are tiny:
-        without a batch size Ray Data would bundle them all into one task — one block, nothing streamed."""
+    def read(
+        self, items: list[dict[str, Any]], fn: Any, constructor: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """The one way a read dataset is made: `fn` over the items (each with its `rows`), about
+        ROWS_PER_READ_TASK rows a call. A function runs in up to `concurrency` tasks; a class is an actor pool
+        of `concurrency` actors, each built once with `constructor`. The item blocks are tiny: without a batch
+        size Ray Data would bundle them all into one task — one block, nothing streamed."""
         import ray
 
         rows = sum(i["rows"] for i in items)
         blocks = max(1, min(len(items), math.ceil(rows / ROWS_PER_READ_TASK)))
+        size = min(self.concurrency, blocks)  # no more tasks than blocks
+        if isinstance(fn, type):
+            pool = {"compute": ray.data.ActorPoolStrategy(size=size), "fn_constructor_kwargs": constructor or {}}
+        else:
+            pool = {"compute": ray.data.TaskPoolStrategy(size=size)}
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             fn,
             fn_kwargs=kwargs,
             batch_size=math.ceil(len(items) / blocks),
             batch_format="numpy",
             num_cpus=self.cpus,
-            compute=ray.data.TaskPoolStrategy(size=min(self.concurrency, blocks)),  # no more tasks than blocks
+            **pool,
         )
 
 
@@ -326,7 +397,7 @@ def _cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1)
 
 
-def job_datasets(cfg: Config, job: Job, seed: int, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def job_datasets(cfg: Config, job: JobLike, seed: int, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """({'train': …, 'holdout': …}, facts) for one job; the hold-out dataset only when there is one. The
     input spec comes from the driver, so a trial never imports open_clip just to size its rows."""
     t = cfg.training
@@ -351,86 +422,70 @@ def job_datasets(cfg: Config, job: Job, seed: int, spec: InputSpec) -> tuple[dic
 
 # --------------------------------------------------------------------------- CLIP-MoE: MCL stages
 
-PLANNED_ROWS_PER_TASK = 2048  # rows of one MCL read task (a whole number of per-worker batches)
+
+def own_root(cfg: Config) -> str:
+    """The run's own training rows (its decoded cache, or its manifest): what an MCL stage clusters and reads."""
+    return input_cache_dir(cfg) if cfg.training.decode_cache else RunPaths(cfg.run_root).manifest
 
 
-def locate_rows(items: dict[str, np.ndarray], source: Source, holdout: float) -> tuple[dict[str, np.ndarray], pa.Table]:
-    """The row groups' usable training rows (outside the hold-out), with where each one lives (path, row group,
-    row) — what an MCL stage clusters and then reads back in its planned order."""
-    import pyarrow.parquet as pq
-
-    fs, _ = get_fs(source.root, S3Config(**source.s3))
-    columns = CACHE_COLUMNS if source.decoded else MANIFEST_COLUMNS
-    tables, where = [], {"path": [], "row_group": [], "row": []}
-    for path, group, coarse in zip(items["path"], items["row_group"], items["coarse_id"], strict=True):
-        with fs.open(str(path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
-        rows = np.flatnonzero(~held_out(table["key"].to_pylist(), holdout))
-        table = table.take(pa.array(rows))
-        tables.append(table.append_column("coarse_id", pa.array(np.full(len(table), int(coarse), dtype=np.int32))))
-        where["path"] += [str(path)] * len(rows)
-        where["row_group"] += [int(group)] * len(rows)
-        where["row"] += rows.tolist()
-    return {k: np.asarray(v) for k, v in where.items()}, pa.concat_tables(tables)
+def planned_table(source: Source, plan: dict[str, np.ndarray], ids: np.ndarray) -> pa.Table:
+    """The rows a plan names by id (its file's offset + the row in that file), in the order of `ids`: each
+    file opened once."""
+    offsets = plan["file_offset"]
+    file_of = np.searchsorted(offsets, ids, side="right") - 1
+    order = np.argsort(file_of, kind="stable")
+    files, starts = np.unique(file_of[order], return_index=True)
+    tables = []
+    for f, lo, hi in zip(files, starts, [*starts[1:], len(ids)], strict=True):
+        rows = ids[order[lo:hi]] - offsets[f]
+        tables.append(read_rows(source, str(plan["file_path"][f]), int(plan["file_coarse"][f]), rows=rows))
+    return pa.concat_tables(tables).take(pa.array(np.argsort(order)))
 
 
 def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: str) -> dict[str, np.ndarray]:
-    """An MCL read task: rows [start, stop) of one rank's planned sequence, in exactly that order (each row
-    group read once per task)."""
-    import pyarrow.parquet as pq
-
-    plan = _load_plan(plan_url, tuple(sorted(source.s3.items())))
-    fs, _ = get_fs(source.root, S3Config(**source.s3))
+    """An MCL read task: rows [start, stop) of one rank's planned sequence, in exactly that order."""
     parts = []
     for rank, start, stop in zip(items["rank"], items["start"], items["stop"], strict=True):
-        ids = plan[f"rank{int(rank)}"][int(start) : int(stop)]
-        paths, groups, rows = plan["path"][ids], plan["row_group"][ids], plan["row"][ids]
-        tables: dict[tuple[str, int], pa.Table] = {}
-        for path, group in {(str(p), int(g)) for p, g in zip(paths, groups, strict=True)}:
-            with fs.open(path, "rb") as f:
-                tables[path, group] = _read_row_group(pq.ParquetFile(f), group, source, path)
-        picked = [tables[str(p), int(g)].slice(int(r), 1) for p, g, r in zip(paths, groups, rows, strict=True)]
-        table = pa.concat_tables(picked)
-        parts.append(table.append_column("coarse_id", pa.array(plan["coarse_id"][ids].astype(np.int32))))
+        plan = _load_plan(plan_url, tuple(sorted(source.s3.items())), int(rank))
+        parts.append(planned_table(source, plan, plan[f"rank{int(rank)}"][int(start) : int(stop)]))
     return _inputs(pa.concat_tables(parts), source, np.random.default_rng())
 
 
-_PLANS: dict[str, dict[str, np.ndarray]] = {}
+_PLANS: dict[tuple[str, int], tuple[str, dict[str, np.ndarray]]] = {}
 
 
-def _load_plan(url: str, s3: tuple) -> dict[str, np.ndarray]:
-    """A stage's batch plan, read once per read-task process."""
-    if url not in _PLANS:
-        import io
+def _load_plan(url: str, s3: tuple, rank: int) -> dict[str, np.ndarray]:
+    """A stage's file table and one rank's row ids, read once per read-task process (again if the plan file
+    changed: a rerun in the same Ray session)."""
+    fs, path = get_fs(url, S3Config(**dict(s3)))
+    version = fs.ukey(path)
+    cached = _PLANS.get((url, rank))
+    if cached is None or cached[0] != version:
+        with fs.open(path, "rb") as f, np.load(f) as data:  # a zip: only the members asked for are read
+            _PLANS[url, rank] = version, {name: data[name] for name in (*PLAN_FILES, f"rank{rank}")}
+    return _PLANS[url, rank][1]
 
-        from mode_ray.storage import read_bytes
 
-        with np.load(io.BytesIO(read_bytes(url, S3Config(**dict(s3))))) as data:
-            _PLANS[url] = {name: data[name] for name in data.files}
-    return _PLANS[url]
+def planned_items(rank: int, n: int, chunk: int) -> list[dict[str, int]]:
+    return [
+        {"rank": rank, "start": s, "stop": min(s + chunk, n), "rows": min(chunk, n - s)} for s in range(0, n, chunk)
+    ]
 
 
 def mcl_datasets(cfg: Config, plan_url: str, ranks: dict[int, int], spec: InputSpec) -> dict[str, Any]:
     """One dataset per worker rank ({rank: planned rows}), each reading its rows in order, plus the hold-out."""
-    import ray
-
     t = cfg.training
-    root = input_cache_dir(cfg) if t.decode_cache else RunPaths(cfg.run_root).manifest
+    root = own_root(cfg)
     source = make_source(cfg, root, t.decode_cache, spec)
     per_worker = t.batch_size // t.num_workers
-    chunk = max(per_worker, PLANNED_ROWS_PER_TASK // per_worker * per_worker)
+    chunk = max(per_worker, ROWS_PER_READ_TASK // per_worker * per_worker)  # whole per-worker batches a task
     tasks = data_tasks(cfg)
-    datasets = {}
-    for rank, n in ranks.items():
-        items = [{"rank": rank, "start": s, "stop": min(s + chunk, n)} for s in range(0, n, chunk)]
-        datasets[f"train_rank{rank}"] = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_planned_rows,
-            fn_kwargs={"source": source, "plan_url": plan_url},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=tasks.cpus,
-            compute=ray.data.TaskPoolStrategy(size=min(tasks.concurrency, len(items))),
+    datasets = {
+        f"train_rank{rank}": tasks.read(
+            planned_items(rank, n, chunk), read_planned_rows, source=source, plan_url=plan_url
         )
+        for rank, n in ranks.items()
+    }
     groups = row_groups(root, cfg.data.s3)
     holdout = holdout_fraction(cfg, sum(g["rows"] for g in groups))
     if holdout:

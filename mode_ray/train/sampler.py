@@ -59,7 +59,7 @@ def homogeneous_batches(
             f"no cluster holds a global batch of {global_batch} rows (sizes {sizes}): "
             "lower the batch size or the number of clusters"
         )
-    members = {v: np.flatnonzero(labels == v) for v in eligible}
+    members = _members(labels, values, eligible)
     batches: list[np.ndarray] = []
     batch_labels: list[int] = []
     filled = dropped = 0
@@ -81,6 +81,15 @@ def homogeneous_batches(
         batches += [b for _, b in epoch]
         batch_labels += [v for v, _ in epoch]
     return BatchPlan(np.stack(batches[:steps]), np.array(batch_labels[:steps]), small, filled, dropped)
+
+
+def _members(labels: np.ndarray, values: np.ndarray, eligible: list[int]) -> dict[int, np.ndarray]:
+    """Each eligible cluster's rows, in row order: one stable sort, not one pass over the labels a cluster
+    (an MCL stage's accumulated labels reach hundreds of clusters)."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], values, side="left").tolist() + [len(labels)]
+    by_value = {int(v): order[lo:hi] for v, lo, hi in zip(values, bounds[:-1], bounds[1:], strict=True)}
+    return {v: by_value[v] for v in eligible}
 
 
 def _shuffled(per_cluster: dict[int, list[np.ndarray]], rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
