@@ -52,7 +52,7 @@ TINY = (
     "training.epochs=4",
     "training.batch_size=32",
     "training.warmup_steps=2",
-    "training.checkpoint_every_epochs=1",
+    "training.run.checkpoint_every_epochs=1",
     "moe.enabled=false",
     "eval.retrieval=false",
 )
@@ -117,7 +117,7 @@ def prep_killed_after_embedding(root: Path) -> dict[str, Any]:
 
 def train_worker_killed(root: Path) -> dict[str, Any]:
     run = root / "killed"
-    proc = cli(run, "train", extra=("training.log_every_steps=4",))
+    proc = cli(run, "train", extra=("training.run.log_every_steps=4",))
     killed: list[str] = []
     while proc.poll() is None and not killed:
         ckpts = list((run / "train_runs").glob("seed-*/checkpoint_*"))

@@ -11,7 +11,7 @@ every pair, plan) once per size, each in a fresh process with its own embedded R
 store are other processes). Right before the stage the process's RSS high-water mark is reset
 (/proc/self/clear_refs), so the VmHWM read after it is the driver's peak during the stage. Prints both peaks,
 their growth over the RSS the process had before the stage, and the ratio. Goal: the 10× peak within 20% of
-the 1× peak. `--sample-rows` sets the driver's sample bound (default: `mcl.MCL_SAMPLE_ROWS`, 100,000, above
+the 1× peak. `--sample-rows` sets the driver's sample bound (default: `moe.cluster_sample_rows`, 100,000, above
 both sizes' pairs: the 10× sample is 10× the 1× one); below the 1× pairs, both sizes cluster the same number.
 """
 
@@ -111,7 +111,7 @@ def child(run: Path, shards: Path, model_url: str, sample_rows: int | None) -> N
 
     cfg = bench_config(run, shards)
     if sample_rows:
-        mcl.MCL_SAMPLE_ROWS = sample_rows
+        cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"cluster_sample_rows": sample_rows})})
     fitted: list[int] = []
     fit = cluster.mcl_fit
     cluster.mcl_fit = lambda image, *args, **kwargs: fitted.append(len(image)) or fit(image, *args, **kwargs)

@@ -76,7 +76,7 @@ def bare_samples_per_s(cfg, steps: int) -> float:
     from mode_ray.train.transforms import augment, decode_rows
 
     t = cfg.training
-    torch.set_num_threads(t.torch_threads or 1)
+    torch.set_num_threads(t.run.torch_threads or 1)
     rows = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive").to_table(
         columns=["image", "caption"]
     )
@@ -136,7 +136,7 @@ def main() -> None:
     )
     with ray_runtime(cfg):
         run_all(cfg, only=["demo-data", "prep", "train"])
-        floor = floor_seconds(cfg.training.controller_poll_s)
+        floor = floor_seconds(cfg.training.run.controller_poll_s)
         ray.shutdown()
     from mode_ray.storage import read_json
 
@@ -157,7 +157,7 @@ def main() -> None:
     print(f"  floor: a Tune trial fitting a TorchTrainer that does nothing: {floor:.1f} s")
     print(f"  ratio fixed / floor: {np.mean(fixed) / floor:.2f}x")
     rate = in_trial_samples_per_s(models)
-    print(f"\n(2) learning speed, samples/s, {cfg.training.torch_threads or 1} torch thread(s)")
+    print(f"\n(2) learning speed, samples/s, {cfg.training.run.torch_threads or 1} torch thread(s)")
     print(f"  inside the trials (steady state)  {rate:8.1f}")
     print(f"  bare torch loop, in memory        {bare:8.1f}")
     print(f"  ratio in-trial / bare: {rate / bare:.2f}x (goal >= 0.8)")

@@ -139,6 +139,40 @@ class ClusteringConfig(Section):
     )
 
 
+class TrainingRunConfig(Section):
+    """How training jobs run, never what a model learns from: no job's settings hash reads these, so changing
+    them never retrains a model (as Ray keeps ScalingConfig and RunConfig apart from train_loop_config). Used
+    by every job: seed, experts, generalists, MCL stages, router, added experts."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per worker; null: the CPUs left to each concurrent trial."
+    )
+    data_cpus_per_trial: float = Field(default=0.25, ge=0, description="CPUs kept for each trial's read tasks.")
+    data_tasks_per_trial: int = Field(default=2, ge=1, description="Concurrent read tasks of a trial.")
+    data_buffer_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Object store a trial's data may fill ahead of training: the read tasks wait beyond it instead "
+        "of racing ahead (spilling, and taking the CPU the step needs).",
+    )
+    max_concurrent_trials: int | None = Field(default=None, ge=1, description="null: as many as resources allow.")
+    controller_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="Ray Train's controller poll interval (Ray's default 2 s): each report and the end of a run "
+        "wait for one poll.",
+    )
+    max_failures: int = Field(default=2, ge=0)
+    fail_once_at_step: dict[str, int] | None = Field(
+        default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
+    )
+    log_every_steps: int = Field(default=10, ge=1, description="Loss curve resolution (kept with each model).")
+    checkpoint_every_epochs: float = Field(
+        default=1.0, gt=0, description="Checkpoint (and validate, and report to Tune) this often; and at the end."
+    )
 
 
 class TrainingConfig(Section):
@@ -177,25 +211,8 @@ class TrainingConfig(Section):
         default=0.02, ge=0, lt=0.5, description="Manifest rows (by key hash) kept out of training for validation."
     )
     holdout_max_rows: int = Field(default=4096, ge=1, description="Caps the validation rows on big manifests.")
-    checkpoint_every_epochs: float = Field(
-        default=1.0, gt=0, description="Checkpoint (and validate, and report to Tune) this often; and at the end."
-    )
     precision: Literal["fp32", "amp", "amp_bf16"] = "fp32"
     grad_accum_steps: int = Field(default=1, ge=1)
-    num_workers: int = Field(default=1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch threads per worker; null: the CPUs left to each concurrent trial."
-    )
-    data_cpus_per_trial: float = Field(default=0.25, ge=0, description="CPUs kept for each trial's read tasks.")
-    data_tasks_per_trial: int = Field(default=2, ge=1, description="Concurrent read tasks of a trial.")
-    data_buffer_mb: int = Field(
-        default=512,
-        ge=1,
-        description="Object store a trial's data may fill ahead of training: the read tasks wait beyond it instead "
-        "of racing ahead (spilling, and taking the CPU the step needs).",
-    )
     caption_draw: Literal["per_sample", "per_read"] = Field(
         default="per_sample",
         description="data.caption_field texts: one caption per sample, chosen at prep by a seeded hash of its key "
@@ -207,20 +224,12 @@ class TrainingConfig(Section):
         description="Decode every image once per run into train_inputs/ (small data: decoding costs as much as "
         "a tiny model's step); off: each read decodes (web-scale data).",
     )
-    max_concurrent_trials: int | None = Field(default=None, ge=1, description="null: as many as resources allow.")
-    controller_poll_s: float = Field(
-        default=0.25,
-        gt=0,
-        description="Ray Train's controller poll interval (Ray's default 2 s): each report and the end of a run "
-        "wait for one poll.",
-    )
-    max_failures: int = Field(default=2, ge=0)
     seed: int = 0
     use_seed: bool = Field(default=True, description="Experts continue a seed model; off: from scratch.")
     shuffle_buffer: int = Field(default=1024, ge=0, description="Rows of the local shuffle buffer (0: no shuffle).")
-    log_every_steps: int = Field(default=10, ge=1, description="Loss curve resolution (kept with each model).")
-    fail_once_at_step: dict[str, int] | None = Field(
-        default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
+    run: TrainingRunConfig = Field(
+        default_factory=TrainingRunConfig,
+        description="How the jobs run (workers, CPUs, retries, cadence, test hooks), never what a model learns.",
     )
 
 
@@ -241,6 +250,12 @@ class MoEConfig(Section):
     image_clusters: int = Field(default=3, ge=1)
     text_clusters: int = Field(default=3, ge=1)
     stage_epochs: float = Field(default=1.0, gt=0, description="Passes over the clustered rows, per MCL stage.")
+    cluster_sample_rows: int = Field(
+        default=100_000,
+        ge=1,
+        description="MCL stages: the most pairs the driver's k-means fits on (a seeded hash sample, embedded in "
+        "the actor pool); every pair is then labelled by its nearest centres in the actor pool.",
+    )
     lr: float = Field(default=1e-5, gt=0, description="MCL stages: AdamW on the MLP weights only.")
     weight_decay: float = Field(default=0.2, ge=0)
     warmup_steps: int = Field(default=200, ge=0)

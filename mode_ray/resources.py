@@ -79,13 +79,13 @@ def assignment_needs(cfg: Config) -> list[Need]:
 
 def training_needs(cfg: Config) -> list[Need]:
     """One trial: its Train workers and its read tasks (more trials run when more fit; one must)."""
-    t = cfg.training
+    r = cfg.training.run
     setting = (
-        f"training.num_workers={t.num_workers}, cpus_per_worker={t.cpus_per_worker:g}, use_gpu={t.use_gpu}, "
-        f"data_cpus_per_trial={t.data_cpus_per_trial:g}"
+        f"training.run.num_workers={r.num_workers}, cpus_per_worker={r.cpus_per_worker:g}, use_gpu={r.use_gpu}, "
+        f"data_cpus_per_trial={r.data_cpus_per_trial:g}"
     )
-    gpus = 1.0 if t.use_gpu else 0.0
-    return [Need(setting, "training worker", t.cpus_per_worker, gpus, t.num_workers, t.data_cpus_per_trial)]
+    gpus = 1.0 if r.use_gpu else 0.0
+    return [Need(setting, "training worker", r.cpus_per_worker, gpus, r.num_workers, r.data_cpus_per_trial)]
 
 
 def eval_needs(cfg: Config) -> list[Need]:

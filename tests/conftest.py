@@ -124,8 +124,8 @@ TRAINED_RUN_SETTINGS = (
     "training.seed_fraction=0.5",
     f"training.batch_size={TRAIN_BATCH}",
     "training.warmup_steps=5",
-    "training.log_every_steps=4",
-    "training.checkpoint_every_epochs=1",
+    "training.run.log_every_steps=4",
+    "training.run.checkpoint_every_epochs=1",
     "training.matched_control=true",  # off in the demo config, checked here
 )
 
@@ -147,7 +147,7 @@ def trained_run(ray_session, tmp_path_factory):
     steps_per_epoch = TRAIN_EPOCH // TRAIN_BATCH
     # The generalist (steps 16..32) raises once after its first checkpoint (step 24): it must resume from it.
     fail_at = 3 * steps_per_epoch + 3
-    cfg = demo_config(run_root, shards, *base, f"training.fail_once_at_step={{generalist: {fail_at}}}")
+    cfg = demo_config(run_root, shards, *base, f"training.run.fail_once_at_step={{generalist: {fail_at}}}")
     marker = failure_marker_path(cfg, "generalist")
     if os.path.exists(marker):
         os.remove(marker)

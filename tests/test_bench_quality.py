@@ -29,8 +29,8 @@ def test_quality_benchmark_prints_means_and_paired_intervals(ray_session, tmp_pa
         "training.epochs=2",
         "training.batch_size=32",
         "training.warmup_steps=2",
-        "training.log_every_steps=2",
-        "training.checkpoint_every_epochs=2",
+        "training.run.log_every_steps=2",
+        "training.run.checkpoint_every_epochs=2",
         "eval.retrieval=false",
         "moe.enabled=false",  # the MoE's own end-to-end test covers it; here it would only add minutes
     ]

@@ -35,7 +35,7 @@ TINY = (
     "training.epochs=2",
     "training.batch_size=32",
     "training.warmup_steps=2",
-    "training.checkpoint_every_epochs=2",
+    "training.run.checkpoint_every_epochs=2",
     "moe.enabled=false",  # tests/test_moe.py builds one; here it would only add minutes
     "eval.retrieval=false",
 )

@@ -17,7 +17,7 @@ SETTINGS = (
     "clustering.n_coarse=2",
     "training.decode_cache=false",  # the actors decode from the manifest (test_moe covers the decoded cache)
     "training.batch_size=16",
-    "training.num_workers=2",
+    "training.run.num_workers=2",
     "training.holdout_fraction=0.1",
     "moe.image_clusters=2",
     "moe.text_clusters=2",
@@ -107,8 +107,8 @@ def test_batches_are_cluster_homogeneous_and_read_back_by_id(mcl_run) -> None:
     out = os.path.join(cfg.run_root, "moe", stage_name(1))
     with np.load(os.path.join(out, "plan.npz")) as data:
         plan = {name: data[name] for name in data.files}
-    per_worker = cfg.training.batch_size // cfg.training.num_workers
-    steps = [plan[f"rank{r}"].reshape(-1, per_worker) for r in range(cfg.training.num_workers)]
+    per_worker = cfg.training.batch_size // cfg.training.run.num_workers
+    steps = [plan[f"rank{r}"].reshape(-1, per_worker) for r in range(cfg.training.run.num_workers)]
     for step in np.concatenate(steps, axis=1):  # one global batch: both ranks' shares
         assert len(set(labels["acc"][step])) == 1 and (labels["acc"][step] >= 0).all()
     rows = stage_rows(cfg)
@@ -145,7 +145,9 @@ def test_the_driver_clusters_a_bounded_sample_and_every_pair_is_labelled(mcl_run
     root = tmp_path / "bounded"
     claim_run_root(str(root))
     os.symlink(os.path.join(cfg.run_root, "manifest"), root / "manifest")
-    small = cfg.model_copy(update={"run_root": str(root)})
+    small = cfg.model_copy(
+        update={"run_root": str(root), "moe": cfg.moe.model_copy(update={"cluster_sample_rows": 40})}
+    )
     seen: list[int] = []
     fit = cluster.mcl_fit
 
@@ -153,7 +155,6 @@ def test_the_driver_clusters_a_bounded_sample_and_every_pair_is_labelled(mcl_run
         seen.append(len(image))
         return fit(image, text, *args, **kwargs)
 
-    monkeypatch.setattr(mcl, "MCL_SAMPLE_ROWS", 40)
     monkeypatch.setattr(cluster, "mcl_fit", recording_fit)
     facts = mcl.prepare_stage(small, 1, base, seed=1)
     labels = _labels(small, 1)

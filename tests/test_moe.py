@@ -37,7 +37,7 @@ def moe_run(trained_run, tmp_path_factory):
     for name in LINKED:
         os.symlink(os.path.join(cfg.run_root, name), root / name)
     settings = (*MOE_SETTINGS, "clustering.n_coarse=2", *trained_settings(cfg))
-    moe_cfg = demo_config(root, cfg.data.shards, *settings, "training.fail_once_at_step={moe-router: 5}")
+    moe_cfg = demo_config(root, cfg.data.shards, *settings, "training.run.fail_once_at_step={moe-router: 5}")
     marker = failure_marker_path(moe_cfg, "moe-router")
     if os.path.exists(marker):
         os.remove(marker)
@@ -53,8 +53,8 @@ def trained_settings(cfg) -> list[str]:
         f"training.seed_fraction={t.seed_fraction}",
         f"training.batch_size={t.batch_size}",
         f"training.warmup_steps={t.warmup_steps}",
-        "training.log_every_steps=4",
-        "training.checkpoint_every_epochs=1",
+        "training.run.log_every_steps=4",
+        "training.run.checkpoint_every_epochs=1",
     ]
 
 

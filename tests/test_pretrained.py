@@ -83,8 +83,8 @@ def init_run(trained_run, hub_weights, tmp_path_factory):
     sets = (
         "clustering.n_coarse=2", "training.samples_per_epoch=64", "training.epochs=1", "training.batch_size=32",
         "training.seed_fraction=0.5", "training.matched_control=false", "training.lr=1e-12",
-        "training.weight_decay=0", "training.warmup_steps=0", "training.checkpoint_every_epochs=1",
-        "training.log_every_steps=1", f"training.init=local-dir:{folder}", f"moe.base=local-dir:{folder}",
+        "training.weight_decay=0", "training.warmup_steps=0", "training.run.checkpoint_every_epochs=1",
+        "training.run.log_every_steps=1", f"training.init=local-dir:{folder}", f"moe.base=local-dir:{folder}",
         "tracking.report_to=[tensorboard, mlflow, wandb]",
     )  # fmt: skip
     own = demo_config(root, cfg.data.shards, *sets)

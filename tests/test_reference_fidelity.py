@@ -124,7 +124,9 @@ def test_a_jobs_hash_is_what_the_job_is() -> None:
         return job_hashes(jobs)
 
     today, reference = _config(), _config("preset=reference")
-    ran_otherwise = _config("training.max_failures=7", "training.fail_once_at_step={seed: 3}", "training.num_workers=2")
+    ran_otherwise = _config(
+        "training.run.max_failures=7", "training.run.fail_once_at_step={seed: 3}", "training.run.num_workers=2"
+    )
     assert hashes(ran_otherwise) == hashes(today)
     changed = {n for n, h in hashes(reference).items() if h != hashes(today)[n]}
     assert {"seed", "generalist", "moe-stage-1", "moe-router"} <= changed

@@ -207,7 +207,8 @@ def test_training_on_a_gpu_the_embedded_ray_lacks_fails_before_anything_is_writt
     cfg, _, _ = trained_run
     runs = Path(cfg.run_root) / "train_runs"
     before = sorted(p.name for p in runs.iterdir())
-    gpu = cfg.model_copy(update={"training": cfg.training.model_copy(update={"use_gpu": True})})
+    run = cfg.training.run.model_copy(update={"use_gpu": True})
+    gpu = cfg.model_copy(update={"training": cfg.training.model_copy(update={"run": run})})
     with pytest.raises(ResourceError, match="use_gpu=True.*0 GPU"):
         run_train(gpu)
     assert sorted(p.name for p in runs.iterdir()) == before

@@ -57,12 +57,12 @@ def max_concurrent(cfg: Config) -> int:
     import ray
 
     t = cfg.training
-    if t.max_concurrent_trials:
-        return t.max_concurrent_trials
+    if t.run.max_concurrent_trials:
+        return t.run.max_concurrent_trials
     resources = ray.cluster_resources()
-    if t.use_gpu:
-        return max(1, int(resources.get("GPU", 0) // t.num_workers))
-    per_trial = t.num_workers * t.cpus_per_worker + t.data_cpus_per_trial
+    if t.run.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // t.run.num_workers))
+    per_trial = t.run.num_workers * t.run.cpus_per_worker + t.run.data_cpus_per_trial
     return max(1, int(resources.get("CPU", 1) // per_trial))
 
 
@@ -70,10 +70,10 @@ def torch_threads(cfg: Config, concurrent: int) -> int:
     """The configured count, or this node's CPUs shared by the trials running side by side."""
     import ray
 
-    if cfg.training.torch_threads:
-        return cfg.training.torch_threads
+    if cfg.training.run.torch_threads:
+        return cfg.training.run.torch_threads
     cpus = ray.cluster_resources().get("CPU", 1) / max(1, len(ray.nodes()))
-    return max(1, int(cpus // (concurrent * cfg.training.num_workers)))
+    return max(1, int(cpus // (concurrent * cfg.training.run.num_workers)))
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def run_node(job: TrainJob, settings: str, shared: Shared, started_at: float) ->
         spe = facts["steps"] * t.batch_size / job.data.mcl.epochs
     run = replace(
         shared.run,
-        checkpoint_every_steps=t.checkpoint_every_epochs * spe / t.batch_size,
-        fail_once_at_step=(t.fail_once_at_step or {}).get(job.name),
+        checkpoint_every_steps=t.run.checkpoint_every_epochs * spe / t.batch_size,
+        fail_once_at_step=(t.run.fail_once_at_step or {}).get(job.name),
         failure_marker=failure_marker_path(cfg, job.name),
     )
     fit_trial(
@@ -136,7 +136,7 @@ def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: 
             name=name,
             storage_path=tune_root,
             storage_filesystem=arrow_filesystem(tune_root, cfg.data.s3),
-            failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
+            failure_config=tune.FailureConfig(max_failures=cfg.training.run.max_failures),
             verbose=0,  # the runner says when each job starts and ends
         ),
     )
@@ -159,7 +159,7 @@ def run_jobs(
     claim_job_folders(cfg, todo, hashes, force)
     concurrent = min(len(todo), max_concurrent(cfg))
     t = cfg.training
-    run = LoopRun(torch_threads(cfg, concurrent), 1.0, t.log_every_steps, False, cfg.data.s3.model_dump(),
+    run = LoopRun(torch_threads(cfg, concurrent), 1.0, t.run.log_every_steps, False, cfg.data.s3.model_dump(),
                   tracking=tracking_spec(cfg))  # fmt: skip
     with progress_bars(log.name) as board:
         shared = Shared(cfg.model_dump(mode="json"), run, float(spe), asdict(input_spec(t.model)),

@@ -4,7 +4,7 @@ nothing sized by the data on the driver:
 
     the run's rows (Parquet files, listed from their footers: one entry a file)
     ─▶ actor pool: a seeded hash sample of the pairs (outside the hold-out) embedded by the previous stage's model
-    ─▶ driver: at most MCL_SAMPLE_ROWS of them (the smallest hashes) ─▶ k-means per modality ─▶ the centres
+    ─▶ driver: at most moe.cluster_sample_rows of them (the smallest hashes) ─▶ k-means per modality ─▶ the centres
     ─▶ actor pool: every pair embedded, its nearest centre per modality, accumulated with the previous stage's
        label of the same row (read by the actor from that stage's file of the same rows)
        ─▶ labels/part-FFFFFF.parquet: one file per input file, all its rows in order (−1: held out or unreadable)
@@ -45,7 +45,6 @@ from mode_ray.stages.train_data import (
 from mode_ray.storage import get_fs, join, read_bytes, write_bytes, write_json
 from mode_ray.train.transforms import input_spec
 
-MCL_SAMPLE_ROWS = 100_000  # pairs the driver clusters at most (to become moe.cluster_sample_rows)
 SAMPLE_MARGIN = 1.1  # the hash sample aims this much above the bound, which the driver then trims to
 EMBED_TASKS = DataTasks(1.0, 1)  # one embedding actor of one CPU, as before
 LABEL_COLUMNS = ("key", "path", "row", "row_id", "label", "acc")
@@ -256,9 +255,9 @@ def _parquet(table: pa.Table) -> bytes:
 
 
 def cluster_sample(cfg: Config, rows: StageRows, model_url: str, seed: int) -> dict[str, np.ndarray]:
-    """The pairs the stage's k-means fit on, in row order: a seeded hash sample, at most MCL_SAMPLE_ROWS (the
+    """The pairs the stage's k-means fit on, in row order: a seeded hash sample, at most moe.cluster_sample_rows (the
     smallest hashes). The driver never holds more than twice that, plus one file's share."""
-    cap = MCL_SAMPLE_ROWS
+    cap = cfg.moe.cluster_sample_rows
     fraction = min(1.0, SAMPLE_MARGIN * cap / max(rows.total * (1 - rows.holdout), 1.0))
     ds = EMBED_TASKS.read(
         rows.files, SampleEmbedder, constructor=_actor_args(cfg, rows, model_url, seed=seed, fraction=fraction)
@@ -356,9 +355,14 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
     ids = np.flatnonzero(acc >= 0)
     acc = acc[ids]
     steps = epoch_steps(acc, t.batch_size, moe.stage_epochs, moe.mcl_last_batch)
-    plan = homogeneous_batches(acc, t.batch_size, steps, t.num_workers, seed, moe.mcl_last_batch, moe.mcl_batch_order)
+    plan = homogeneous_batches(
+        acc, t.batch_size, steps, t.run.num_workers, seed, moe.mcl_last_batch, moe.mcl_batch_order
+    )
     write_plan(
-        join(out, "plan.npz"), rows, {r: ids[plan.rank_rows(r, t.num_workers)] for r in range(t.num_workers)}, cfg
+        join(out, "plan.npz"),
+        rows,
+        {r: ids[plan.rank_rows(r, t.run.num_workers)] for r in range(t.run.num_workers)},
+        cfg,
     )
     values, sizes = np.unique(acc, return_counts=True)
     facts = {

@@ -129,7 +129,13 @@ def mcl_job(cfg: Config, base: MoEBase, inputs: Inputs, stage: int) -> TrainJob:
     previous = stage_name(stage - 1)
     out = paths.moe(stage_name(stage))
     plan = McLPlan(
-        stage, moe.image_clusters, moe.text_clusters, moe.stage_epochs, moe.mcl_last_batch, moe.mcl_batch_order
+        stage,
+        moe.image_clusters,
+        moe.text_clusters,
+        moe.stage_epochs,
+        moe.mcl_last_batch,
+        moe.mcl_batch_order,
+        moe.cluster_sample_rows,
     )
     return TrainJob(
         name=f"moe-{stage_name(stage)}",

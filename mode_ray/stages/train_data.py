@@ -357,7 +357,7 @@ class DataTasks:
 
 def data_tasks(cfg: Config) -> DataTasks:
     t = cfg.training
-    return DataTasks(max(t.data_cpus_per_trial / t.data_tasks_per_trial, 0.05), t.data_tasks_per_trial)
+    return DataTasks(max(t.run.data_cpus_per_trial / t.run.data_tasks_per_trial, 0.05), t.run.data_tasks_per_trial)
 
 
 def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) -> bool:
@@ -477,7 +477,7 @@ def mcl_datasets(cfg: Config, plan_url: str, ranks: dict[int, int], spec: InputS
     t = cfg.training
     root = own_root(cfg)
     source = make_source(cfg, root, t.decode_cache, spec)
-    per_worker = t.batch_size // t.num_workers
+    per_worker = t.batch_size // t.run.num_workers
     chunk = max(per_worker, ROWS_PER_READ_TASK // per_worker * per_worker)  # whole per-worker batches a task
     tasks = data_tasks(cfg)
     datasets = {

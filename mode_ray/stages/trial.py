@@ -49,7 +49,7 @@ def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any
     for name in datasets:
         opts = DataConfig.default_ingest_options()
         if name.startswith("train"):
-            opts.resource_limits = opts.resource_limits.copy(object_store_memory=t.data_buffer_mb * 1024 * 1024)
+            opts.resource_limits = opts.resource_limits.copy(object_store_memory=t.run.data_buffer_mb * 1024 * 1024)
             opts.preserve_order = name != "train"
         options[name] = opts
     return options
@@ -62,14 +62,14 @@ def job_data(cfg: Config, job: TrainJob, spec: InputSpec) -> tuple[dict[str, Any
 
     t = cfg.training
     if job.data.kind == "mcl":
-        ranks = {r: job.steps * (t.batch_size // t.num_workers) for r in range(t.num_workers)}
+        ranks = {r: job.steps * (t.batch_size // t.run.num_workers) for r in range(t.run.num_workers)}
         return mcl_datasets(cfg, join(job.paths.out_dir, "plan.npz"), ranks, spec), {}
     return job_datasets(cfg, job, t.seed + sum(map(ord, job.name)), spec)
 
 
 def set_train_environment(t: TrainingConfig, embedded_ray: bool) -> None:
     """Read by the Train controller this trial starts (Ray Train propagates it from the trial's environment)."""
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.controller_poll_s)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.run.controller_poll_s)
     if embedded_ray:
         # An embedded one-node Ray: no node can be preempted and nobody scrapes Train's metrics, so the
         # preemption watcher actor and the metrics callbacks would only cost each trial CPU and a process.
@@ -101,13 +101,13 @@ def run_job_trial(config: dict[str, Any]) -> None:
             "progress_board": config["progress_board"],
         },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.run.num_workers, use_gpu=t.run.use_gpu, resources_per_worker={"CPU": t.run.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=train_run_name(job, config["settings"]),
             storage_path=runs,
             storage_filesystem=arrow_filesystem(runs, cfg.data.s3),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=t.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),

@@ -71,6 +71,7 @@ class McLPlan:
     epochs: float
     last_batch: str
     batch_order: str
+    sample_rows: int  # the most pairs the k-means fits on
 
 
 @dataclass(frozen=True)

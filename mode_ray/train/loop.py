@@ -277,7 +277,7 @@ def maybe_fail(run: LoopRun, step: int) -> None:
         return
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     open(marker, "w").close()
-    raise RuntimeError(f"injected failure at step {step} (training.fail_once_at_step)")
+    raise RuntimeError(f"injected failure at step {step} (training.run.fail_once_at_step)")
 
 
 def validate_and_checkpoint(
