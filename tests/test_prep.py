@@ -295,3 +295,20 @@ def test_pool_actors_killed_mid_run_lose_nothing(ray_session, shards, local_run,
     assert sorted(tuple(r[c] or "" for c in key) for r in _rejects(disturbed.run_root)) == sorted(
         tuple(r[c] or "" for c in key) for r in _rejects(cfg.run_root)
     )
+
+
+def test_the_clustering_sample_is_bounded_while_it_streams_and_is_the_first_by_hash(local_run):
+    """`clustering.max_sample` bounds what the driver holds: the bounded sample is exactly the first rows of
+    the unbounded one (smallest seeded hashes, ties by key)."""
+    from mode_ray.layout import RunPaths
+    from mode_ray.stages.prep import load_cluster_sample
+
+    cfg, _ = local_run
+
+    def sample(bound: int | None) -> np.ndarray:
+        clustering = cfg.clustering.model_copy(update={"max_sample": bound, "sample_fraction": 1.0})
+        return load_cluster_sample(cfg.model_copy(update={"clustering": clustering}), RunPaths(cfg.run_root))
+
+    everything, bounded = sample(None), sample(40)
+    assert len(everything) > 4 * 40 and len(bounded) == 40
+    np.testing.assert_array_equal(bounded, everything[:40])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from mode_ray import cluster
 from mode_ray.compute import model_compute
 from mode_ray.config import Config
+from mode_ray.hash_sample import HashSample
 from mode_ray.layout import RunPaths, centroid_geometry, read_centroids
 from mode_ray.names import SEED, expert_id, expert_name
 from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
@@ -101,10 +102,21 @@ def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float, geometry: s
     return out.append_column("embedding", pc.if_else(covered, None, batch["embedding"]))
 
 
+@dataclass(frozen=True)
+class Uncovered:
+    """What the fine centres do not cover: counts over every valid sample, and a bounded sample of the
+    uncovered embeddings (the new centres' k-means fits on it; the driver never holds more)."""
+
+    valid: int
+    count: int
+    sample: np.ndarray
+
+
 def uncovered_embeddings(
     cfg: Config, paths: RunPaths, fine: np.ndarray, threshold: float, geometry: str = "spherical"
-) -> tuple[int, np.ndarray]:
-    """(valid rows, embeddings of the rows the fine centres do not cover); only the latter reach the driver."""
+) -> Uncovered:
+    """Only uncovered rows reach the driver, and at most twice `clustering.max_sample` of them at a time (the
+    smallest seeded key hashes, as prep samples)."""
     import ray
 
     fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
@@ -112,21 +124,22 @@ def uncovered_embeddings(
     ds = ds.map_batches(_only_valid, batch_format="pyarrow").map_batches(
         _score_rows, fn_kwargs={"fine": fine, "threshold": threshold, "geometry": geometry}, batch_format="pyarrow"
     )
-    valid, parts = 0, []
+    sample, valid, count = HashSample(cfg.clustering.seed, fine.shape[1], bound=cfg.clustering.max_sample), 0, 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
         valid += len(batch)
         uncovered = batch.filter(pc.invert(batch["covered"]))
+        count += len(uncovered)
         if len(uncovered):
-            parts.append(embeddings_to_numpy(uncovered["embedding"]))
-    dim = fine.shape[1]
-    return valid, np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+            sample.add(uncovered["key"].to_pylist(), embeddings_to_numpy(uncovered["embedding"]))
+    return Uncovered(valid, count, sample.rows().astype(np.float32))
 
 
-def grown_centroids(cfg: Config, cents: dict[str, Any], x: np.ndarray, per_expert: dict[str, int]) -> dict[str, Any]:
+def grown_centroids(cfg: Config, cents: dict[str, Any], new: Uncovered, per_expert: dict[str, int]) -> dict[str, Any]:
     """New fine centres over the uncovered samples, mapped to new coarse clusters (one per typical expert's
     worth of samples); ids continue after the existing ones, so every existing expert keeps its own."""
-    typical = float(np.median([n for n in per_expert.values() if n])) if per_expert else float(len(x))
-    n_experts = max(1, round(len(x) / max(typical, 1.0)))
+    x = new.sample
+    typical = float(np.median([n for n in per_expert.values() if n])) if per_expert else float(new.count)
+    n_experts = max(1, round(new.count / max(typical, 1.0)))
     fine_per_expert = max(1, round(len(cents["fine"]) / len(cents["coarse"])))
     n_fine = int(min(n_experts * fine_per_expert, max(1, len(x) // 8)))
     n_experts = min(n_experts, n_fine)
@@ -168,27 +181,28 @@ def decide_stage(cfg: Config, name: str, upstream: str, force: bool) -> dict[str
         if force and exists(gen.clusters, cfg.data.s3):
             raise ValueError("--force cannot redo a generation whose centres are in use; add it under a new --name")
         threshold = coverage_threshold(cfg, cents)
-        valid, x = uncovered_embeddings(cfg, gen, cents["fine"], threshold, centroid_geometry(cents))
+        new = uncovered_embeddings(cfg, gen, cents["fine"], threshold, centroid_geometry(cents))
+        valid, n_new = new.valid, new.count
         per_expert = read_json(paths.prep_summary, cfg.data.s3)["per_expert"]
         version = int(cents.get("version", 1))
         decision: dict[str, Any] = {
             "valid_samples": valid,
-            "uncovered": int(len(x)),
+            "uncovered": n_new,
             "coverage_threshold": threshold,
             "coverage_percentile": cfg.continual.coverage_percentile,
             "centroids_version": version,
             "new_experts": [],
         }
         grown = dict(cents)
-        if len(x) >= cfg.continual.min_expert_samples:
-            grown = grown_centroids(cfg, cents, x, per_expert)
+        if n_new >= cfg.continual.min_expert_samples:
+            grown = grown_centroids(cfg, cents, new, per_expert)
             new_coarse = sorted(set(grown["fine_to_coarse"][grown.pop("new_fine")].tolist()))
             decision["new_experts"] = [expert_name(e) for e in new_coarse]
             decision["new_fine_centres"] = int(len(grown["fine"]) - len(cents["fine"]))
-            decision["why"] = f"{len(x)} of {valid} samples below the coverage threshold: new experts"
+            decision["why"] = f"{n_new} of {valid} samples below the coverage threshold: new experts"
         else:
             decision["why"] = (
-                f"{len(x)} of {valid} samples below the coverage threshold, fewer than "
+                f"{n_new} of {valid} samples below the coverage threshold, fewer than "
                 f"continual.min_expert_samples={cfg.continual.min_expert_samples}: they join their nearest experts"
             )
         grown.update(

@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 from mode_ray import cluster
 from mode_ray.config import Config, without_added_neutral
 from mode_ray.encoders import build_encoder, encoder_id_for
+from mode_ray.hash_sample import HashSample
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
 from mode_ray.ownership import claim_run_root, fresh_dir
 from mode_ray.progress import console, stage_log
 from mode_ray.resources import assignment_needs, clustering_needs, embedding_needs
 from mode_ray.runtime import require_resources, wait_for_released_cpus
-from mode_ray.samples import Limits, seeded_key_hash, validate_batch
+from mode_ray.samples import Limits, validate_batch
 from mode_ray.shards import list_shards
 from mode_ray.stages.progress_bars import progress_bars
 from mode_ray.stages.progress_bars import report as report_progress
@@ -210,14 +211,9 @@ def _write_table(url: str, table: pa.Table, cfg: Config) -> None:
     write_bytes(url, buf.getvalue(), cfg.data.s3)
 
 
-def _in_sample(keys: list[str], seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A uniform sample decided by a seeded hash of each key: the same rows however Ray splits blocks."""
-    hashes = np.array([seeded_key_hash(seed, k) for k in keys], dtype=np.uint64)
-    u = hashes.astype(np.float64) / float(2**64)
-    return u < fraction, u
-
-
 def load_cluster_sample(cfg: Config, paths: RunPaths) -> np.ndarray:
+    """The k-means sample: the valid samples whose seeded key hash falls under `sample_fraction`, at most
+    `max_sample` of them (mode_ray.hash_sample: bounded while it streams in)."""
     import ray
 
     ccfg = cfg.clustering
@@ -226,24 +222,15 @@ def load_cluster_sample(cfg: Config, paths: RunPaths) -> np.ndarray:
         columns=["key", "embedding", "reason"],
         filesystem=arrow_filesystem(paths.embeddings, cfg.data.s3),
     ).map_batches(_only_valid, batch_format="pyarrow")
-    keys: list[str] = []
-    chunks: list[np.ndarray] = []
-    order_keys: list[np.ndarray] = []
+    sample: HashSample | None = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
-        batch_keys = batch["key"].to_pylist()
-        take, u = _in_sample(batch_keys, ccfg.seed, ccfg.sample_fraction)
         vectors = embeddings_to_numpy(batch["embedding"])
-        keys += [k for k, t in zip(batch_keys, take, strict=True) if t]
-        chunks.append(vectors[take])
-        order_keys.append(u[take])
-    if not chunks:
+        sample = sample or HashSample(ccfg.seed, vectors.shape[1], ccfg.sample_fraction, ccfg.max_sample)
+        sample.add(batch["key"].to_pylist(), vectors)
+    x = sample.rows() if sample else np.zeros((0, 0))
+    if not len(x):
         raise ValueError("no valid samples to cluster: every sample was rejected (see rejects/)")
-    x = np.concatenate(chunks)
-    u = np.concatenate(order_keys)
-    order = np.lexsort((np.array(keys), u))  # deterministic order, independent of block layout
-    if ccfg.max_sample is not None:
-        order = order[: ccfg.max_sample]
-    return x[order]
+    return x
 
 
 def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> str:
