@@ -158,12 +158,17 @@ def run_jobs(
     require_resources(cfg, training_needs(cfg), log.name)
     claim_job_folders(cfg, todo, hashes, force)
     concurrent = min(len(todo), max_concurrent(cfg))
-    t = cfg.training
-    run = LoopRun(torch_threads(cfg, concurrent), 1.0, t.run.log_every_steps, False, cfg.data.s3.model_dump(),
-                  tracking=tracking_spec(cfg))  # fmt: skip
+    run = LoopRun(
+        torch_threads=torch_threads(cfg, concurrent),
+        checkpoint_every_steps=1.0,  # each job's own, from its samples per epoch (run_node)
+        log_every_steps=cfg.training.run.log_every_steps,
+        holdout=False,  # each trial's own, from its datasets
+        s3=cfg.data.s3.model_dump(),
+        tracking=tracking_spec(cfg),
+    )
+    spec, embedded = asdict(input_spec(cfg.training.model)), cluster_address(cfg) is None
     with progress_bars(log.name) as board:
-        shared = Shared(cfg.model_dump(mode="json"), run, float(spe), asdict(input_spec(t.model)),
-                        cluster_address(cfg) is None, board)  # fmt: skip
+        shared = Shared(cfg.model_dump(mode="json"), run, float(spe), spec, embedded, board)
         return drive(todo, hashes, shared, concurrent, log)
 
 

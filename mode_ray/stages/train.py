@@ -63,7 +63,10 @@ def run_train(cfg: Config, force: bool = False, with_moe: bool = False) -> dict[
         decoded_inputs(cfg, manifest_run, force)
         with stage_log("train + moe" if branch else "train") as log:
             trained = run_jobs(cfg, jobs + (branch.jobs if branch else []), plan.samples_per_epoch, force, log)
-            log.done(f"{len(trained)} jobs") if trained else log.skip("all models complete")
+            if trained:
+                log.done(f"{len(trained)} jobs")
+            else:
+                log.skip("all models complete")
     summary = training_summary(cfg, plan, jobs)
     write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)
     print_training_summary(summary)

@@ -99,7 +99,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
             "job": job,
             "run": replace(config["run"], holdout="holdout" in datasets),
             "progress_board": config["progress_board"],
-        },  # fmt: skip
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.run.num_workers, use_gpu=t.run.use_gpu, resources_per_worker={"CPU": t.run.cpus_per_worker}
         ),
