@@ -145,14 +145,21 @@ def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: 
         raise RuntimeError(f"{job.name}: " + str(errors[0])[:600])
 
 
+def pending_jobs(
+    cfg: Config, jobs: list[TrainJob], force: bool, known: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[TrainJob]]:
+    """(every job's settings hash, the jobs not complete with theirs)."""
+    hashes = job_hashes(jobs, known)
+    return hashes, [j for j in jobs if force or not job_done(cfg, j, hashes[j.name])]
+
+
 def run_jobs(
     cfg: Config, jobs: list[TrainJob], spe: float, force: bool, log: StageLog, known: dict[str, str] | None = None
 ) -> list[str]:
     """Train every job of the DAG that is not complete; returns the names trained now. `spe`: the run's
     samples per epoch (MCL stages count their own); `known`: settings hashes of complete parents outside
     `jobs` (add-data's seed, a standalone MoE's base)."""
-    hashes = job_hashes(jobs, known)
-    todo = [j for j in jobs if force or not job_done(cfg, j, hashes[j.name])]
+    hashes, todo = pending_jobs(cfg, jobs, force, known)
     if not todo:
         return []
     require_resources(cfg, training_needs(cfg), log.name)
@@ -185,7 +192,7 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
     done, failed = [], {}
     while pending or running:
         for job in [j for j in pending if not waiting & set(j.parents)][: concurrent - len(running)]:
-            pending.remove(job)
+            pending = [j for j in pending if j is not job]
             started = time.time()
             running[node.remote(job, hashes[job.name], shared, started)] = (job, started)
             log.info(f"{job.name} started")

@@ -23,7 +23,9 @@ from mode_ray.config import Config
 from mode_ray.layout import RunPaths
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
 from mode_ray.progress import console, stage_log, verbose
-from mode_ray.stages.dag import run_jobs
+from mode_ray.resources import training_needs
+from mode_ray.runtime import require_resources
+from mode_ray.stages.dag import pending_jobs, run_jobs
 from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
 from mode_ray.stages.run_inputs import decoded_inputs, read_prep
 from mode_ray.storage import join, read_json, write_json
@@ -59,10 +61,13 @@ def run_train(cfg: Config, force: bool = False, with_moe: bool = False) -> dict[
         console.print(f"[yellow]expert-{e}: empty partition, skipped[/yellow]")
     print_schedule(plan)
     branch = moe.plan_branch(cfg, inputs, plan.samples_per_epoch, {j.name for j in jobs}) if with_moe else None
+    every = jobs + (branch.jobs if branch else [])
     with ray_runtime(cfg):
+        if pending_jobs(cfg, every, force, branch.known if branch else None)[1]:  # before decoding anything:
+            require_resources(cfg, training_needs(cfg), "train")  # a trial this Ray can never place fails now
         decoded_inputs(cfg, manifest_run, force)
         with stage_log("train + moe" if branch else "train") as log:
-            trained = run_jobs(cfg, jobs + (branch.jobs if branch else []), plan.samples_per_epoch, force, log)
+            trained = run_jobs(cfg, every, plan.samples_per_epoch, force, log, branch.known if branch else None)
             if trained:
                 log.done(f"{len(trained)} jobs")
             else:
