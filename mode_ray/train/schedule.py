@@ -12,8 +12,7 @@ With every model on the same global batch, steps and samples are interchangeable
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from mode_ray.names import GENERALIST, MATCHED, SEED, expert_name
 
@@ -29,14 +28,6 @@ class Schedule:
     total_steps: int  # seed + one tail
     tail_start: int  # the seed's last step: where every tail branches off
     decay_after_warmup: bool = False
-
-    def settings(self) -> dict[str, Any]:
-        """What completion markers hash: the decay only when it is not the original one, so a run made before
-        the setting existed is not retrained."""
-        out = asdict(self)
-        if not self.decay_after_warmup:
-            del out["decay_after_warmup"]
-        return out
 
     def position(self, step: int, stretch: float = 1.0) -> float:
         """Where on the dense schedule `step` of a run whose tail is `stretch` times longer stands."""
@@ -78,10 +69,6 @@ class Plan:
     seed: Span | None
     tails: list[Span]  # experts, generalist, generalist-matched (longest first: it starts first)
     empty_experts: list[int]
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.samples_per_epoch / self.batch_size
 
     def tail(self, name: str, expert: int | None, tails: int = 1) -> Span:
         """A model continuing the seed for `tails` tails (generalist-matched: one per expert), or from scratch."""
