@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, S3Config
+from mode_ray.hash_sample import hash_positions
 from mode_ray.layout import RunPaths
 from mode_ray.ownership import claim, fresh_dir
-from mode_ray.samples import seeded_key_hash
 from mode_ray.stages.train_data import (
     PLAN_FILES,
     ROWS_PER_READ_TASK,
@@ -84,11 +84,6 @@ def stage_rows(cfg: Config) -> StageRows:
     return StageRows(source, files, holdout_fraction(cfg, sum(f["rows"] for f in files)))
 
 
-def sample_hash(keys: list[str], seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per key from a seeded hash: the same sample however the files are split."""
-    return np.array([seeded_key_hash(seed, k) for k in keys], dtype=np.uint64).astype(np.float64) / float(2**64)
-
-
 # --------------------------------------------------------------------------- the actors
 
 
@@ -139,7 +134,7 @@ class SampleEmbedder(PairEmbedder):
         out |= {"image": [np.zeros((0, self.dim), np.float32)], "text": [np.zeros((0, self.dim), np.float32)]}
         for path, coarse, offset in zip(items["path"], items["coarse_id"], items["offset"], strict=True):
             keys = read_rows(self.source, str(path), int(coarse), columns=["key"])["key"].to_pylist()
-            u = sample_hash(keys, self.seed)
+            u = hash_positions(keys, self.seed)
             rows = np.flatnonzero((u < self.fraction) & ~held_out(keys, self.holdout))
             for start in range(0, len(rows), ROWS_PER_READ_TASK):
                 chunk = rows[start : start + ROWS_PER_READ_TASK]
