@@ -312,3 +312,26 @@ def test_the_clustering_sample_is_bounded_while_it_streams_and_is_the_first_by_h
     everything, bounded = sample(None), sample(40)
     assert len(everything) > 4 * 40 and len(bounded) == 40
     np.testing.assert_array_equal(bounded, everything[:40])
+
+
+def test_prep_writes_the_same_bytes_whatever_the_number_of_actors(ray_session, shards, local_run, tmp_path):
+    """Two embedding and assignment actors instead of one: byte-identical embeddings, rejects, manifest (row
+    order within each partition included) and centroids."""
+    root, _ = shards
+    cfg, _ = local_run
+    two = demo_config(
+        tmp_path / "two", root, "embedding.min_actors=2", "embedding.max_actors=2", "embedding.num_cpus_per_actor=0.25"
+    )
+    run_prep(two)
+
+    def files(run_root: str, folder: str) -> dict[str, bytes]:
+        base = Path(run_root, folder)
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*.parquet"))}
+
+    for folder in ("embeddings", "rejects", "manifest"):
+        assert files(cfg.run_root, folder) == files(two.run_root, folder), folder
+    with (
+        np.load(Path(cfg.run_root, "clusters/centroids.npz")) as a,
+        np.load(Path(two.run_root, "clusters/centroids.npz")) as b,
+    ):
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)

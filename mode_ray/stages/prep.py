@@ -157,8 +157,10 @@ def write_embeddings(cfg: Config, shards: list[str], paths: RunPaths) -> None:
     """Every shard read, validated and its captions embedded by an actor pool → embeddings/ (rejects too)."""
     import ray
 
+    from mode_ray.stages.data_order import OrderedParquet, keep_order
     from mode_ray.stages.reader import ShardDatasource
 
+    keep_order()  # the same shards give the same embeddings, rejects and manifest, in the same order
     emb, data = cfg.embedding, cfg.data
     limits = Limits(data.caption_field, data.max_image_bytes, data.max_image_pixels, data.seed)
     source = ShardDatasource(shards, filesystem=arrow_filesystem(shards[0], data.s3))
@@ -182,7 +184,7 @@ def write_embeddings(cfg: Config, shards: list[str], paths: RunPaths) -> None:
             num_cpus=emb.num_cpus_per_actor,
             num_gpus=emb.num_gpus_per_actor or None,
         )
-        ds.write_parquet(paths.embeddings, filesystem=arrow_filesystem(paths.embeddings, data.s3))
+        ds.write_datasink(OrderedParquet(paths.embeddings, data.s3))
     wait_for_released_cpus()
 
 
@@ -190,11 +192,13 @@ def write_rejects(cfg: Config, paths: RunPaths, missing: list[tuple[str, str]]) 
     """rejects/: every sample validation or embedding rejected, with its reason, and the unreadable shards."""
     import ray
 
+    from mode_ray.stages.data_order import OrderedParquet
+
     out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
     rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
         _only_rejects, batch_format="pyarrow"
     )
-    rejects.write_parquet(paths.rejects, filesystem=out_fs)
+    rejects.write_datasink(OrderedParquet(paths.rejects, cfg.data.s3))
     listing = [
         {"shard": u, "key": None, "stage": "list", "reason": "unreadable_shard", "detail": why} for u, why in missing
     ]
@@ -295,6 +299,9 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
             return _marker_run_id(paths.manifest, cfg)
         require_resources(cfg, assignment_needs(cfg), "prep: assign")
         fresh_dir(paths.manifest, "the manifest", cfg.data.s3)
+        from mode_ray.stages.data_order import OrderedParquet, keep_order
+
+        keep_order()
         cents = read_centroids(paths.centroids, cfg.data.s3)
         fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
         emb = cfg.embedding
@@ -313,7 +320,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
             num_cpus=emb.num_cpus_per_actor,
         )
         wait_for_released_cpus()
-        ds.write_parquet(paths.manifest, partition_cols=["coarse_id"], filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+        ds.write_datasink(OrderedParquet(paths.manifest, cfg.data.s3, "coarse_id", ROW_GROUP_ROWS))
         run_id = uuid.uuid4().hex
         mark_done(paths.manifest, settings, cfg.data.s3, run_id=run_id)
         log.done("manifest/ written, partitioned by coarse_id")
