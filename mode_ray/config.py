@@ -166,6 +166,11 @@ class TrainingRunConfig(Section):
         "wait for one poll.",
     )
     max_failures: int = Field(default=2, ge=0)
+    deterministic: bool = Field(
+        default=False,
+        description="GPU: deterministic kernels only (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace), "
+        "so a GPU job is bitwise reproducible too, at a cost in speed. The CPU path is deterministic already.",
+    )
     fail_once_at_step: dict[str, int] | None = Field(
         default=None, description="Testing aid: {job name: step} raises once there, to exercise recovery."
     )

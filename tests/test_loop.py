@@ -33,7 +33,7 @@ class LocalRuntime:
         self.reports: list[dict[str, Any]] = []
         self.bars: list[dict[str, Any]] = []
 
-    def batches(self, dataset: str, batch_size: int, shuffle_buffer: int):  # noqa: ANN201
+    def batches(self, dataset: str, batch_size: int, shuffle_buffer: int, seed: int):  # noqa: ANN201
         rows = self.data[dataset]
         n = len(rows["ok"])
         last = n if dataset == "holdout" else n - n % batch_size
@@ -85,7 +85,7 @@ def loop_run(every: float) -> LoopRun:
 
 @pytest.fixture
 def data() -> dict[str, dict[str, torch.Tensor]]:
-    return {"train": rows(40, 0), "holdout": rows(12, 1)}
+    return {"train_rank0": rows(40, 0), "holdout": rows(12, 1)}
 
 
 def test_the_loop_trains_checkpoints_and_writes_a_model_without_ray(tmp_path, data):
@@ -103,18 +103,34 @@ def test_the_loop_trains_checkpoints_and_writes_a_model_without_ray(tmp_path, da
     assert rt.bars[-1]["completed"] == 6
 
 
-def test_a_restarted_worker_resumes_from_the_last_checkpoint(tmp_path, data):
-    job = seed_job(tmp_path, 6)
-    first = LocalRuntime(data, tmp_path / "ckpt")
+def test_a_job_trains_to_the_same_bits_twice_and_after_a_restart(tmp_path, data):
+    """Same job, same seed: every tensor of the final state equal, bit for bit — from scratch twice, and when a
+    worker is lost after the first checkpoint and the job resumes there (the data stream's position and every
+    generator, random crops included, come back with the checkpoint)."""
+    undisturbed = seed_job(tmp_path / "a", 6)
+    train(undisturbed, loop_run(3), LocalRuntime(data, tmp_path / "a-ckpt"))
+    again = seed_job(tmp_path / "b", 6)
+    train(again, loop_run(3), LocalRuntime(data, tmp_path / "b-ckpt"))
+    job = seed_job(tmp_path / "c", 6)
+    first = LocalRuntime(data, tmp_path / "c-ckpt")
     first.report = _fail_after_first_checkpoint(first)  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="worker lost"):
         train(job, loop_run(3), first)
-    again = LocalRuntime(data, tmp_path / "ckpt", resume=first.checkpoint)
-    train(job, loop_run(3), again)
+    resumed = LocalRuntime(data, tmp_path / "c-ckpt", resume=first.checkpoint)
+    train(job, loop_run(3), resumed)
     record = json.loads((Path(job.paths.out_dir) / "train_record.json").read_text())
     assert record["start_step"] == 0 and record["end_step"] == 6
     assert [p["step"] for p in record["loss_history"]] == [2, 4, 6]  # the curve before the restart is kept
-    assert [r["step"] for r in again.reports] == [6]
+    assert [r["step"] for r in resumed.reports] == [6]
+    reference = final_weights(undisturbed)
+    for other in (again, job):
+        weights = final_weights(other)
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), other.paths.out_dir
+
+
+def final_weights(job: TrainJob) -> dict[str, torch.Tensor]:
+    return torch.load(Path(job.paths.out_dir) / "state.pt", weights_only=True)["model"]
 
 
 def _fail_after_first_checkpoint(rt: LocalRuntime):  # noqa: ANN202

@@ -118,7 +118,7 @@ def test_batches_are_cluster_homogeneous_and_read_back_by_id(mcl_run) -> None:
     )
     url = os.path.join(out, "plan.npz")
     items = planned_items(0, len(plan["rank0"]), per_worker)[:2]
-    read = read_planned_rows({k: np.array([i[k] for i in items]) for k in items[0]}, rows.source, url)
+    read = read_planned_rows({k: np.array([i[k] for i in items]) for k in items[0]}, rows.source, url, seed=0)
     assert len(read["text"]) == 2 * per_worker and read["ok"].all()
     ranks = {r: len(plan[f"rank{r}"]) for r in range(2)}
     datasets = mcl_datasets(cfg, url, ranks, input_spec(cfg.training.model))

@@ -151,3 +151,25 @@ def test_mcl_batches_come_from_one_cluster_on_every_worker() -> None:
         labels, 32, steps=sum(-(-int((labels == c).sum()) // 32) for c in (0, 1, 2)), world=2, seed=2
     )
     assert set(epoch.batches.ravel().tolist()) == set(np.flatnonzero(labels != 3).tolist())
+
+
+def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None:
+    """The CLIP-MoE branch again in another run root, undisturbed: both MCL stages (their clustering, plans and
+    planned batches) and the router — whose worker failed once in the first run — end equal, bit for bit."""
+    from mode_ray.layout import RunPaths
+    from mode_ray.stages.moe import run_moe
+
+    cfg, _, _ = moe_run
+    root = tmp_path / "again"
+    claim_run_root(str(root))
+    for name in LINKED:
+        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    run = cfg.training.run.model_copy(update={"fail_once_at_step": None})
+    again = cfg.model_copy(update={"run_root": str(root), "training": cfg.training.model_copy(update={"run": run})})
+    run_moe(again)
+    first, second = RunPaths(cfg.run_root), RunPaths(again.run_root)
+    for name in ("stage-1", "stage-2"):
+        a, b = (_state(os.path.join(p.moe(name), "export")) for p in (first, second))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = _state(first.export("moe")), _state(second.export("moe"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "router"

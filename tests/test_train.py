@@ -195,6 +195,31 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     assert read_json(str(Path(experts_dir(cfg)) / "summary.json")) == again
 
 
+def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undisturbed(trained, tmp_path):
+    """The seed trained again from scratch in another run root, and the generalist — whose worker failed after
+    its first checkpoint in the shared run — trained again undisturbed: every tensor equal, bit for bit."""
+    from mode_ray.ownership import claim_run_root
+    from mode_ray.progress import StageLog
+    from mode_ray.stages.dag import run_jobs
+    from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
+
+    cfg, prep, _ = trained
+    root = tmp_path / "again"
+    claim_run_root(str(root))
+    for name in ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects"):
+        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    run = cfg.training.run.model_copy(update={"fail_once_at_step": None})
+    again = cfg.model_copy(update={"run_root": str(root), "training": cfg.training.model_copy(update={"run": run})})
+    plan = make_plan(again, prep["per_expert"])
+    jobs = training_jobs(again, plan, inputs_of(again, prep["manifest_run_id"]), None)
+    run_jobs(again, [j for j in jobs if j.name in ("seed", "generalist")], plan.samples_per_epoch, False, StageLog("t"))
+    for name in ("seed", "generalist"):
+        first, second = (
+            torch.load(Path(experts_dir(c, name)) / "state.pt", weights_only=True)["model"] for c in (cfg, again)
+        )
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+
+
 def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(trained):
     from mode_ray.stages.plan_jobs import make_plan
 
@@ -207,7 +232,7 @@ def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(tra
         datasets, _ = job_datasets(cfg, jobs[name], 0, spec)
         counts = [
             np.bincount(b["coarse_id"], minlength=2)
-            for b in datasets["train"].iter_batches(batch_size=BATCH, batch_format="numpy", drop_last=True)
+            for b in datasets["train_rank0"].iter_batches(batch_size=BATCH, batch_format="numpy", drop_last=True)
         ]
         shares[name] = np.array(counts) / BATCH
     # A dense model's batches hold both partitions (row groups of several partitions in each read task) ...
@@ -221,7 +246,7 @@ def test_reads_without_the_decode_cache_decode_the_same_rows(trained):
     spec = input_spec("mode-tiny")
     manifest = row_groups(f"{cfg.run_root}/manifest", cfg.data.s3)
     group = next(g for g in manifest if g["coarse_id"] == 1)
-    items = {k: np.array([group[k]]) for k in ("path", "row_group", "coarse_id")}
+    items = {k: np.array([group[k]]) for k in ("path", "row_group", "coarse_id")} | {"seed": [0], "position": [0]}
     source = Source(f"{cfg.run_root}/manifest", False, "mode-tiny", {}, spec.load, spec.context_length)
     rows = read_job_rows(items, source, expert=1, ooc_ratio=0.0, holdout=0.0)
     assert rows["pixels"].shape == (group["rows"], spec.load, spec.load, 3) and rows["ok"].all()

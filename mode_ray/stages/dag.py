@@ -172,6 +172,7 @@ def run_jobs(
         holdout=False,  # each trial's own, from its datasets
         s3=cfg.data.s3.model_dump(),
         tracking=tracking_spec(cfg),
+        deterministic=cfg.training.run.deterministic,
     )
     spec, embedded = asdict(input_spec(cfg.training.model)), cluster_address(cfg) is None
     with progress_bars(log.name) as board:

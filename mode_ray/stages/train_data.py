@@ -39,7 +39,6 @@ from mode_ray.layout import ROW_GROUP_ROWS, RunPaths
 from mode_ray.ownership import fresh_dir
 from mode_ray.samples import seeded_key_hash
 from mode_ray.storage import (
-    arrow_filesystem,
     exists,
     get_fs,
     join,
@@ -191,13 +190,20 @@ def draws_per_execution(groups: list[dict[str, Any]], job: JobLike, cfg: Config,
 
 def draw_items(groups: list[dict[str, Any]], job: JobLike, draws: int, ooc_ratio: float, seed: int) -> list[dict]:
     """The row groups one execution reads: `draws` draws, each in its own shuffled order (the out-of-cluster
-    groups are skipped when there is no share to draw)."""
+    groups are skipped when there is no share to draw). Each item carries the seed its read draws from (the
+    out-of-cluster share, the rows' order, per-read captions): the stream is a function of `seed` alone."""
     rng = np.random.default_rng(seed)
     wanted = [g for g in groups if job.expert is None or g["coarse_id"] == job.expert or ooc_ratio > 0]
     items = []
     for _ in range(draws):
         items += [wanted[i] for i in rng.permutation(len(wanted))]
-    return items
+    return [{**item, "seed": seed, "position": i} for i, item in enumerate(items)]
+
+
+def item_rng(items: dict[str, np.ndarray]) -> np.random.Generator:
+    """A read's generator, from the seeds and positions of the items it reads: the same rows whatever task or
+    worker reads them, and in whatever order Ray Data runs its tasks."""
+    return np.random.default_rng([int(items["seed"][0]), *map(int, items["position"])])
 
 
 def read_rows(
@@ -280,9 +286,9 @@ def _inputs(table: pa.Table, source: Source, rng: np.random.Generator | None = N
 def read_job_rows(
     items: dict[str, np.ndarray], source: Source, expert: int, ooc_ratio: float, holdout: float
 ) -> dict[str, np.ndarray]:
-    """Read row groups; keep the job's rows (its partition, each other row with probability `ooc_ratio`,
-    redrawn on every read) outside the hold-out; shuffle. `expert` < 0: every row."""
-    rng = np.random.default_rng()
+    """Read row groups; keep the job's rows (its partition, each other row with probability `ooc_ratio`, drawn
+    afresh for every item of every draw) outside the hold-out; shuffle. `expert` < 0: every row."""
+    rng = item_rng(items)
 
     def keep(table: pa.Table, coarse: int) -> np.ndarray:
         mask = ~held_out(table["key"].to_pylist(), holdout)
@@ -374,11 +380,12 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
         return False
     fresh_dir(out, "decoded inputs", cfg.data.s3)
     groups = row_groups(source.root, cfg.data.s3)
+    from mode_ray.stages.data_order import OrderedParquet, keep_order
+
+    keep_order()
     tasks = DataTasks(1.0, max(1, int(_cluster_cpus())))
     ds = tasks.read(groups, decode_to_cache, source=source)
-    ds.write_parquet(
-        out, partition_cols=["coarse_id"], filesystem=arrow_filesystem(out, cfg.data.s3), row_group_size=ROW_GROUP_ROWS
-    )
+    ds.write_datasink(OrderedParquet(out, cfg.data.s3, "coarse_id", ROW_GROUP_ROWS))
     mark_done(out, settings, cfg.data.s3)
     return True
 
@@ -398,8 +405,10 @@ def _cluster_cpus() -> float:
 
 
 def job_datasets(cfg: Config, job: JobLike, seed: int, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({'train': …, 'holdout': …}, facts) for one job; the hold-out dataset only when there is one. The
-    input spec comes from the driver, so a trial never imports open_clip just to size its rows."""
+    """({'train_rank0': …, 'holdout': …}, facts) for one job: one training dataset per worker rank (every
+    `num_workers`-th item of the draws, read in order: a rank's stream does not depend on which worker is
+    faster); the hold-out dataset only when there is one. The input spec comes from the driver, so a trial
+    never imports open_clip just to size its rows."""
     t = cfg.training
     roots = training_roots(cfg)
     source = make_source(cfg, roots[0], t.decode_cache, spec)  # the root only names the file system
@@ -412,8 +421,12 @@ def job_datasets(cfg: Config, job: JobLike, seed: int, spec: InputSpec) -> tuple
     items = draw_items(groups, job, draws, t.ooc_ratio, seed)
     tasks = data_tasks(cfg)
     expert = -1 if job.expert is None else job.expert
+    world = t.run.num_workers
     datasets = {
-        "train": tasks.read(items, read_job_rows, source=source, expert=expert, ooc_ratio=t.ooc_ratio, holdout=holdout)
+        f"train_rank{r}": tasks.read(
+            items[r::world], read_job_rows, source=source, expert=expert, ooc_ratio=t.ooc_ratio, holdout=holdout
+        )
+        for r in range(world)
     }
     if holdout:
         datasets["holdout"] = tasks.read(groups, read_holdout_rows, source=source, holdout=holdout)
@@ -442,13 +455,15 @@ def planned_table(source: Source, plan: dict[str, np.ndarray], ids: np.ndarray) 
     return pa.concat_tables(tables).take(pa.array(np.argsort(order)))
 
 
-def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: str) -> dict[str, np.ndarray]:
-    """An MCL read task: rows [start, stop) of one rank's planned sequence, in exactly that order."""
+def read_planned_rows(items: dict[str, np.ndarray], source: Source, plan_url: str, seed: int) -> dict[str, np.ndarray]:
+    """An MCL read task: rows [start, stop) of one rank's planned sequence, in exactly that order (per-read
+    captions drawn from a generator seeded by the rows' position)."""
     parts = []
     for rank, start, stop in zip(items["rank"], items["start"], items["stop"], strict=True):
         plan = _load_plan(plan_url, tuple(sorted(source.s3.items())), int(rank))
         parts.append(planned_table(source, plan, plan[f"rank{int(rank)}"][int(start) : int(stop)]))
-    return _inputs(pa.concat_tables(parts), source, np.random.default_rng())
+    rng = np.random.default_rng([seed, int(items["rank"][0]), int(items["start"][0])])
+    return _inputs(pa.concat_tables(parts), source, rng)
 
 
 _PLANS: dict[tuple[str, int], tuple[str, dict[str, np.ndarray]]] = {}
@@ -482,7 +497,7 @@ def mcl_datasets(cfg: Config, plan_url: str, ranks: dict[int, int], spec: InputS
     tasks = data_tasks(cfg)
     datasets = {
         f"train_rank{rank}": tasks.read(
-            planned_items(rank, n, chunk), read_planned_rows, source=source, plan_url=plan_url
+            planned_items(rank, n, chunk), read_planned_rows, source=source, plan_url=plan_url, seed=t.seed
         )
         for rank, n in ranks.items()
     }

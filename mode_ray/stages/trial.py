@@ -41,8 +41,9 @@ def tracking_spec(cfg: Config) -> dict[str, Any] | None:
 
 
 def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's ingest defaults, with the training data's object store budget capped; an MCL rank's data
-    keeps its planned order (every global batch is one cluster)."""
+    """Ray Train's ingest defaults, with the training data's object store budget capped; a rank's training data
+    keeps its order (Ray Data would hand blocks over as their tasks finish): the stream is a function of the
+    job's seed alone, and an MCL rank's global batches are each one cluster."""
     from ray.train import DataConfig
 
     options = {}
@@ -50,7 +51,7 @@ def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any
         opts = DataConfig.default_ingest_options()
         if name.startswith("train"):
             opts.resource_limits = opts.resource_limits.copy(object_store_memory=t.run.data_buffer_mb * 1024 * 1024)
-            opts.preserve_order = name != "train"
+            opts.preserve_order = True
         options[name] = opts
     return options
 
@@ -113,7 +114,8 @@ def run_job_trial(config: dict[str, Any]) -> None:
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[] if job.data.kind == "mcl" else ["train"], execution_options=ingest_options(t, datasets)
+            datasets_to_split=[],
+            execution_options=ingest_options(t, datasets),  # every rank has its own
         ),
     )
     fit_start = time.time()

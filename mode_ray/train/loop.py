@@ -28,6 +28,7 @@ import torch
 
 from mode_ray.config import S3Config
 from mode_ray.layout import STATE_FILE
+from mode_ray.train import rng
 from mode_ray.train.build import build_job_model
 from mode_ray.train.checkpoints import fetch_state, restore_checkpoint, save_state
 from mode_ray.train.job import Optimizer, TrainJob
@@ -53,6 +54,7 @@ class LoopRun:
     fail_once_at_step: int | None = None
     failure_marker: str | None = None
     tracking: dict[str, Any] | None = None
+    deterministic: bool = False  # GPU: deterministic kernels (the CPU path is deterministic already)
 
 
 class Runtime(Protocol):
@@ -62,8 +64,10 @@ class Runtime(Protocol):
     world_size: int
     device: torch.device
 
-    def batches(self, dataset: str, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, torch.Tensor]]:
-        """One execution of a dataset shard, in batches."""
+    def batches(
+        self, dataset: str, batch_size: int, shuffle_buffer: int, seed: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """One execution of a dataset shard, in batches, in the dataset's order (a local shuffle from `seed`)."""
 
     def latest_checkpoint(self) -> Any | None:
         """This job's latest checkpoint (with `.filesystem` and `.path`), or None."""
@@ -121,24 +125,36 @@ def timed(seconds: dict[str, float], part: str) -> Iterator[None]:
 
 
 class Batches:
-    """The worker's data as one endless stream of batches: executions of its dataset shard, one after another.
-    The first execution starts in a thread at once, so the pipeline warms up while the worker builds its
-    model (waiting on Ray releases the GIL, so the two overlap)."""
+    """The worker's data as one endless stream of batches: executions of its dataset, one after another, each
+    the same rows in the same order (a function of the job's seed), so (execution, position) is where the
+    stream stands and a resumed job continues exactly there. The first execution starts in a thread at once,
+    so the pipeline warms up while the worker builds its model (waiting on Ray releases the GIL)."""
 
-    def __init__(self, rt: Runtime, dataset: str, batch_size: int, shuffle_buffer: int) -> None:
+    def __init__(self, rt: Runtime, dataset: str, batch_size: int, shuffle_buffer: int, seed: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.start = lambda: rt.batches(dataset, batch_size, shuffle_buffer)
-        self.batch_size, self.executions = batch_size, 0
+        # the local shuffle buffer draws its own order per execution, from the seed
+        self.start = lambda execution: rt.batches(dataset, batch_size, shuffle_buffer, seed + execution)
+        self.batch_size, self.executions, self.position = batch_size, 0, 0
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
-        self._batches_this_execution = 0
         pool = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
-        self._first: Any = pool.submit(self._begin)
+        self._first: Any = pool.submit(self._begin, 0)
         pool.shutdown(wait=False)  # the submitted start still runs; the thread exits after it
 
-    def _begin(self) -> tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
-        iterator = iter(self.start())
+    def _begin(self, execution: int) -> tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
+        iterator = iter(self.start(execution))
         return iterator, next(iterator, None)
+
+    def resume(self, execution: int, position: int) -> None:
+        """Continue `position` batches into execution `execution` (the batches before are read and dropped)."""
+        if (execution, position) == (0, 0):
+            return
+        self._first.result()  # the warm-up's execution 0, not needed
+        self._first = None
+        self.executions, self.position = execution, 0
+        self._iterator = iter(self.start(execution))
+        for _ in range(position):
+            next(self)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._first is not None:
@@ -147,12 +163,11 @@ class Batches:
         else:
             batch = next(self._iterator, None)  # type: ignore[arg-type]
         while batch is None:  # this execution ran out: start the next
-            if self._batches_this_execution == 0:
+            if self.position == 0:
                 raise RuntimeError(f"an execution of the data gave no batch of {self.batch_size} rows")
-            self.executions += 1
-            self._batches_this_execution = 0
-            self._iterator, batch = self._begin()
-        self._batches_this_execution += 1
+            self.executions, self.position = self.executions + 1, 0
+            self._iterator, batch = self._begin(self.executions)
+        self.position += 1
         return batch
 
 
@@ -239,16 +254,21 @@ def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None =
     the worker's entry point began (its imports count as fixed cost)."""
     stamps = {"worker_start": worker_start or time.time()}
     per_worker_batch = max(2, job.inputs.batch_size // (rt.world_size * job.inputs.grad_accum_steps))
-    mcl = job.data.kind == "mcl"  # each rank reads its planned share of every global batch, in order
-    data = f"train_rank{rt.rank}" if mcl else "train"
-    batches = Batches(rt, data, per_worker_batch, 0 if mcl else job.inputs.shuffle_buffer)
+    shuffle = 0 if job.data.kind == "mcl" else job.inputs.shuffle_buffer  # an MCL plan's order is the point
+    seed = (job.inputs.seed * 1000 + rt.rank) * 100_000
+    batches = Batches(rt, f"train_rank{rt.rank}", per_worker_batch, shuffle, seed)
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
+    if run.deterministic:
+        deterministic_kernels()
     stamps["imports_done"] = time.time()
     tr, state, resumed = build_trainer(job, run, rt)
+    if resumed and "data" in state:  # where the stream and every generator stood at the checkpoint
+        batches.resume(*state["data"][rt.rank])
+        rng.restore(state["rng"][rt.rank])
     stamps["model_ready"] = time.time()
     lead = rt.rank == 0
-    held_out = HeldOut(lambda: rt.batches("holdout", 256, 0), job.inputs.model) if lead and run.holdout else None
+    held_out = HeldOut(lambda: rt.batches("holdout", 256, 0, 0), job.inputs.model) if lead and run.holdout else None
     log = StepLog(job, state, rt, lead)
     tracker = Tracker(run.tracking if lead else None, job.name, state["step"] if resumed else None)
     assert job.end_step is not None
@@ -261,10 +281,10 @@ def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None =
             tracker.log(state["step"], {"train/loss": state["loss_history"][-1]["loss"], "train/lr": lr})
         if log.due(run.checkpoint_every_steps):
             metrics = log.checkpoint_metrics(tr.device, lr)
-            record = validate_and_checkpoint(tr, state, held_out, metrics, rt)
+            record = validate_and_checkpoint(tr, state, held_out, metrics, rt, batches)
             tracker.log(state["step"], checkpoint_values(metrics, record))
     tracker.close()
-    state["executions"] = state.get("executions", 0) + batches.executions + 1
+    state["executions"] = batches.executions + 1
     stamps["train_end"] = time.time()
     if lead:
         write_outputs(job, S3Config(**run.s3), tr.model, tr.opt, tr.scaler, state, stamps)
@@ -280,10 +300,25 @@ def maybe_fail(run: LoopRun, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} (training.run.fail_once_at_step)")
 
 
+def deterministic_kernels() -> None:
+    """GPU: deterministic algorithms only (cuDNN's too, and cuBLAS's fixed workspace, read when its first
+    handle is made); an op without a deterministic kernel raises. On CPU nothing changes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def validate_and_checkpoint(
-    tr: Trainer, state: dict[str, Any], held_out: HeldOut | None, metrics: dict[str, Any], rt: Runtime
+    tr: Trainer,
+    state: dict[str, Any],
+    held_out: HeldOut | None,
+    metrics: dict[str, Any],
+    rt: Runtime,
+    batches: Batches,
 ) -> dict[str, Any] | None:
-    """Held-out metrics (returned, for the tracker), then the checkpoint and the report."""
+    """Held-out metrics (returned, for the tracker), then the checkpoint — with where every worker's data
+    stream and generators stand, so a resume continues exactly — and the report."""
     record = None
     if held_out is not None:
         with timed(state["seconds"], "validation"):
@@ -292,6 +327,8 @@ def validate_and_checkpoint(
         if record:
             state["val_history"].append({"step": state["step"], **record})
             metrics["val_loss"] = record["all"]["loss"]
+    state["data"] = rng.gather([batches.executions, batches.position], rt.world_size)
+    state["rng"] = rng.gather(rng.capture(), rt.world_size)
     with timed(state["seconds"], "checkpoint"), tempfile.TemporaryDirectory() as tmp:
         folder = None
         if rt.rank == 0:

@@ -23,13 +23,18 @@ class RayTrainRuntime:
         self.device: torch.device = ray.train.torch.get_device()
         self.board = board if self.rank == 0 else None
 
-    def batches(self, dataset: str, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, dataset: str, batch_size: int, shuffle_buffer: int, seed: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
         import ray.train
 
         shard = ray.train.get_dataset_shard(dataset)
         drop_last = dataset != "holdout"  # training batches are whole; every held-out row counts
         return shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=shuffle_buffer or None
+            batch_size=batch_size,
+            drop_last=drop_last,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed if shuffle_buffer else None,
         )
 
     def latest_checkpoint(self) -> Any | None:
