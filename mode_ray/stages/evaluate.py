@@ -180,9 +180,14 @@ class ImageFeaturizer:
 
 
 def featurize(cfg: Config, source: str, location: str | list[str], exports: dict[str, str]) -> pa.Table:
-    """Read one image source and return its rows with every model's image features, sorted by key."""
+    """Read one image source and return its rows with every model's image features, sorted by key. The read
+    order is kept, so every run embeds the same rows in the same batches (a batch's shape can change a row's
+    features in their last bits): the report is the same bytes run to run."""
     import ray
 
+    from mode_ray.stages.data_order import keep_order
+
+    keep_order()
     limits = Limits(cfg.data.caption_field, cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.seed)
     s3 = cfg.data.s3
     if source == "webdataset":
