@@ -212,3 +212,35 @@ def wait_for_released_cpus(timeout_s: float = 10.0) -> None:
         elif ray.available_resources().get("CPU", 0) >= min(1.0, total):  # autoscaling from 0: do not wait
             return
         time.sleep(0.1)
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor has died; returns how many.
+
+    Ray keeps a (non-detached) group until its creator actor *and* its job are dead. A trial's driver killed
+    mid-run takes its TorchTrainer's controller with it, but the worker group's group — reserving each worker's
+    CPUs — stays until the whole command ends: later trials and stages then wait for CPUs forever (found by
+    bench/chaos.py). Ray has no public API that says who created a group, so the GCS table is read (private,
+    hence the guard). A group made by a driver (Tune's trials) has no creator actor and is never touched."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        from ray._private.state import state
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+        table = [
+            PlacementGroupTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_placement_group_table()
+        ]
+    except Exception as err:  # noqa: BLE001 — a private API: if it moved, leave the groups to Ray
+        logging.getLogger(__name__).warning("could not read Ray's placement groups (%s); none released", err)
+        return 0
+    job = ray.get_runtime_context().get_job_id()
+    released = 0
+    for group in table:
+        orphan = group.creator_actor_dead and not ray.ActorID(group.creator_actor_id).is_nil()
+        if orphan and not group.is_detached and group.creator_job_id.hex() == job and group.state != group.REMOVED:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            released += 1
+    return released

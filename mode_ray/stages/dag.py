@@ -20,7 +20,7 @@ from mode_ray.config import Config
 from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
 from mode_ray.progress import StageLog
 from mode_ray.resources import training_needs
-from mode_ray.runtime import cluster_address, require_resources
+from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
 from mode_ray.stages.progress_bars import progress_bars
 from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
 from mode_ray.storage import arrow_filesystem, join, marker_info, stage_done
@@ -177,7 +177,11 @@ def run_jobs(
     spec, embedded = asdict(input_spec(cfg.training.model)), cluster_address(cfg) is None
     with progress_bars(log.name) as board:
         shared = Shared(cfg.model_dump(mode="json"), run, float(spe), spec, embedded, board)
-        return drive(todo, hashes, shared, concurrent, log)
+        try:
+            return drive(todo, hashes, shared, concurrent, log)
+        finally:  # a killed trial's worker group would hold its CPUs until the command ends
+            if released := release_orphaned_placement_groups():
+                log.info(f"released {released} placement group(s) left by killed trials")
 
 
 def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurrent: int, log: StageLog) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from mode_ray.config import Config, TrainingConfig
 from mode_ray.models.card import write_card
+from mode_ray.runtime import release_orphaned_placement_groups
 from mode_ray.storage import arrow_filesystem, join, mark_done, read_json, settings_hash, write_json
 from mode_ray.train.job import TrainJob
 from mode_ray.train.outputs import TRAIN_RECORD
@@ -93,6 +94,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     t, runs = cfg.training, join(cfg.run_root, "train_runs")
     set_train_environment(t, config["embedded_ray"])
     quiet_training_data()
+    release_orphaned_placement_groups()  # an earlier, killed attempt's worker group still holds its CPUs
     datasets, facts = job_data(cfg, job, InputSpec(**config["input_spec"]))
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -263,7 +263,7 @@ def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None =
         deterministic_kernels()
     stamps["imports_done"] = time.time()
     tr, state, resumed = build_trainer(job, run, rt)
-    if resumed and "data" in state:  # where the stream and every generator stood at the checkpoint
+    if resumed and len(state.get("data", [])) == rt.world_size:  # where each rank's stream and generators stood
         batches.resume(*state["data"][rt.rank])
         rng.restore(state["rng"][rt.rank])
     stamps["model_ready"] = time.time()

@@ -1,0 +1,32 @@
+"""A killed trial driver's worker group must not hold its CPUs until the command ends (found by bench/chaos.py)."""
+
+from __future__ import annotations
+
+import time
+
+
+def test_a_dead_actors_placement_group_is_released_and_a_drivers_is_kept(ray_session):
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from mode_ray.runtime import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # as Ray Train's controller: an actor that reserves its workers' CPUs
+        def reserve(self) -> str:
+            group = placement_group([{"CPU": 0.5}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    drivers = placement_group([{"CPU": 0.25}])  # as Tune's trial groups: made by the driver
+    ray.get(drivers.ready())
+    controller = Controller.remote()
+    orphan = ray.get(controller.reserve.remote())
+    ray.kill(controller)
+    time.sleep(1)
+    assert placement_group_table()[orphan]["state"] == "CREATED"  # Ray keeps it while the job lives
+    assert release_orphaned_placement_groups() == 1
+    assert placement_group_table()[orphan]["state"] == "REMOVED"
+    assert placement_group_table()[drivers.id.hex()]["state"] == "CREATED"
+    assert release_orphaned_placement_groups() == 0
+    remove_placement_group(drivers)
