@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
 import os
@@ -111,13 +112,16 @@ def alive_by_kind(attempt: Attempt) -> dict[str, list[int]]:
 
 
 def training_now(root: Path) -> str:
-    """The jobs started and not finished, with their checkpoints so far."""
-    jobs = []
+    """The models finished so far, and the jobs with a checkpoint but no model yet."""
+    finished = sorted(p.parent.name for p in (*root.glob("experts/*/_SUCCESS"), *root.glob("moe/*/_SUCCESS")))
+    started = []
     for run in sorted((root / "train_runs").glob("*-*")):
-        name = run.name.rsplit("-", 1)[0]
-        if not (root / "experts" / name / "_SUCCESS").exists() and not (root / "moe" / name / "_SUCCESS").exists():
-            jobs.append(f"{name} ({len(list(run.glob('checkpoint_*')))} checkpoints)")
-    return f"; training {', '.join(jobs)}" if jobs else ""
+        name, checkpoints = run.name.rsplit("-", 1)[0], len(list(run.glob("checkpoint_*")))
+        if checkpoints and name not in finished:
+            started.append(f"{name} ({checkpoints} checkpoint{'s' * (checkpoints > 1)})")
+    if not (finished or started):
+        return ""
+    return f"; models done: {', '.join(finished) or 'none'}; mid-job: {', '.join(started) or 'none'}"
 
 
 def kill(pids: list[int]) -> None:
@@ -196,10 +200,17 @@ def outputs(root: Path) -> dict[str, Any]:
     found["centroids"] = _arrays(root / "clusters" / "centroids.npz")
     for state in sorted(root.glob("experts/*/state.pt")) + sorted(root.glob("moe/*/state.pt")):
         found[f"weights {state.parent.relative_to(root)}"] = _weights(state)
-    for name in ("report.csv", "routing.json", "predictions.parquet"):
+    for name in ("routing.json", "predictions.parquet"):
         found[f"eval/{name}"] = (root / "eval" / name).read_bytes()
+    found["eval/report.csv"] = report_without_clock(root / "eval" / "report.csv")
     found["eval/logits.npz"] = _arrays(root / "eval" / "logits.npz")  # a zip: its entries carry a time
     return found
+
+
+def report_without_clock(path: Path) -> list[dict[str, str]]:
+    """The report's rows less `train_seconds`: a reading of the clock while each model learnt, not a result."""
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k != "train_seconds"} for row in csv.DictReader(f)]
 
 
 def same(a: Any, b: Any) -> bool:
@@ -223,14 +234,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     remove_owned_tree(str(root))
     claim(str(root), "bench/chaos.py")
     extra = ("moe.enabled=true",) if args.moe else ()
+    # Both runs in the same folder, one after the other (moved aside when done): the outputs name their
+    # input shards, which the demo generates inside the run root.
+    run = root / "run"
     started = time.monotonic()
-    reference = Attempt(root / "undisturbed", extra)
+    reference = Attempt(run, extra)
     if reference.wait() != 0:
         raise RuntimeError("the undisturbed run failed:\n" + "\n".join(reference.lines[-20:]))
     undisturbed_s = time.monotonic() - started
+    run.rename(root / "undisturbed")
     print(f"undisturbed run: {undisturbed_s:.0f} s")
     rng = np.random.default_rng(args.seed)
-    events = chaos_run(root / "chaos", args.kills, undisturbed_s / max(args.kills, 1), rng, extra)
+    events = chaos_run(run, args.kills, undisturbed_s / max(args.kills, 1), rng, extra)
+    run.rename(root / "chaos")
     ref, got = outputs(root / "undisturbed"), outputs(root / "chaos")
     differing = sorted(k for k in ref.keys() | got.keys() if not same(ref.get(k), got.get(k)))
     kills = [e for e in events if "kill" in e]
