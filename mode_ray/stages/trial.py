@@ -88,6 +88,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mode_ray.stages.data_backoff import quiet_training_data
+    from mode_ray.stages.rank_data import RankStreams
     from mode_ray.train.ray_adapter import train_loop_per_worker
 
     cfg, job = Config.model_validate(config["cfg"]), config["job"]
@@ -115,10 +116,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[],
-            execution_options=ingest_options(t, datasets),  # every rank has its own
-        ),
+        dataset_config=RankStreams(ingest_options(t, datasets)),  # every rank reads its own, in order
     )
     fit_start = time.time()
     trainer.fit()
