@@ -8,6 +8,9 @@
       models:  ExpertDeployment replicas, @serve.batch fusing concurrent requests per forward pass
                (the data experts, the baselines and, once trained, the CLIP-MoE `moe`: `model=` picks one)
 
+    GET /  (a browser: Accept text/html), GET /experts: the try-it and experts pages (package files, no CDN),
+      over GET /v1/examples, /v1/explorer, /v1/report/NAME and POST /v1/route, which read the run's own files
+
 `build_app(cfg)` wires it from a run root (local or s3://); `app_builder(args)` is the import path for
 `serve build` / `serve deploy` config files.
 """
@@ -20,9 +23,9 @@ import logging
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
@@ -38,18 +41,24 @@ from mode_ray.names import expert_id, expert_ids, expert_name
 from mode_ray.registry import in_service, read_registry
 from mode_ray.serve.contract import stated_limits
 from mode_ray.serve.experts import ExpertDeployment
+from mode_ray.serve.explorer import REPORT_FILES, explorer_data, try_images
+from mode_ray.serve.pages import PAGE_HEADERS, page_files
 from mode_ray.serve.schemas import (
     BatchZeroShotRequest,
     ClassificationWithWeights,
     ErrorResponse,
     ExpertInfo,
     ExpertsResponse,
+    LabelRoute,
     LabelScore,
+    RouteRequest,
+    RouteResponse,
+    TryImage,
     ZeroShotParameters,
     ZeroShotRequest,
 )
 from mode_ray.serve.validation import RequestError, RequestLimits, check_parameters, decode_image
-from mode_ray.storage import exists, join, read_json
+from mode_ray.storage import exists, join, read_bytes, read_json
 
 log = logging.getLogger("ray.serve")
 INGRESS_DRAIN_SLACK_S = 10.0  # beyond request_timeout_s: decoding, routing and answering around the expert call
@@ -211,6 +220,9 @@ class ZeroShotIngress:
         self.present = expert_ids(self.models)
         self.info = _experts_info(cfg, self.models, self.router)
         api.openapi_schema = stated_limits(api.openapi(), self.limits, self.models)
+        self.pages = page_files()
+        self.explored: dict[str, Any] | None = None  # built on first use: it reads the manifest
+        self.example_images: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ routes
 
@@ -250,6 +262,78 @@ class ZeroShotIngress:
     @api.get("/v1/experts", response_model=ExpertsResponse)
     async def experts(self) -> ExpertsResponse:
         return self.info
+
+    # ------------------------------------------------------------------ pages
+
+    @api.get("/", include_in_schema=False)
+    async def try_it_page(self, request: Request) -> Response:
+        """A browser (Accept: text/html) gets the try-it page; the API is POST /."""
+        if "text/html" not in request.headers.get("accept", ""):
+            raise RequestError(405, "POST a zero-shot request here (schema: /openapi.json); browsers get a page")
+        return self._page("index.html")
+
+    @api.get("/experts", include_in_schema=False)
+    async def experts_page(self) -> Response:
+        return self._page("experts.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        return self._page(name)
+
+    @api.get("/v1/examples", response_model=list[TryImage])
+    async def examples(self) -> list[dict[str, Any]]:
+        """A few evaluation images of the run, each with its task's class names."""
+        if self.example_images is None:
+            self.example_images = await run_in_threadpool(try_images, self.cfg)
+        return self.example_images
+
+    @api.get("/v1/explorer")
+    async def explorer(self) -> dict[str, Any]:
+        """Each data expert's samples, fine clusters, example pairs, marking terms and report row; the report."""
+        if self.explored is None:
+            router = self.router
+            self.explored = await run_in_threadpool(
+                explorer_data, self.cfg, router.n_experts, router.fine_to_coarse, self.present
+            )
+        return self.explored
+
+    @api.post("/v1/route", response_model=RouteResponse, responses=ERRORS)
+    async def route(self, body: RouteRequest) -> RouteResponse:
+        """Where a label set goes: each label's nearest fine centre and its expert, and the expert weights."""
+        params = ZeroShotParameters(
+            candidate_labels=body.candidate_labels,
+            hypothesis_template=body.hypothesis_template,
+            hypothesis_templates=body.hypothesis_templates,
+            routing=body.routing,
+        )
+        labels, templates = check_parameters(params, self.limits)
+        method = body.routing or self.cfg.eval.routing.method
+        routing = await run_in_threadpool(self.router.route, labels, templates, method)
+        weights = restrict(routing.task_weights, self.present)
+        per_label = zip(labels, routing.nearest_fine, routing.label_expert, routing.distance, strict=True)
+        return RouteResponse(
+            routing=method,
+            expert_weights={expert_name(e): float(w) for e, w in zip(self.present, weights, strict=True)},
+            labels=[
+                LabelRoute(label=label, nearest_fine=int(fine), expert=expert_name(int(e)), distance=float(d))
+                for label, fine, e, d in per_label
+            ],
+        )
+
+    @api.get("/v1/report/{name}", include_in_schema=False)
+    async def report_file(self, name: str) -> Response:
+        """One of the evaluation report's files (only those: nothing else of the run is served)."""
+        url = join(RunPaths(self.cfg.run_root).eval, name)
+        if name not in REPORT_FILES or not await run_in_threadpool(exists, url, self.cfg.data.s3):
+            raise RequestError(404, f"no report file {name!r} in this run (run `mode-ray eval`)")
+        body = await run_in_threadpool(read_bytes, url, self.cfg.data.s3)
+        return Response(body, media_type=REPORT_FILES[name], headers=PAGE_HEADERS)
+
+    def _page(self, name: str) -> Response:
+        if name not in self.pages:
+            raise RequestError(404, f"no page {name!r}")
+        body, media_type = self.pages[name]
+        return Response(body, media_type=media_type, headers=PAGE_HEADERS)
 
     # ------------------------------------------------------------------ work
 

@@ -82,3 +82,34 @@ class ExpertsResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+
+
+class RouteRequest(BaseModel):
+    """The routing of a label set alone (the experts page's live view); the same label and template checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_labels: list[str] = Field(description="Class names; at least 2.")
+    hypothesis_template: str = Field(default=HF_DEFAULT_TEMPLATE, description="Prompt with '{}' for the label.")
+    hypothesis_templates: list[str] | None = None
+    routing: Literal["reference", "calibrated"] | None = None
+
+
+class LabelRoute(BaseModel):
+    label: str
+    nearest_fine: int = Field(description="The fine centre nearest the label's embedding.")
+    expert: str = Field(description="That centre's data expert.")
+    distance: float = Field(description="L2 distance to it.")
+
+
+class RouteResponse(BaseModel):
+    routing: str
+    expert_weights: dict[str, float] = Field(description="As POST / reports them for the same labels and templates.")
+    labels: list[LabelRoute]
+
+
+class TryImage(BaseModel):
+    task: str
+    image: str = Field(description="A JPEG data: URL, at most 224 pixels a side.")
+    labels: list[str]
+    answer: str
