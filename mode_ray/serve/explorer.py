@@ -67,12 +67,11 @@ def _partition(cfg: Config, expert: int, columns: list[str], rows: int) -> dict[
 def _examples(cfg: Config, expert: int) -> list[dict[str, Any]]:
     """Example pairs of an expert, one per fine cluster first (its clusters are what it holds), then more."""
     part = _partition(cfg, expert, ["caption", "image", "fine_id"], 16 * EXAMPLES_PER_EXPERT)
-    firsts, seen = [], set()
+    first_of = {}  # fine cluster → its first row
     for i, fine in enumerate(part["fine_id"]):
-        if fine not in seen:
-            seen.add(fine)
-            firsts.append(i)
-    order = firsts + [i for i in range(len(part["fine_id"])) if i not in set(firsts)]
+        first_of.setdefault(fine, i)
+    firsts = list(first_of.values())
+    order = firsts + sorted(set(range(len(part["fine_id"]))) - set(firsts))
     out = []
     for i in order[:EXAMPLES_PER_EXPERT]:
         try:

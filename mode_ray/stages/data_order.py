@@ -38,14 +38,9 @@ class OrderedParquet(Datasink):
         s3: S3Config | None = None,
         partition_col: str | None = None,
         row_group_size: int | None = None,
-        min_rows_per_file: int | None = None,
     ) -> None:
         self.url, self.s3, self.partition_col = url.rstrip("/"), s3, partition_col
-        self.row_group_size, self.min_rows_per_file = row_group_size, min_rows_per_file
-
-    @property
-    def min_rows_per_write(self) -> int | None:
-        return self.min_rows_per_file
+        self.row_group_size = row_group_size
 
     def write(self, blocks: Any, ctx: Any) -> None:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
