@@ -113,6 +113,21 @@ def demo_config(run_root, shards, *overrides: str):
     )
 
 
+def served_config(eval_cfg, *overrides: str):
+    """The evaluated run's config for a Serve deployment on a free port, small replicas, plus `overrides`."""
+    return demo_config(
+        eval_cfg.run_root,
+        eval_cfg.data.shards,
+        "clustering.n_coarse=2",
+        f"eval.shards={eval_cfg.eval.shards}",
+        "eval.demo_tasks=true",
+        f"serve.port={_free_port()}",
+        "serve.ingress.num_cpus=0.1",
+        "serve.experts.num_cpus=0.1",
+        *overrides,
+    )
+
+
 TRAIN_BATCH = 32
 TRAIN_EPOCH = 256  # samples an epoch: 8 steps of TRAIN_BATCH; an expert's partition (~240 rows) is drawn twice
 

@@ -13,7 +13,7 @@ import pytest
 from bench.pages import CHROMEDRIVER, CHROMIUM, wait
 from bench.pages import browser as headless_chromium
 from mode_ray.shards import iter_tar_rows
-from tests.conftest import _free_port, demo_config
+from tests.conftest import served_config
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"
@@ -29,18 +29,7 @@ def served_pages(evaluated_run):
     from mode_ray.stages.serve import deploy
 
     eval_cfg, _ = evaluated_run
-    cfg = demo_config(
-        eval_cfg.run_root,
-        eval_cfg.data.shards,
-        "clustering.n_coarse=2",
-        f"eval.shards={eval_cfg.eval.shards}",
-        "eval.demo_tasks=true",
-        f"serve.port={_free_port()}",
-        f"serve.max_labels={MAX_LABELS}",
-        "serve.layout=single",
-        "serve.ingress.num_cpus=0.1",
-        "serve.experts.num_cpus=0.1",
-    )
+    cfg = served_config(eval_cfg, f"serve.max_labels={MAX_LABELS}", "serve.layout=single")
     url = deploy(cfg)
     yield cfg, url
     serve.shutdown()

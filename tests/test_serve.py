@@ -18,7 +18,7 @@ from PIL import Image
 
 from mode_ray import demo_data
 from mode_ray.shards import iter_tar_rows
-from tests.conftest import _free_port, demo_config
+from tests.conftest import served_config
 
 MAX_REQUEST_BYTES = 300_000
 IMAGES_PER_TASK = 8
@@ -31,21 +31,13 @@ def served(evaluated_run):
     from mode_ray.stages.serve import deploy
 
     eval_cfg, _ = evaluated_run
-    port = _free_port()
-    cfg = demo_config(
-        eval_cfg.run_root,
-        eval_cfg.data.shards,
-        "clustering.n_coarse=2",
-        f"eval.shards={eval_cfg.eval.shards}",
-        "eval.demo_tasks=true",
-        f"serve.port={port}",
+    cfg = served_config(
+        eval_cfg,
         f"serve.max_request_bytes={MAX_REQUEST_BYTES}",
         "serve.max_image_pixels=1000000",
         "serve.max_labels=20",
         "serve.request_timeout_s=20",
         "serve.layout=per_expert",
-        "serve.ingress.num_cpus=0.1",
-        "serve.experts.num_cpus=0.1",
     )
     url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
