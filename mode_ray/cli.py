@@ -78,11 +78,20 @@ def prep(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> Non
 
 
 @app.command()
-def train(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def train(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Train only this model and those it continues (repeatable).")
+    ] = None,
+) -> None:
     """Train the seed, one data expert per coarse cluster and the generalist, as parallel Ray Tune trials."""
+    from functools import partial
+
     from mode_ray.stages.train import run_train
 
-    _run_stage(run_train, _load(config, set_), force)
+    _run_stage(partial(run_train, models=model), _load(config, set_), force)
 
 
 @app.command()
@@ -217,12 +226,13 @@ def demo_data_cmd(
     split: Annotated[str, typer.Option(help="train or eval")] = "train",
     faults: Annotated[bool, typer.Option(help="Add damaged samples and a truncated shard.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Pixel limit the oversized fault image exceeds.")] = 4_000_000,
+    difficulty: Annotated[str, typer.Option(help="standard or hard (fine-grained classes in clutter)")] = "standard",
 ) -> None:
     """Write the multi-domain demo dataset as webdataset shards in the MoDE layout."""
     from mode_ray import demo_data
 
     try:
-        record = demo_data.generate(out, samples, shards, seed, split, faults, max_pixels)
+        record = demo_data.generate(out, samples, shards, seed, split, faults, max_pixels, difficulty=difficulty)
     except ValueError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

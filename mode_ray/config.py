@@ -69,8 +69,14 @@ class DemoDataConfig(Section):
     eval_shards: int = Field(default=2, ge=1)
     seed: int = 0
     faults: bool = False
+    difficulty: Literal["standard", "hard"] = Field(
+        default="standard",
+        description="standard: digits, shapes, textures, letters; hard: four domains of 26-42 fine-grained, "
+        "compositional classes in clutter (objects, numbers, fabrics, glyphs), where a small model is stretched.",
+    )
     domains: list[str] | None = Field(
-        default=None, description="Training domains (default: all four); the eval split always has every one."
+        default=None,
+        description="Training domains (default: the difficulty's four); the eval split always has every one.",
     )
 
 
@@ -205,6 +211,9 @@ class TrainingConfig(Section):
         default="whole_schedule",
         description="The cosine decays over the whole schedule (step / total) or, as open_clip and the references, "
         "over the steps after warmup.",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0, description="Clip the global gradient norm to this (open_clip's --grad-clip-norm)."
     )
     ooc_ratio: float = Field(default=0.02, ge=0, le=1)
     matched_control: bool = Field(

@@ -3,6 +3,8 @@
 Four visual domains whose captions also differ (handwritten digits, coloured shapes,
 textures, printed letters) plus a few uninformative web-style captions, so caption
 clustering has real structure to find and a data expert has something to specialise on.
+`difficulty="hard"`: four other domains of many fine-grained, compositional classes in
+clutter (mode_ray.demo_hard), where a small model's capacity is stretched.
 Deterministic for a seed; `faults=True` adds damage at known places, recorded in
 `dataset.json`, so the data pipeline's reject accounting can be checked.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mode_ray import demo_hard
 from mode_ray.config import EvalTaskConfig, S3Config
 from mode_ray.ownership import claim, remove_owned_tree, stamp_of
 from mode_ray.rejects import Reason
@@ -240,7 +243,22 @@ def _draw_letter(rng: np.random.Generator, split: str) -> tuple[Image.Image, dic
     return _add_noise(img, rng, 4.0), {"letter": letter}
 
 
-DRAW = {"digits": _draw_digit, "shapes": _draw_shape, "textures": _draw_texture, "letters": _draw_letter}
+DRAW = {
+    "digits": _draw_digit,
+    "shapes": _draw_shape,
+    "textures": _draw_texture,
+    "letters": _draw_letter,
+    "objects": demo_hard.draw_object,
+    "numbers": lambda rng, split: demo_hard.draw_number(rng, split, _digit_images()),
+    "fabrics": demo_hard.draw_fabric,
+    "glyphs": lambda rng, split: demo_hard.draw_glyph(rng, split, _font),
+}
+CAPTIONS.update(demo_hard.CAPTIONS)
+# Each difficulty: its domains, and its zero-shot tasks (class names and templates) over the eval split.
+DIFFICULTIES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]] = {
+    "standard": (DOMAINS, CLASS_NAMES, TASK_TEMPLATES),
+    "hard": (demo_hard.DOMAINS, demo_hard.CLASS_NAMES, demo_hard.TASK_TEMPLATES),
+}
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -254,15 +272,18 @@ def _jpeg(img: Image.Image) -> bytes:
 
 def _captions(domain: str, attrs: dict[str, Any], rng: np.random.Generator) -> list[str]:
     """Two distinct phrasings: `caption` is the first, `texts` holds both (the reference's format)."""
-    fields = {
-        "digit": attrs.get("digit_value"),
-        "word": attrs.get("digit"),
-        "color": attrs.get("color"),
-        "shape": attrs.get("shape"),
-        "texture": attrs.get("texture"),
-        "letter": attrs.get("letter"),
-        "lower": str(attrs.get("letter", "")).lower(),
-    }
+    if domain not in DOMAINS:  # the hard domains' attributes are their captions' fields
+        fields = attrs
+    else:
+        fields = {
+            "digit": attrs.get("digit_value"),
+            "word": attrs.get("digit"),
+            "color": attrs.get("color"),
+            "shape": attrs.get("shape"),
+            "texture": attrs.get("texture"),
+            "letter": attrs.get("letter"),
+            "lower": str(attrs.get("letter", "")).lower(),
+        }
     order = rng.permutation(len(CAPTIONS[domain]))[:2]
     return [CAPTIONS[domain][i].format(**fields) for i in order]
 
@@ -341,11 +362,14 @@ def generate(
     max_image_pixels: int = 4_000_000,
     s3: S3Config | None = None,
     domains: Sequence[str] | None = None,
+    difficulty: str = "standard",
 ) -> dict[str, Any]:
     """Write the demo shards under `out` (any fsspec URL) and return the `dataset.json` record. `domains`:
-    only these of DOMAINS (a system built without one, to grow it later with `mode-ray add-data`)."""
-    domains = tuple(domains or DOMAINS)
-    _check_arguments(samples, shards, split, domains)
+    only these of the difficulty's domains (a system built without one, to grow it later with
+    `mode-ray add-data`)."""
+    _check_arguments(samples, shards, split, difficulty, domains)
+    all_domains, class_names, _ = DIFFICULTIES[difficulty]
+    domains = tuple(domains or all_domains)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     prefix = "t" if split == "train" else "e"
     fs, root = get_fs(out, s3)
@@ -358,7 +382,8 @@ def generate(
         "seed": seed,
         "image_size": IMAGE_SIZE,
         "max_image_pixels": max_image_pixels,
-        "class_names": {k: list(v) for k, v in CLASS_NAMES.items()},
+        "difficulty": difficulty,
+        "class_names": {k: list(v) for k, v in class_names.items()},
         "shards": [],
         "faults": fault_records,
     }
@@ -379,10 +404,13 @@ def generate(
     return record
 
 
-def _check_arguments(samples: int, shards: int, split: str, domains: tuple[str, ...]) -> None:
-    unknown = sorted(set(domains) - set(DOMAINS))
+def _check_arguments(samples: int, shards: int, split: str, difficulty: str, domains: Sequence[str] | None) -> None:
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown demo difficulty {difficulty!r}; choose one of {list(DIFFICULTIES)}")
+    known = DIFFICULTIES[difficulty][0]
+    unknown = sorted(set(domains or ()) - set(known))
     if unknown:
-        raise ValueError(f"unknown demo domains {unknown}; the demo has {list(DOMAINS)}")
+        raise ValueError(f"unknown demo domains {unknown}; the {difficulty} demo has {list(known)}")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if shards > samples:
@@ -483,8 +511,9 @@ def shard_urls(out: str, record: dict[str, Any]) -> list[str]:
     return [join(out, sh["path"]) for sh in record["shards"]]
 
 
-def eval_tasks(shards: str | list[str]) -> list[EvalTaskConfig]:
+def eval_tasks(shards: str | list[str], difficulty: str = "standard") -> list[EvalTaskConfig]:
     """The demo's zero-shot tasks over its eval split: the label is an attribute in each sample's json."""
+    _, class_names, templates = DIFFICULTIES[difficulty]
     return [
         EvalTaskConfig(
             name=task,
@@ -492,7 +521,7 @@ def eval_tasks(shards: str | list[str]) -> list[EvalTaskConfig]:
             location=shards,
             label_field=f"attributes.{task}",
             class_names=list(names),
-            templates=list(TASK_TEMPLATES[task]),
+            templates=list(templates[task]),
         )
-        for task, names in CLASS_NAMES.items()
+        for task, names in class_names.items()
     ]

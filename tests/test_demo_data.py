@@ -141,3 +141,42 @@ def test_generation_is_fast(tmp_path):
     demo_data.generate(str(tmp_path), samples=2000, shards=4)
     # Not a benchmark: a guard against an accidental quadratic; the issue asks for "a few seconds".
     assert time.perf_counter() - start < 30
+
+
+def test_the_hard_demo_has_fine_grained_tasks_its_images_carry(tmp_path):
+    """difficulty=hard: four other domains, deterministic for a seed, every clean sample labelled with one of
+    its task's 26-42 classes, and its dataset.json naming those tasks (not the standard demo's)."""
+    from mode_ray import demo_hard
+
+    kwargs = dict(samples=400, shards=2, seed=5, difficulty="hard")
+    record = demo_data.generate(str(tmp_path / "a"), **kwargs)
+    demo_data.generate(str(tmp_path / "b"), **kwargs)
+    for name in ("0/0.tar", "1/1.tar"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert set(record["domains"]) - {"web"} == set(demo_hard.DOMAINS)
+    assert record["class_names"] == {k: list(v) for k, v in demo_hard.CLASS_NAMES.items()}
+    assert all(26 <= len(names) <= 42 for names in demo_hard.CLASS_NAMES.values())
+    tasks = {t.name: t for t in demo_data.eval_tasks(str(tmp_path / "a"), "hard")}
+    assert set(tasks) == set(demo_hard.CLASS_NAMES)
+    labelled = Counter()
+    for tar in ("0/0.tar", "1/1.tar"):
+        for name, payload in _members(tmp_path / "a" / tar).items():
+            if not name.endswith(".json"):
+                continue
+            meta = json.loads(payload)
+            task = [t for t in tasks if t in meta["attributes"]]
+            assert len(task) == 1, meta  # each image belongs to exactly one task
+            assert meta["attributes"][task[0]] in tasks[task[0]].class_names
+            labelled[task[0]] += 1
+            if meta["domain"] != "web":  # its caption names the class (a caption may say 47 for forty-seven)
+                value = str(meta["attributes"].get("value", meta["attributes"][task[0]]))
+                words = meta["attributes"][task[0]].split()
+                assert value in meta["caption"] or all(w in meta["caption"] for w in words), meta
+    assert min(labelled.values()) > 50
+
+
+def test_a_difficulty_or_domain_the_demo_lacks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="difficulty"):
+        demo_data.generate(str(tmp_path / "a"), samples=10, shards=1, difficulty="extreme")
+    with pytest.raises(ValueError, match="hard demo has"):
+        demo_data.generate(str(tmp_path / "b"), samples=10, shards=1, difficulty="hard", domains=["digits"])

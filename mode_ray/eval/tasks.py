@@ -26,7 +26,7 @@ def configured_tasks(cfg: Config, suite: Suite | None = None) -> list[EvalTaskCo
             raise ValueError("eval.demo_tasks needs eval.shards (the demo's eval split)")
         from mode_ray.demo_data import eval_tasks
 
-        tasks += eval_tasks(cfg.eval.shards)
+        tasks += eval_tasks(cfg.eval.shards, cfg.data.demo.difficulty if cfg.data.demo else "standard")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"eval task names must be unique: {names}")

@@ -84,6 +84,7 @@ def demo_settings(cfg: Config, target: DemoTarget) -> str:
         f"{demo_data.GENERATOR_VERSION}/{target.split}/{target.samples}/{target.shards}/{demo.seed}/{demo.faults}/"
         f"{cfg.data.max_image_pixels}"
         + (f"/{'+'.join(demo.domains)}" if demo.domains and target.split == "train" else "")
+        + (f"/{demo.difficulty}" if demo.difficulty != "standard" else "")  # the standard demo keeps its hash
     )
 
 
@@ -111,6 +112,7 @@ def _generate(cfg: Config, target: DemoTarget) -> dict:
         max_image_pixels=cfg.data.max_image_pixels,
         s3=cfg.data.s3,
         domains=demo.domains if train else None,
+        difficulty=demo.difficulty,
     )
 
 
