@@ -13,8 +13,9 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from mode_ray.config import config_from_dict
+from mode_ray.config import S3Config, config_from_dict
 from mode_ray.stages.plan_jobs import inputs_of, model_job
+from mode_ray.train.build import build_job_model
 from mode_ray.train.job import TrainJob
 from mode_ray.train.loop import LoopRun, train
 from mode_ray.train.schedule import Schedule, Span
@@ -141,3 +142,27 @@ def _fail_after_first_checkpoint(rt: LocalRuntime):  # noqa: ANN202
         raise RuntimeError("worker lost")
 
     return report
+
+
+def test_the_curve_records_gradient_norms_and_the_logit_scale_and_clipping_bounds_the_step(tmp_path, data):
+    """Each loss-curve point carries the largest and mean gradient norm since the last point (a spike shows
+    there) and the logit scale; `training.grad_clip_norm` clips the global norm before the step: clipped to
+    almost nothing, Adam's update shrinks below its epsilon and the weights barely move."""
+    free = seed_job(tmp_path / "free", 4, "training.weight_decay=0")  # decay moves weights whatever the gradient
+    train(free, loop_run(4), LocalRuntime(data, tmp_path / "free-ckpt"))
+    points = json.loads((Path(free.paths.out_dir) / "train_record.json").read_text())["loss_history"]
+    assert all(p["grad_norm_max"] >= p["grad_norm_mean"] > 0 for p in points)
+    assert all(abs(p["logit_scale"] - 1 / 0.07) < 1.0 for p in points)  # open_clip's init, 4 small steps on
+    clipped = seed_job(tmp_path / "clipped", 4, "training.weight_decay=0", "training.grad_clip_norm=1e-12")
+    assert clipped.optimizer.grad_clip_norm == 1e-12
+    train(clipped, loop_run(4), LocalRuntime(data, tmp_path / "clipped-ckpt"))
+    start = seed_job(
+        tmp_path / "start", 4, "training.weight_decay=0"
+    )  # the same init, never stepped: what "barely moved" is measured from
+    torch.manual_seed(start.inputs.seed)
+    init = build_job_model(start, S3Config(), torch.device("cpu")).state_dict()
+    moved = {
+        name: (final_weights(job)["visual.proj"] - init["visual.proj"]).abs().max()
+        for name, job in (("free", free), ("clipped", clipped))
+    }
+    assert moved["clipped"] < 1e-3 * moved["free"], moved

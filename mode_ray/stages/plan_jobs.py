@@ -97,7 +97,7 @@ def model_job(cfg: Config, span: Span, schedule: Schedule, inputs: Inputs, init:
         first_step=span.start_step,
         end_step=span.end_step,
         stretch=span.stretch,
-        optimizer=Optimizer("mode_ray", t.lr, t.weight_decay, t.betas, t.eps),
+        optimizer=Optimizer("mode_ray", t.lr, t.weight_decay, t.betas, t.eps, t.grad_clip_norm),
         loss=Loss(),
         inputs=inputs,
         paths=Paths(paths.experts(span.name), paths.export(span.name), urls),

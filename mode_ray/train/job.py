@@ -41,6 +41,7 @@ class Optimizer:
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this (open_clip's --grad-clip-norm)
 
 
 @dataclass(frozen=True)

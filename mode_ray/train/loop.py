@@ -35,7 +35,7 @@ from mode_ray.train.job import Optimizer, TrainJob
 from mode_ray.train.losses import SmoothedClipLoss, training_loss
 from mode_ray.train.outputs import write_outputs
 from mode_ray.train.step_log import StepLog
-from mode_ray.train.tracking import Tracker, checkpoint_values
+from mode_ray.train.tracking import Tracker, checkpoint_values, curve_values
 from mode_ray.train.transforms import augment
 from mode_ray.train.validation import HeldOut, validate
 
@@ -200,18 +200,30 @@ class Trainer:
         self.scaler.scale(loss / accum).backward()
         return float(loss.detach())
 
-    def optimizer_step(self, lr: float) -> None:
+    def optimizer_step(self, lr: float) -> float:
+        """Step at `lr`; returns the gradients' global norm before clipping (the curve a spike shows on)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
+        self.scaler.unscale_(self.opt)  # the true norm under amp's loss scaling (a no-op in full precision)
+        params = [p for group in self.opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        clip = self.job.optimizer.grad_clip_norm
+        if clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            getattr(self.model, "module", self.model).logit_scale.clamp_(0, math.log(100))
+            self.logit_scale.clamp_(0, math.log(100))
+        return float(norm)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return getattr(self.model, "module", self.model).logit_scale
 
 
-def train_step(tr: Trainer, batches: Batches, state: dict[str, Any], log: StepLog, lr: float) -> float:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss."""
+def train_step(tr: Trainer, batches: Batches, state: dict[str, Any], log: StepLog, lr: float) -> tuple[float, float]:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss and the gradient norm."""
     accum, seconds, losses = tr.job.inputs.grad_accum_steps, state["seconds"], []
     for _ in range(accum):
         with timed(seconds, "data_wait"):
@@ -219,9 +231,9 @@ def train_step(tr: Trainer, batches: Batches, state: dict[str, Any], log: StepLo
         with timed(seconds, "compute"):
             losses.append(tr.forward_backward(images, texts, accum))
     with timed(seconds, "compute"):
-        tr.optimizer_step(lr)
+        grad_norm = tr.optimizer_step(lr)
     state["step"] += 1
-    return sum(losses) / accum
+    return sum(losses) / accum, grad_norm
 
 
 def build_trainer(job: TrainJob, run: LoopRun, rt: Runtime) -> tuple[Trainer, dict[str, Any], bool]:
@@ -274,11 +286,11 @@ def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None =
     assert job.end_step is not None
     while state["step"] < job.end_step:
         lr = job.schedule.lr(state["step"], job.stretch)
-        loss = train_step(tr, batches, state, log, lr)
+        loss, grad_norm = train_step(tr, batches, state, log, lr)
         stamps.setdefault("first_batch", time.time())
         maybe_fail(run, state["step"])
-        if log.loss(loss, lr, run.log_every_steps):
-            tracker.log(state["step"], {"train/loss": state["loss_history"][-1]["loss"], "train/lr": lr})
+        if log.loss(loss, lr, run.log_every_steps, grad_norm, lambda: float(tr.logit_scale.detach().exp())):
+            tracker.log(state["step"], curve_values(state["loss_history"][-1]))
         if log.due(run.checkpoint_every_steps):
             metrics = log.checkpoint_metrics(tr.device, lr)
             record = validate_and_checkpoint(tr, state, held_out, metrics, rt, batches)

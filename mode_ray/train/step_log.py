@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ class StepLog:
     def __init__(self, job: TrainJob, state: dict[str, Any], rt: Any, lead: bool) -> None:
         self.job, self.state, self.rt, self.lead = job, state, rt, lead
         self.window: list[float] = []  # losses since the last loss-curve point
+        self.norms: list[float] = []  # and the gradient norms
         self.local_seen: Counter[str] = Counter()  # samples per coarse cluster since the last checkpoint, here
         self.tic, self.samples_since = time.perf_counter(), 0
         assert job.end_step is not None
@@ -30,19 +32,30 @@ class StepLog:
         self.local_seen.update(str(c) for c in coarse_ids)
         self.samples_since += len(coarse_ids) * self.rt.world_size
 
-    def loss(self, loss: float, lr: float, every: int) -> bool:
-        """Adds a step's loss; True when a loss-curve point was made (every `every` steps and at the end)."""
+    def loss(self, loss: float, lr: float, every: int, grad_norm: float, logit_scale: Callable[[], float]) -> bool:
+        """Adds a step's loss and gradient norm; True when a loss-curve point was made (every `every` steps and
+        at the end): the mean loss, the largest and the mean gradient norm since the last point (a spike shows
+        in the largest), and the logit scale (the temperature running away shows there)."""
         state = self.state
         if state["first_lr"] is None:
             state["first_lr"] = lr
         self.window.append(loss)
+        self.norms.append(grad_norm)
         if state["step"] % every and state["step"] != self.end_step:
             return False
         point = sum(self.window) / len(self.window)
         state["loss_history"].append(
-            {"step": state["step"], "loss": point, "lr": lr, "compute_s": state["seconds"]["compute"]}
+            {
+                "step": state["step"],
+                "loss": point,
+                "lr": lr,
+                "grad_norm_max": max(self.norms),
+                "grad_norm_mean": sum(self.norms) / len(self.norms),
+                "logit_scale": logit_scale(),
+                "compute_s": state["seconds"]["compute"],
+            }
         )
-        self.window = []
+        self.window, self.norms = [], []
         self._progress(completed=state["step"] - self.job.first_step, note=f"loss {point:.3f}")
         return True
 

@@ -43,6 +43,17 @@ class Tracker:
             sink.close()
 
 
+def curve_values(point: dict[str, Any]) -> dict[str, float | None]:
+    """What a loss-curve point adds to the curves: the loss, the learning rate, the gradient norm and the
+    logit scale (the signals a diverging run shows first)."""
+    return {
+        "train/loss": point["loss"],
+        "train/lr": point["lr"],
+        "train/grad_norm_max": point.get("grad_norm_max"),
+        "train/logit_scale": point.get("logit_scale"),
+    }
+
+
 def checkpoint_values(metrics: dict[str, Any], record: dict[str, Any] | None) -> dict[str, float | None]:
     """What a checkpoint adds to the curves: throughput and the held-out metrics, per coarse cluster too."""
     values: dict[str, float | None] = {
