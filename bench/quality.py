@@ -57,11 +57,11 @@ def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
     return shards + ([f"eval.shards={json.dumps(cfg.eval.shards)}"] if cfg.eval.shards else [])
 
 
-def seed_root(root: Path, seed: int) -> Path:
-    """ROOT/seed-K, its prep outputs linked from ROOT/prep (the completion markers come along)."""
+def seed_root(root: Path, seed: int, name: str | None = None) -> Path:
+    """ROOT/seed-K (or ROOT/name), its prep outputs linked from ROOT/prep (the completion markers come along)."""
     from mode_ray.ownership import claim_run_root
 
-    run = root / f"seed-{seed}"
+    run = root / (name or f"seed-{seed}")
     claim_run_root(str(run))  # before the links: a run root holding them must already be ours
     for name in SHARED:
         link, target = run / name, root / "prep" / name

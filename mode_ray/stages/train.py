@@ -46,9 +46,12 @@ def resolve_init(cfg: Config) -> str | None:
     return folder
 
 
-def run_train(cfg: Config, force: bool = False, with_moe: bool = False) -> dict[str, Any]:
+def run_train(
+    cfg: Config, force: bool = False, with_moe: bool = False, models: list[str] | None = None
+) -> dict[str, Any]:
     """Seed, every data expert and both generalists (and, `with_moe`, the CLIP-MoE's jobs) as one DAG of
-    Tune trials; skips finished models."""
+    Tune trials; skips finished models. `models`: only these and the models they continue (a dense
+    baseline alone: seed and generalist)."""
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages import moe
 
@@ -57,6 +60,8 @@ def run_train(cfg: Config, force: bool = False, with_moe: bool = False) -> dict[
     plan = make_plan(cfg, prep["per_expert"])
     inputs = inputs_of(cfg, manifest_run)
     jobs = training_jobs(cfg, plan, inputs, resolve_init(cfg))
+    if models:
+        jobs = with_ancestors(jobs, models)
     for e in plan.empty_experts:
         console.print(f"[yellow]expert-{e}: empty partition, skipped[/yellow]")
     print_schedule(plan)
@@ -87,6 +92,21 @@ def print_schedule(plan: Plan) -> None:
         f"({plan.samples_per_epoch} samples an epoch); seed {seed.steps if seed else 0} steps, "
         + ", ".join(f"{j.name} {j.steps}" for j in plan.tails)
     )
+
+
+def with_ancestors(jobs: list[TrainJob], names: list[str]) -> list[TrainJob]:
+    """The jobs named and every job they continue, in plan order; an unknown name is an error."""
+    by_name = {j.name: j for j in jobs}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise ValueError(f"no model {unknown} in this run's plan; it has {list(by_name)}")
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += [p for p in by_name[name].parents if p in by_name]
+    return [j for j in jobs if j.name in wanted]
 
 
 def training_summary(cfg: Config, plan: Plan, jobs: list[TrainJob]) -> dict[str, Any]:
