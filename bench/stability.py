@@ -10,7 +10,9 @@ data experts were trained, the evaluation. Prints per model and seed: the held-o
 accuracy on the held-out manifest rows (what settings are chosen by) and the average zero-shot accuracy (what
 the goal is stated in); the spread over seeds (sd, min / median / max, min ÷ median); whether the repeat's
 weights are the same bytes; and the held-out loss at every checkpoint, seeds side by side. Writes
-ROOT/stability.md, ROOT/stability.json and ROOT/curves.png (training and held-out loss, one line per seed).
+ROOT/stability.md, ROOT/stability.json and ROOT/curves.png (training and held-out loss, gradient norm and
+logit scale, one line per seed). `--tag T`: runs and files named T-… beside other variants on the same prep
+(one prep, several recipes; variants may run at once: a seed is one run whatever else shares the machine).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def run_one(config: str, overrides: list[str], run: Path, seed: int, models: lis
 
 
 def weights_digest(folder: Path) -> str | None:
-    """sha256 over the export's weight files (what a repeat must reproduce byte for byte)."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    """sha256 of the export's weights (what a repeat must reproduce byte for byte; the training state beside
+    them also holds timings, which differ)."""
+    files = sorted((folder / "export").glob("*.safetensors"))
     if not files:
         return None
     digest = hashlib.sha256()
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", default="all", help="'all', or a comma list (with what they continue)")
     parser.add_argument("--root", default="runs/stability", help="where the prep and every run go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
+    parser.add_argument(
+        "--tag", default="", help="name this variant's runs and files TAG-… in ROOT, beside others on the same prep"
+    )
     args = parser.parse_args(argv)
     from mode_ray.ownership import claim
 
@@ -199,23 +205,27 @@ def main(argv: list[str] | None = None) -> str:
     requested = ["training.matched_control=false", "moe.enabled=false", *args.overrides]
     overrides = [*requested, *prepare(args.config, requested, root)]
     models = None if args.models == "all" else args.models.split(",")
-    runs = {s: run_one(args.config, overrides, seed_root(root, s), s, models) for s in range(args.seeds)}
+    tag = f"{args.tag}-" if args.tag else ""
+    runs = {
+        s: run_one(args.config, overrides, seed_root(root, s, f"{tag}seed-{s}"), s, models) for s in range(args.seeds)
+    }
     repeat = None
     if args.repeat >= 0:
         again = run_one(
-            args.config, overrides, seed_root(root, args.repeat, f"repeat-{args.repeat}"), args.repeat, models
+            args.config, overrides, seed_root(root, args.repeat, f"{tag}repeat-{args.repeat}"), args.repeat, models
         )
         repeat = (args.repeat, again)
     text = report(runs, repeat)
-    plot_curves(runs, root / "curves.png")
+    files = {kind: root / f"{tag}{kind}" for kind in ("stability.md", "stability.json", "curves.png")}
+    plot_curves(runs, files["curves.png"])
     header = f"`python bench/stability.py --config {args.config} --seeds {args.seeds} --models {args.models}" + "".join(
         f" --set {o}" for o in args.overrides
     )
-    (root / "stability.md").write_text(f"# Stability over training seeds\n\n{header}`\n\n{text}")
+    files["stability.md"].write_text(f"# Stability over training seeds\n\n{header}`\n\n{text}")
     record = {"args": vars(args), "runs": runs, "repeat": repeat}
-    (root / "stability.json").write_text(json.dumps(record, indent=2))
+    files["stability.json"].write_text(json.dumps(record, indent=2))
     print(text)
-    print(f"written: {root / 'stability.md'}, {root / 'stability.json'}, {root / 'curves.png'}")
+    print("written: " + ", ".join(map(str, files.values())))
     return text
 
 

@@ -149,6 +149,9 @@ def test_every_job_is_tracked_where_tensorboard_mlflow_and_wandb_read_it(init_ru
         assert [e.step for e in losses] == [p["step"] for p in history]
         assert [e.value for e in losses] == pytest.approx([p["loss"] for p in history], rel=1e-6)
         assert {"train/lr", "val/loss", "train/samples_seen"} <= set(events.Tags()["scalars"])
+        for key in ("grad_norm_max", "logit_scale"):  # the signals a diverging run shows first
+            values = [e.value for e in events.Scalars(f"train/{key}")]
+            assert values == pytest.approx([p[key] for p in history], rel=1e-6) and min(values) > 0
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to read a file store
     client = MlflowClient(tracking_uri=f"file:{cfg.tracking.dir}/mlruns")
     experiment = client.get_experiment_by_name(f"mode_ray-{Path(cfg.run_root).name}")
