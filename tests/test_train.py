@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mode_ray.stages.train import experts_dir, run_train
+from mode_ray.stages.train import experts_dir, run_train, with_ancestors
 from mode_ray.stages.train_data import (
     Source,
     draws_per_execution,
@@ -303,6 +303,18 @@ def test_plan_counts_steps_for_every_job():
         matched_control=False,
     )
     assert scratch.seed is None and [(j.start_step, j.end_step) for j in scratch.tails] == [(0, 40)] * 3
+
+
+def test_training_one_model_plans_it_and_what_it_continues():
+    """`mode-ray train --model NAME`: the job and its ancestors, in plan order; an unknown name is refused."""
+    from types import SimpleNamespace as Job
+
+    jobs = [Job(name="seed", parents=()), *(Job(name=n, parents=("seed",)) for n in ("expert-0", "generalist"))]
+    jobs.append(Job(name="moe-stage1", parents=("generalist",)))
+    assert [j.name for j in with_ancestors(jobs, ["moe-stage1"])] == ["seed", "generalist", "moe-stage1"]
+    assert [j.name for j in with_ancestors(jobs, ["seed"])] == ["seed"]
+    with pytest.raises(ValueError, match="no model \\['expert-9'\\]"):
+        with_ancestors(jobs, ["expert-9"])
 
 
 def test_schedule_warmup_cosine_and_stretched_tail():
