@@ -13,6 +13,7 @@ weights are the same bytes; and the held-out loss at every checkpoint, seeds sid
 ROOT/stability.md, ROOT/stability.json and ROOT/curves.png (training and held-out loss, gradient norm and
 logit scale, one line per seed). `--tag T`: runs and files named T-… beside other variants on the same prep
 (one prep, several recipes; variants may run at once: a seed is one run whatever else shares the machine).
+`--compare A.json B.json --models seed --out F.png` draws earlier runs' curves side by side.
 """
 
 from __future__ import annotations
@@ -152,19 +153,22 @@ def report(runs: dict[int, dict[str, Any]], repeat: tuple[int, dict[str, Any]] |
 ROWS = (("loss", "CLIP loss"), ("grad_norm_curve", "grad norm (max of 10 steps)"), ("logit_scale_curve", "logit scale"))
 
 
-def plot_curves(runs: dict[int, dict[str, Any]], path: Path) -> None:
-    """One column per model, one colour per seed: training loss (thin) and held-out loss (dots), the largest
-    gradient norm of each 10 steps, and the logit scale."""
+def plot_curves(variants: dict[str, dict[int, dict[str, Any]]], path: Path, models: list[str] | None = None) -> None:
+    """One column per model (and variant), one colour per seed: training loss (thin) and held-out loss (dots),
+    the largest gradient norm of each 10 steps, and the logit scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seeds = sorted(runs)
-    models = [m for m in runs[seeds[0]] if runs[seeds[0]][m].get("train_curve")]
-    fig, axes = plt.subplots(len(ROWS), len(models), figsize=(3.6 * len(models), 2.8 * len(ROWS)), squeeze=False)
-    for col, model in enumerate(models):
-        for i, seed in enumerate(seeds):
+    columns = []
+    for name, runs in variants.items():
+        first = runs[min(runs)]
+        columns += [(name, m) for m in (models or first) if first.get(m, {}).get("train_curve")]
+    fig, axes = plt.subplots(len(ROWS), len(columns), figsize=(3.6 * len(columns), 2.8 * len(ROWS)), squeeze=False)
+    for col, (name, model) in enumerate(columns):
+        runs = variants[name]
+        for i, seed in enumerate(sorted(runs)):
             run, colour = runs[seed][model], f"C{i}"
             curves = {"loss": run["train_curve"], **{k: run.get(k) or [] for k, _ in ROWS[1:]}}
             for row, (key, _) in enumerate(ROWS):
@@ -173,16 +177,32 @@ def plot_curves(runs: dict[int, dict[str, Any]], path: Path) -> None:
                     axes[row][col].plot(*zip(*points, strict=True), color=colour, lw=0.8, label=f"seed {seed}")
             if run["val_curve"]:
                 axes[0][col].plot(*zip(*run["val_curve"], strict=True), "o-", color=colour, ms=3, lw=1.5)
-        axes[0][col].set_title(model)
+        axes[0][col].set_title(f"{model}: {name}" if name else model, fontsize=9)
         for row, (_, label) in enumerate(ROWS):
             axes[row][col].grid(alpha=0.3)
             axes[row][col].set_xlabel("step")
             if col == 0:
                 axes[row][0].set_ylabel(label)
+    for row in range(len(ROWS)):  # variants side by side on one scale
+        low = min(ax.get_ylim()[0] for ax in axes[row])
+        high = max(ax.get_ylim()[1] for ax in axes[row])
+        for ax in axes[row]:
+            ax.set_ylim(low, high)
     axes[0][0].legend(fontsize=7, title="thin: training, dots: held-out", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def compare(files: list[str], labels: list[str] | None, out: Path, models: list[str] | None) -> None:
+    """Curves of earlier runs of this benchmark side by side, one set of columns per stability.json (named by
+    `labels`, else by its overrides)."""
+    variants = {}
+    for i, file in enumerate(files):
+        record = json.loads(Path(file).read_text())
+        name = labels[i] if labels else " ".join(record["args"]["overrides"]) or "as configured"
+        variants[name] = {int(seed): run for seed, run in record["runs"].items()}
+    plot_curves(variants, out, models)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -196,7 +216,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--tag", default="", help="name this variant's runs and files TAG-… in ROOT, beside others on the same prep"
     )
+    parser.add_argument(
+        "--compare", nargs="+", metavar="JSON", help="only draw these runs' stability.json curves side by side"
+    )
+    parser.add_argument("--labels", nargs="+", help="--compare: a name for each file")
+    parser.add_argument("--out", default="curves-compared.png", help="--compare: the figure's path")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(args.compare, args.labels, Path(args.out), None if args.models == "all" else args.models.split(","))
+        return args.out
     from mode_ray.ownership import claim
 
     root = Path(args.root).resolve()
@@ -217,7 +245,7 @@ def main(argv: list[str] | None = None) -> str:
         repeat = (args.repeat, again)
     text = report(runs, repeat)
     files = {kind: root / f"{tag}{kind}" for kind in ("stability.md", "stability.json", "curves.png")}
-    plot_curves(runs, files["curves.png"])
+    plot_curves({"": runs}, files["curves.png"])
     header = f"`python bench/stability.py --config {args.config} --seeds {args.seeds} --models {args.models}" + "".join(
         f" --set {o}" for o in args.overrides
     )

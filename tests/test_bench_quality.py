@@ -64,3 +64,7 @@ def test_stability_benchmark_shows_the_spread_and_that_a_repeated_seed_is_the_sa
     assert all(g is not None and g > 0 for _, g in first["grad_norm_curve"])
     assert (tmp_path / "t-curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "t-repeat-0" / "manifest").is_symlink()
+    compared = tmp_path / "compared.png"  # earlier runs side by side (here the same one twice, named)
+    json_file = str(tmp_path / "t-stability.json")
+    _bench("stability").main(["--compare", json_file, json_file, "--labels", "a", "b", "--out", str(compared)])
+    assert compared.read_bytes()[:4] == b"\x89PNG"
