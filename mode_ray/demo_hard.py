@@ -4,7 +4,7 @@ The standard demo is easy where MoDE's effect is small (one tiny model reaches ~
 domains stretch a small model as web data stretches a real one: each task has 26-42 classes that differ in
 one attribute of two (a red hexagon against a red cross and an orange hexagon; forty-seven against
 forty-one), every image carries distractors (strokes and small shapes in other colours, an occluding
-patch), and ~40 training pairs a class in 6,000. Drawn like the standard domains: deterministic for a
+patch), and ~50 training pairs a class in the demo's 8,000. Drawn like the standard domains: deterministic for a
 generator, the eval split's handwriting from scans training never sees.
 """
 
