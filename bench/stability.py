@@ -7,12 +7,13 @@ One prep in ROOT/prep (bench/quality.py's), then for each training seed 0..N-1 �
 more, in its own run root, to show that a seed is one run — the training (`--models`: every model the config
 plans but the compute-matched control and the MoE, or only the named ones and those they continue) and, when
 data experts were trained, the evaluation. Prints per model and seed: the held-out CLIP loss and image→text
-accuracy on the held-out manifest rows (what settings are chosen by) and the average zero-shot accuracy (what
-the goal is stated in); the spread over seeds (sd, min / median / max, min ÷ median); whether the repeat's
-weights are the same bytes; and the held-out loss at every checkpoint, seeds side by side. Writes
-ROOT/stability.md, ROOT/stability.json and ROOT/curves.png (training and held-out loss, gradient norm and
-logit scale, one line per seed). `--tag T`: runs and files named T-… beside other variants on the same prep
-(one prep, several recipes; variants may run at once: a seed is one run whatever else shares the machine).
+accuracy on the held-out manifest rows (what settings are chosen by), the average zero-shot accuracy (what the
+goal is stated in) and the training-loss jitter (`loss_jitter`); the spread over seeds (sd, min / median /
+max, min ÷ median); whether the repeat's weights are the same bytes; and the held-out loss at every
+checkpoint, seeds side by side. Writes ROOT/stability.md, ROOT/stability.json and ROOT/curves.png (training
+and held-out loss, gradient norm and logit scale, one line per seed). `--tag T`: runs and files named T-…
+beside other variants on the same prep (one prep, several recipes; variants may run at once: a seed is one run
+whatever else shares the machine).
 `--compare A.json B.json --models seed --out F.png` draws earlier runs' curves side by side.
 """
 
@@ -56,6 +57,7 @@ def run_one(config: str, overrides: list[str], run: Path, seed: int, models: lis
         out[name] = {
             "heldout_loss": last.get("loss"),
             "heldout_accuracy": last.get("i2t_acc"),
+            "train_loss_jitter": loss_jitter([p["loss"] for p in m["loss_history"]]),
             "zero_shot": accuracy.get(name, {}).get(AVERAGE),
             "val_curve": [(v["step"], v["all"]["loss"]) for v in m["val_history"]],
             "train_curve": [(p["step"], p["loss"]) for p in m["loss_history"]],
@@ -81,6 +83,17 @@ def weights_digest(folder: Path) -> str | None:
     return digest.hexdigest()
 
 
+def loss_jitter(points: list[float]) -> float | None:
+    """How far the training-loss curve jumps from point to point: the sd of each point's distance from the
+    mean of its two neighbours, past the first fifth of the curve (the fast early fall is trend, not jitter).
+    Batches drawn i.i.d. give a small figure; batches whose domain mix swings (a read task's few row groups)
+    a large one, whatever the held-out loss says."""
+    points = points[len(points) // 5 :]
+    if len(points) < 3:
+        return None
+    return statistics.pstdev([b - (a + c) / 2 for a, b, c in zip(points, points[1:], points[2:], strict=False)])
+
+
 def spread(values: list[float]) -> dict[str, float]:
     median = statistics.median(values)
     return {
@@ -96,6 +109,7 @@ def spread(values: list[float]) -> dict[str, float]:
 METRICS = (
     ("heldout_loss", "held-out loss", 1.0),
     ("heldout_accuracy", "held-out i→t acc %", 100.0),
+    ("train_loss_jitter", "training-loss jitter", 1.0),
     ("zero_shot", "zero-shot avg %", 100.0),
 )
 

@@ -57,6 +57,7 @@ def test_stability_benchmark_shows_the_spread_and_that_a_repeated_seed_is_the_sa
     text = _bench("stability").main([*args, *[x for o in TINY for x in ("--set", o)]])
     rows = [line for line in text.splitlines() if line.startswith("| seed | held-out loss |")]
     assert len(rows) == 1 and rows[0].count("|") == 9  # model, metric, 2 seeds, mean, sd, min/median/max, min ÷ median
+    assert any(line.startswith("| seed | training-loss jitter |") for line in text.splitlines())
     assert "Seed 0 run twice: 1 of 1 models' weights are the same bytes." in text
     raw = json.loads((tmp_path / "t-stability.json").read_text())
     first, again = raw["runs"]["0"]["seed"], raw["repeat"][1]["seed"]
