@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from mode_ray.config import Config, ConfigError, load_config
 from mode_ray.progress import VERBOSE_ENV, console
@@ -38,7 +39,7 @@ def main(
 def _fail(err: Exception, code: int) -> typer.Exit:
     from mode_ray.runtime import log_hint
 
-    console.print(f"[red]{err}[/red]{log_hint()}")
+    console.print(f"[red]{escape(str(err))}[/red]{log_hint()}")
     return typer.Exit(code)
 
 
@@ -46,7 +47,7 @@ def _load(config: Path, overrides: list[str] | None) -> Config:
     try:
         return load_config(config, overrides or [])
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
+        console.print(f"[red]{escape(str(err))}[/red]")
         raise typer.Exit(2) from None
 
 
@@ -234,7 +235,7 @@ def demo_data_cmd(
     try:
         record = demo_data.generate(out, samples, shards, seed, split, faults, max_pixels, difficulty=difficulty)
     except ValueError as err:
-        console.print(f"[red]{err}[/red]")
+        console.print(f"[red]{escape(str(err))}[/red]")
         raise typer.Exit(2) from None
     console.print(
         f"wrote {record['samples']} samples in {len(record['shards'])} shards to {out} "

@@ -163,6 +163,8 @@ def require_resources(cfg: Config, needs: list, stage: str, poll_s: float = 2.0,
     them (`request_resources`) and the stage waits, saying so, for at most `ray.resource_wait_s`."""
     import time
 
+    from rich.markup import escape
+
     from mode_ray.progress import console
     from mode_ray.resources import shortfalls
 
@@ -175,7 +177,8 @@ def require_resources(cfg: Config, needs: list, stage: str, poll_s: float = 2.0,
 
     request_resources(bundles=[b for need in needs for b in need.bundles()])
     started = last_report = time.monotonic()
-    console.print(f"  [yellow]{stage}: waiting up to {cfg.ray.resource_wait_s:.0f}s for the autoscaler: {problems[0]}")
+    wait_s = cfg.ray.resource_wait_s
+    console.print(f"  [yellow]{stage}: waiting up to {wait_s:.0f}s for the autoscaler: {escape(problems[0])}")
     try:
         while problems := shortfalls(needs, _alive_nodes()):
             waited = time.monotonic() - started
@@ -185,7 +188,7 @@ def require_resources(cfg: Config, needs: list, stage: str, poll_s: float = 2.0,
                     + "; ".join(problems)
                 )
             if time.monotonic() - last_report >= report_s:
-                console.print(f"  [yellow]{stage}: still waiting for nodes ({waited:.0f}s): {problems[0]}")
+                console.print(f"  [yellow]{stage}: still waiting for nodes ({waited:.0f}s): {escape(problems[0])}")
                 last_report = time.monotonic()
             time.sleep(poll_s)
     finally:

@@ -130,6 +130,14 @@ def arrow_filesystem(url: str, s3: S3Config | None = None) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def ray_storage(url: str, s3: S3Config | None = None) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig at `url`. With a file system of its
+    own Ray wants the path inside it, without the scheme (`s3://bucket/p` → `bucket/p`, as Ray's docs say):
+    given the whole URL, Ray made `s3:` the bucket."""
+    filesystem = arrow_filesystem(url, s3)
+    return (url if filesystem is None else get_fs(url, s3)[1]), filesystem
+
+
 def copy_tree(src: str, dst: str, s3: S3Config | None = None) -> None:
     """Copy a completed stage's folder, its marker last, so a copy cut short never looks complete."""
     fs, path = get_fs(src, s3)

@@ -96,3 +96,15 @@ def test_the_prep_pipelines_never_hold_every_cpu(name, tmp_path):
     cfg = load_config(REPO / "configs" / name, [f"data.shards={tmp_path}", f"eval.shards={tmp_path}"])
     left = cfg.ray.num_cpus - cfg.embedding.num_cpus_per_actor * cfg.embedding.max_actors
     assert left >= 1 and (left * 2) % 1 != 0  # one read or write fits; tasks of 1 and 0.5 CPU never sum to it
+
+
+def test_an_error_with_markup_characters_is_printed_as_its_text():
+    """An error's text reaches the console as written, brackets included (rich once read `[/:]` in an S3 error
+    as a closing tag and raised MarkupError instead of printing the reason)."""
+    from mode_ray.cli import _fail
+    from mode_ray.progress import console
+
+    reason = 'Invalid bucket name "s3:": Bucket name must match the regex "^[a-zA-Z0-9.\\-_]{1,255}$" or [/:] [red]x'
+    with console.capture() as captured:
+        _fail(RuntimeError(reason), 1)
+    assert reason in captured.get()

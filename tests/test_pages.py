@@ -87,6 +87,18 @@ def _api(url: str, image: Path, labels: list[str], **extra) -> httpx.Response:
     return httpx.post(url, json=body, timeout=60)
 
 
+def test_the_try_it_page_opens_on_the_routing_the_report_found_best(served_pages, evaluated_run, browser):
+    from selenium.webdriver.common.by import By
+
+    _, url = served_pages
+    _, result = evaluated_run
+    best = max(("reference", "calibrated"), key=lambda m: result["accuracy"][f"ensemble-{m}"]["average"])
+    assert result["best_routing"] == best == httpx.get(f"{url}v1/experts").json()["best_routing"]
+    browser.get(url)
+    wait(browser, "return document.body.dataset.ready === '1'")
+    assert browser.find_element(By.ID, "routing").get_attribute("value") == best
+
+
 def test_the_try_it_page_shows_what_the_api_answers(served_pages, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

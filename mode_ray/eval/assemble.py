@@ -23,7 +23,7 @@ from mode_ray.compute import report_rows
 from mode_ray.config import Config, EvalTaskConfig
 from mode_ray.eval import moe_usage
 from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
-from mode_ray.eval.report import accuracy_table, retrieval_table, routing_hit_rates, write_report
+from mode_ray.eval.report import accuracy_table, best_routing, retrieval_table, routing_hit_rates, write_report
 from mode_ray.eval.retrieval import Corpus, build_corpus
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, Scores, TaskData, merge, score_retrieval, score_task
@@ -275,6 +275,7 @@ def write_results(cfg: Config, plan: EvalPlan, features: Features, router: TaskR
         "tasks": tasks_order,
         "header": header,
         "routing_hit_rate": routing_hit_rates(scores.routing),
+        "best_routing": best_routing(table),
         "suite": suite_result,
     }
     write_json(join(paths.eval, "summary.json"), result, s3)

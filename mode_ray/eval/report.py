@@ -17,7 +17,7 @@ from mode_ray.config import S3Config
 from mode_ray.eval import moe_usage
 from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
 from mode_ray.eval.plots import png_bytes, share_heatmap
-from mode_ray.eval.scoring import ALL_UNIT, EXPERT_MAX, RETRIEVAL_TASK, Scores
+from mode_ray.eval.scoring import ALL_UNIT, EXPERT_MAX, METHODS, RETRIEVAL_TASK, Scores, ensemble_name
 from mode_ray.layout import MOE
 from mode_ray.names import GENERALIST, MATCHED, expert_name
 from mode_ray.storage import join, write_bytes, write_json
@@ -57,6 +57,14 @@ def accuracy_table(
     for row in table.values():
         row["average"] = float(np.mean([row[t] for t in tasks])) if tasks else math.nan
     return tasks, table
+
+
+def best_routing(table: dict[str, dict[str, float]]) -> str | None:
+    """The routing method whose ensemble has the best average zero-shot accuracy in this report (what the
+    try-it page opens with; the served default stays `eval.routing.method`). None without a scored ensemble."""
+    scored = {m: table[ensemble_name(m)]["average"] for m in METHODS if ensemble_name(m) in table}
+    scored = {m: v for m, v in scored.items() if not math.isnan(v)}
+    return max(scored, key=scored.__getitem__) if scored else None
 
 
 def retrieval_table(metrics: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:

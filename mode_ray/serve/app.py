@@ -176,6 +176,7 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
     per_expert = read_json(paths.prep_summary, s3).get("per_expert", {}) if exists(paths.prep_summary, s3) else {}
     trained = read_json(paths.experts_summary, s3)["models"]
     added = read_registry(cfg)["experts"]
+    summary = join(paths.eval, "summary.json")
     fine_counts = np.bincount(router.fine_to_coarse, minlength=router.n_experts)
     experts = []
     for name in models:
@@ -200,6 +201,7 @@ def _experts_info(cfg: Config, models: list[str], router: TaskRouter) -> Experts
         n_fine=len(router.fine),
         routing=cfg.eval.routing.model_dump(),
         layout=cfg.serve.layout,
+        best_routing=read_json(summary, s3).get("best_routing") if exists(summary, s3) else None,
     )
 
 

@@ -78,6 +78,7 @@ class ExpertsResponse(BaseModel):
     n_fine: int
     routing: dict
     layout: str
+    best_routing: str | None = None  # the routing whose ensemble scored best in the run's report (eval/summary.json)
 
 
 class ErrorResponse(BaseModel):

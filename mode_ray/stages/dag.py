@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from rich.markup import escape
+
 from mode_ray.config import Config
 from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
 from mode_ray.progress import StageLog
@@ -23,7 +25,7 @@ from mode_ray.resources import training_needs
 from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
 from mode_ray.stages.progress_bars import progress_bars
 from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
-from mode_ray.storage import arrow_filesystem, join, marker_info, stage_done
+from mode_ray.storage import join, marker_info, ray_storage, stage_done
 from mode_ray.train.job import TrainJob, critical_path, job_hashes
 from mode_ray.train.loop import LoopRun
 from mode_ray.train.transforms import input_spec
@@ -119,6 +121,7 @@ def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: 
     tune_root = join(cfg.run_root, "tune")
     name = train_run_name(job, settings)
     fresh_dir(join(tune_root, name), "a Tune experiment", cfg.data.s3)
+    storage_path, filesystem = ray_storage(tune_root, cfg.data.s3)
     param_space = {
         "job": job,
         "cfg": shared.cfg,
@@ -134,8 +137,8 @@ def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: 
         tune_config=tune.TuneConfig(trial_name_creator=lambda _: job.name, trial_dirname_creator=lambda _: job.name),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=tune_root,
-            storage_filesystem=arrow_filesystem(tune_root, cfg.data.s3),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=cfg.training.run.max_failures),
             verbose=0,  # the runner says when each job starts and ends
         ),
@@ -209,7 +212,7 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
             facts = ray.get(ref)
         except Exception as err:  # noqa: BLE001 — reported with every other failure at the end
             failed[job.name] = str(err).strip().splitlines()[-1][:300]
-            log.info(f"[red]{job.name} failed[/red]: {failed[job.name]}")
+            log.info(f"[red]{job.name} failed[/red]: {escape(failed[job.name])}")
             continue
         waiting.discard(job.name)
         done.append(job.name)

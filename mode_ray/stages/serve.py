@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from rich.markup import escape
+
 from mode_ray.config import Config
 from mode_ray.eval.tasks import configured_tasks, is_classification, templates_of, webdataset_label
 from mode_ray.progress import console, stage_log, verbose
@@ -132,7 +134,7 @@ def serve_until_interrupted(cfg: Config, log: Any, poll_s: float = 5.0) -> None:
             try:
                 deploy(cfg)
             except ValueError as err:  # e.g. the grown app no longer fits the resources: keep the running one
-                console.print(f"[yellow]experts changed but the app was not redeployed: {err}[/yellow]")
+                console.print(f"[yellow]experts changed but the app was not redeployed: {escape(str(err))}[/yellow]")
                 continue
             log.info(f"experts changed (registry version {version}): redeployed {cfg.serve.app_name!r} in place")
 

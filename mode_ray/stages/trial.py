@@ -16,7 +16,7 @@ from typing import Any
 from mode_ray.config import Config, TrainingConfig
 from mode_ray.models.card import write_card
 from mode_ray.runtime import release_orphaned_placement_groups
-from mode_ray.storage import arrow_filesystem, join, mark_done, read_json, settings_hash, write_json
+from mode_ray.storage import join, mark_done, ray_storage, read_json, settings_hash, write_json
 from mode_ray.train.job import TrainJob
 from mode_ray.train.outputs import TRAIN_RECORD
 from mode_ray.train.transforms import InputSpec
@@ -97,6 +97,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     quiet_training_data()
     release_orphaned_placement_groups()  # an earlier, killed attempt's worker group still holds its CPUs
     datasets, facts = job_data(cfg, job, InputSpec(**config["input_spec"]))
+    storage_path, filesystem = ray_storage(runs, cfg.data.s3)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -109,8 +110,8 @@ def run_job_trial(config: dict[str, Any]) -> None:
         ),
         run_config=ray.train.RunConfig(
             name=train_run_name(job, config["settings"]),
-            storage_path=runs,
-            storage_filesystem=arrow_filesystem(runs, cfg.data.s3),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=t.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],

@@ -43,9 +43,10 @@ function renderBars(container, entries, kind, digits = 3) {
   }
 }
 
-function fillRouting(select, routing) {
+// Opens on the routing whose ensemble the run's report found best, else the served default.
+function fillRouting(select, info) {
   for (const method of ["reference", "calibrated"]) select.append(el("option", { value: method }, method));
-  select.value = routing.method;
+  select.value = info.best_routing || info.routing.method;
 }
 
 function showError(node, message) {

@@ -103,7 +103,7 @@ function scheduleRoute() {
 $("route-labels").addEventListener("input", scheduleRoute);
 $("route-method").addEventListener("change", scheduleRoute);
 requestJSON("/v1/experts")
-  .then((info) => fillRouting($("route-method"), info.routing))
+  .then((info) => fillRouting($("route-method"), info))
   .then(loadExplorer)
   .then(() => { document.body.dataset.ready = "1"; })
   .catch((err) => { $("experts-status").textContent = ""; showError($("route-error"), err.message); });

@@ -20,7 +20,7 @@ function readFile(file) {
 async function loadModels() {
   const info = await requestJSON("/v1/experts");
   for (const expert of info.experts) $("model").append(el("option", { value: expert.id }, expert.id));
-  fillRouting($("routing"), info.routing);
+  fillRouting($("routing"), info);
 }
 
 async function loadExamples() {
