@@ -28,6 +28,7 @@ from mode_ray.storage import get_fs, join
 # partition, and the seed and the generalists trained on one domain at a time.
 ROW_GROUP_ROWS = 128
 STATE_FILE = "state.pt"  # a job's final training state: weights, optimizer, scaler, loop state
+TRAIN_RECORD = "train_record.json"  # what a job's worker leaves for its trial to finish from
 MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
 # The run root's folders the stages write, delete and redo: nothing else may live in them (no input data).
 STAGE_FOLDERS = (

@@ -1,9 +1,12 @@
-"""The quality and stability benchmarks end to end on a tiny config (no timing, no accuracy threshold)."""
+"""The quality and stability benchmarks end to end on a tiny config (no timing, no accuracy threshold), in one
+benchmark root: both read one prep, as variants of a study do (the second finds it complete)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -35,9 +38,17 @@ TINY = [
 ]
 
 
-def test_quality_benchmark_prints_means_and_paired_intervals(ray_session, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_quality_benchmark_prints_means_and_paired_intervals(ray_session, bench_root, capsys):
+    """Two training seeds of every model the benchmark compares; the experts and generalists train from scratch
+    (`training.use_seed=false`): the tables and intervals are the same code whatever the models continue."""
+    tmp_path = bench_root
     args = ["--seeds", "2", "--root", str(tmp_path)]
-    text = _bench().main([*args, *[x for o in TINY for x in ("--set", o)]])
+    text = _bench().main([*args, *[x for o in (*TINY, "training.use_seed=false") for x in ("--set", o)]])
     assert text in capsys.readouterr().out
     assert "| ensemble-calibrated |" in text and "| generalist-matched |" in text and " ± " in text
     differences = [line for line in text.splitlines() if " − " in line]
@@ -50,9 +61,10 @@ def test_quality_benchmark_prints_means_and_paired_intervals(ray_session, tmp_pa
     assert (tmp_path / "quality.md").read_text().count("|") > 50
 
 
-def test_stability_benchmark_shows_the_spread_and_that_a_repeated_seed_is_the_same_run(ray_session, tmp_path):
+def test_stability_benchmark_shows_the_spread_and_that_a_repeated_seed_is_the_same_run(ray_session, bench_root):
     """Two seeds of the seed model alone and seed 0 again: per-seed held-out numbers, their spread, the
     repeat's weights the same bytes, the curves drawn."""
+    tmp_path = bench_root
     args = ["--seeds", "2", "--repeat", "0", "--models", "seed", "--root", str(tmp_path), "--tag", "t"]
     text = _bench("stability").main([*args, *[x for o in TINY for x in ("--set", o)]])
     rows = [line for line in text.splitlines() if line.startswith("| seed | held-out loss |")]

@@ -37,6 +37,7 @@ TINY = (
     "training.warmup_steps=2",
     "training.run.checkpoint_every_epochs=2",
     "moe.enabled=false",  # tests/test_moe.py builds one; here it would only add minutes
+    "training.use_seed=false",  # experts and generalist from scratch, side by side: the job's wiring, not the recipe
     "eval.retrieval=false",
 )
 

@@ -384,9 +384,9 @@ def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path)
     np.testing.assert_allclose(cents["fine"], cents["fine_raw"], atol=1e-5)  # euclidean: the centres are the means
     manifest = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive").to_table()
     assert all(len(t) == 2 for t in manifest["texts"].to_pylist())  # the demo's two phrasings, kept for reads
-    trained = run_train(cfg)
+    trained = run_train(cfg, with_moe=True)  # as `mode-ray run`: the MoE's branch beside the experts' tails
     assert sorted(trained["models"]) == ["expert-0", "expert-1", "generalist", "seed"]
-    moe = run_moe(cfg)
+    moe = run_moe(cfg)  # complete already: reads the branch's outputs back, trains nothing
     plan = json.loads((Path(cfg.run_root) / "moe" / "stage-1" / "plan.json").read_text())
     assert plan["rows_repeated_to_fill_batches"] == 0 and plan["rows_dropped_by_truncation"] > 0
     assert moe["router"] and moe["stages"]

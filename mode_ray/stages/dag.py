@@ -26,9 +26,8 @@ from mode_ray.runtime import cluster_address, release_orphaned_placement_groups,
 from mode_ray.stages.progress_bars import progress_bars
 from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
 from mode_ray.storage import join, marker_info, ray_storage, stage_done
-from mode_ray.train.job import TrainJob, critical_path, job_hashes
-from mode_ray.train.loop import LoopRun
-from mode_ray.train.transforms import input_spec
+from mode_ray.train.inputs import input_spec
+from mode_ray.train.job import LoopRun, TrainJob, critical_path, job_hashes
 
 
 def job_done(cfg: Config, job: TrainJob, settings: str) -> bool:

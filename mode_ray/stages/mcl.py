@@ -43,7 +43,7 @@ from mode_ray.stages.train_data import (
     read_rows,
 )
 from mode_ray.storage import get_fs, join, read_bytes, write_bytes, write_json
-from mode_ray.train.transforms import input_spec
+from mode_ray.train.inputs import input_spec
 
 SAMPLE_MARGIN = 1.1  # the hash sample aims this much above the bound, which the driver then trims to
 EMBED_TASKS = DataTasks(1.0, 1)  # one embedding actor of one CPU, as before

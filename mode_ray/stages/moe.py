@@ -30,8 +30,8 @@ from mode_ray.progress import console, stage_log
 from mode_ray.stages.mcl import stage_name
 from mode_ray.stages.plan_jobs import ROUTER, MoEBase, inputs_of, moe_jobs, samples_per_epoch
 from mode_ray.storage import exists, join, marker_info, read_bytes, read_json, write_json
+from mode_ray.train.inputs import input_spec
 from mode_ray.train.job import Inputs, TrainJob
-from mode_ray.train.transforms import input_spec
 
 
 @dataclass

@@ -49,7 +49,7 @@ from mode_ray.storage import (
 )
 
 if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at import time
-    from mode_ray.train.transforms import InputSpec
+    from mode_ray.train.inputs import InputSpec
 
 MANIFEST_COLUMNS = ["key", "image", "caption"]
 CACHE_COLUMNS = ["key", "pixels", "text", "ok"]
@@ -260,24 +260,23 @@ def _inputs(table: pa.Table, source: Source, rng: np.random.Generator | None = N
     """pixels, text, ok, coarse_id as numpy: unpacked from the cache, or decoded now. With per-read captions
     and an `rng` (a training read), each row's text is drawn from its texts; without one (validation, the
     cache's own caption, MCL clustering) it is the caption prep chose."""
-    from mode_ray.train.transforms import decode_rows, input_spec
-
     coarse = table["coarse_id"].to_numpy()
     draw = source.per_read_captions and rng is not None
     if not source.decoded:
+        from mode_ray.train.transforms import decode_rows  # torch and open_clip: only where images are decoded
+
         captions = table["caption"].to_pylist()
         if draw:
             texts = table["texts"].to_pylist()
             captions = [t[rng.integers(len(t))] if t else c for t, c in zip(texts, captions, strict=True)]  # type: ignore[union-attr]
         return {**decode_rows(table["image"].to_pylist(), captions, source.model), "coarse_id": coarse}
-    spec = input_spec(source.model)
-    n = len(table)
-    pixels = np.frombuffer(b"".join(table["pixels"].to_pylist()), dtype=np.uint8).reshape(n, spec.load, spec.load, 3)
-    text = np.frombuffer(b"".join(table["text"].to_pylist()), dtype=np.int32).reshape(n, spec.context_length)
+    n, side, context = len(table), source.load, source.context_length
+    pixels = np.frombuffer(b"".join(table["pixels"].to_pylist()), dtype=np.uint8).reshape(n, side, side, 3)
+    text = np.frombuffer(b"".join(table["text"].to_pylist()), dtype=np.int32).reshape(n, context)
     if draw:
         text = text.copy()
         for i, blob in enumerate(table["texts_tokens"].to_pylist()):
-            options = np.frombuffer(blob, dtype=np.int32).reshape(-1, spec.context_length) if blob else None
+            options = np.frombuffer(blob, dtype=np.int32).reshape(-1, context) if blob else None
             if options is not None and len(options):
                 text[i] = options[rng.integers(len(options))]  # type: ignore[union-attr]
     return {"pixels": pixels, "text": text, "ok": table["ok"].to_numpy(zero_copy_only=False), "coarse_id": coarse}
@@ -371,7 +370,7 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
     if not cfg.training.decode_cache:
         return False
     out = input_cache_dir(cfg)
-    from mode_ray.train.transforms import input_spec
+    from mode_ray.train.inputs import input_spec
 
     source = make_source(cfg, RunPaths(cfg.run_root).manifest, False, input_spec(cfg.training.model))
     per_read = ["per_read_captions"] if source.per_read_captions else []  # a cache without them keeps its hash

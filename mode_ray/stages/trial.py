@@ -14,12 +14,12 @@ from dataclasses import replace
 from typing import Any
 
 from mode_ray.config import Config, TrainingConfig
+from mode_ray.layout import TRAIN_RECORD
 from mode_ray.models.card import write_card
 from mode_ray.runtime import release_orphaned_placement_groups
 from mode_ray.storage import join, mark_done, ray_storage, read_json, settings_hash, write_json
+from mode_ray.train.inputs import InputSpec
 from mode_ray.train.job import TrainJob
-from mode_ray.train.outputs import TRAIN_RECORD
-from mode_ray.train.transforms import InputSpec
 
 
 def train_run_name(job: TrainJob, settings: str) -> str:

@@ -218,3 +218,18 @@ def critical_path(jobs: list[TrainJob]) -> dict[str, int]:
     for job in reversed(topological(jobs)):
         depth[job.name] = max((1 + depth[c] for c in children[job.name]), default=0)
     return depth
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    """How a job runs, never what it learns: threads, cadence, where it writes, the test hook, tracking."""
+
+    torch_threads: int
+    checkpoint_every_steps: float
+    log_every_steps: int
+    holdout: bool  # a held-out dataset exists (rank 0 validates on it)
+    s3: dict[str, Any]
+    fail_once_at_step: int | None = None
+    failure_marker: str | None = None
+    tracking: dict[str, Any] | None = None
+    deterministic: bool = False  # GPU: deterministic kernels (the CPU path is deterministic already)

@@ -31,7 +31,7 @@ from mode_ray.layout import STATE_FILE
 from mode_ray.train import rng
 from mode_ray.train.build import build_job_model
 from mode_ray.train.checkpoints import fetch_state, restore_checkpoint, save_state
-from mode_ray.train.job import Optimizer, TrainJob
+from mode_ray.train.job import LoopRun, Optimizer, TrainJob
 from mode_ray.train.losses import SmoothedClipLoss, training_loss
 from mode_ray.train.outputs import write_outputs
 from mode_ray.train.step_log import StepLog
@@ -40,21 +40,6 @@ from mode_ray.train.transforms import augment
 from mode_ray.train.validation import HeldOut, validate
 
 __all__ = ["STATE_FILE", "LoopRun", "Runtime", "make_optimizer", "train"]
-
-
-@dataclass(frozen=True)
-class LoopRun:
-    """How a job runs, never what it learns: threads, cadence, where it writes, the test hook, tracking."""
-
-    torch_threads: int
-    checkpoint_every_steps: float
-    log_every_steps: int
-    holdout: bool  # a held-out dataset exists (rank 0 validates on it)
-    s3: dict[str, Any]
-    fail_once_at_step: int | None = None
-    failure_marker: str | None = None
-    tracking: dict[str, Any] | None = None
-    deterministic: bool = False  # GPU: deterministic kernels (the CPU path is deterministic already)
 
 
 class Runtime(Protocol):

@@ -11,12 +11,10 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.layout import STATE_FILE
+from mode_ray.layout import STATE_FILE, TRAIN_RECORD
 from mode_ray.storage import join, write_bytes, write_json
 from mode_ray.train.checkpoints import save_state
 from mode_ray.train.job import TrainJob
-
-TRAIN_RECORD = "train_record.json"
 
 
 def export_model(job: TrainJob, model: torch.nn.Module, s3: S3Config) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -26,31 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mode_ray.models.clip import model_config
+from mode_ray.train.inputs import input_spec
 
 CROP_SCALE = (0.9, 1.0)  # open_clip's (and the MoDE reference's) RandomResizedCrop scale
 CROP_RATIO = (3 / 4, 4 / 3)
-LOAD_RATIO = 8 / 7
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    size: int  # the model's input side
-    load: int  # the decoded side the crops are taken from
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    context_length: int
-
-
-@cache
-def input_spec(model_name: str) -> InputSpec:
-    from open_clip.transform import PreprocessCfg
-
-    cfg = model_config(model_name)
-    size = cfg["vision_cfg"]["image_size"]
-    size = size if isinstance(size, int) else size[0]
-    pre = PreprocessCfg(**cfg.get("preprocess_cfg", {}))
-    return InputSpec(size, math.ceil(size * LOAD_RATIO), pre.mean, pre.std, cfg["text_cfg"]["context_length"])
 
 
 @cache
