@@ -196,13 +196,12 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
     pending = sorted(todo, key=lambda j: (-depth[j.name], order[j.name]))
     waiting = {j.name for j in todo}
     running: dict[Any, tuple[TrainJob, float]] = {}
-    done, failed = [], {}
+    done, failed, t0 = [], {}, time.time()
     while pending or running:
         for job in [j for j in pending if not waiting & set(j.parents)][: concurrent - len(running)]:
             pending = [j for j in pending if j is not job]
             started = time.time()
-            running[node.remote(job, hashes[job.name], shared, started)] = (job, started)
-            log.info(f"{job.name} started")
+            running[node.remote(job, hashes[job.name], shared, started)] = (job, started)  # its bar says it started
         if not running:  # what is left waits on a job that failed
             break
         [ref], _ = ray.wait(list(running), num_returns=1)
@@ -215,7 +214,8 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
             continue
         waiting.discard(job.name)
         done.append(job.name)
-        log.info(f"{job.name} done in {time.time() - started:.0f}s" + (f" ({describe(facts)})" if facts else ""))
+        took = f"{job.name} done in {time.time() - started:.0f}s, started at +{started - t0:.0f}s"
+        log.info(took + (f" ({describe(facts)})" if facts else ""))
     if failed or pending:
         never = [j.name for j in pending]
         raise RuntimeError(
