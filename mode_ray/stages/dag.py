@@ -139,7 +139,7 @@ def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: 
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=cfg.training.run.max_failures),
-            verbose=0,  # the runner says when each job starts and ends
+            verbose=0,  # the runner says when each job ends, its bar while it runs
         ),
     )
     errors = [r.error for r in tuner.fit() if r.error is not None]
