@@ -4,7 +4,6 @@ The only module under `mode_ray/train/` that imports Ray."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,7 +58,7 @@ class RayTrainRuntime:
         report(self.board, bar, **update)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker: `config` holds the job, how it runs and the progress board."""
-    started = time.time()
+def train_loop_per_worker(config: dict[str, Any], started: float) -> None:
+    """Every worker's loop: `config` holds the job, how it runs and the progress board; `started`: when the
+    worker's entry point began (`mode_ray.stages.trial.train_worker`), before it imported this module."""
     train(config["job"], config["run"], RayTrainRuntime(config.get("progress_board")), started)
