@@ -29,6 +29,7 @@ import torch
 from mode_ray.config import S3Config
 from mode_ray.layout import STATE_FILE
 from mode_ray.train import rng
+from mode_ray.train.batches import Batches, job_batches
 from mode_ray.train.build import build_job_model
 from mode_ray.train.checkpoints import fetch_state, restore_checkpoint, save_state
 from mode_ray.train.job import LoopRun, Optimizer, TrainJob
@@ -107,53 +108,6 @@ def timed(seconds: dict[str, float], part: str) -> Iterator[None]:
         yield
     finally:
         seconds[part] += time.perf_counter() - start
-
-
-class Batches:
-    """The worker's data as one endless stream of batches: executions of its dataset, one after another, each
-    the same rows in the same order (a function of the job's seed), so (execution, position) is where the
-    stream stands and a resumed job continues exactly there. The first execution starts in a thread at once,
-    so the pipeline warms up while the worker builds its model (waiting on Ray releases the GIL)."""
-
-    def __init__(self, rt: Runtime, dataset: str, batch_size: int, shuffle_buffer: int, seed: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # the local shuffle buffer draws its own order per execution, from the seed
-        self.start = lambda execution: rt.batches(dataset, batch_size, shuffle_buffer, seed + execution)
-        self.batch_size, self.executions, self.position = batch_size, 0, 0
-        self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
-        pool = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
-        self._first: Any = pool.submit(self._begin, 0)
-        pool.shutdown(wait=False)  # the submitted start still runs; the thread exits after it
-
-    def _begin(self, execution: int) -> tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
-        iterator = iter(self.start(execution))
-        return iterator, next(iterator, None)
-
-    def resume(self, execution: int, position: int) -> None:
-        """Continue `position` batches into execution `execution` (the batches before are read and dropped)."""
-        if (execution, position) == (0, 0):
-            return
-        self._first.result()  # the warm-up's execution 0, not needed
-        self._first = None
-        self.executions, self.position = execution, 0
-        self._iterator = iter(self.start(execution))
-        for _ in range(position):
-            next(self)
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._first is not None:
-            self._iterator, batch = self._first.result()
-            self._first = None
-        else:
-            batch = next(self._iterator, None)  # type: ignore[arg-type]
-        while batch is None:  # this execution ran out: start the next
-            if self.position == 0:
-                raise RuntimeError(f"an execution of the data gave no batch of {self.batch_size} rows")
-            self.executions, self.position = self.executions + 1, 0
-            self._iterator, batch = self._begin(self.executions)
-        self.position += 1
-        return batch
 
 
 @dataclass
@@ -246,14 +200,14 @@ def build_trainer(job: TrainJob, run: LoopRun, rt: Runtime) -> tuple[Trainer, di
     return trainer, state, restored is not None
 
 
-def train(job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None = None) -> None:
+def train(
+    job: TrainJob, run: LoopRun, rt: Runtime, worker_start: float | None = None, batches: Batches | None = None
+) -> None:
     """Train `job` to its last step on this worker; rank 0 writes the model's folder. `worker_start`: when
-    the worker's entry point began (its imports count as fixed cost)."""
+    the worker's entry point began (its imports count as fixed cost); `batches`: the job's stream, if the
+    entry point started it already (`job_batches`)."""
     stamps = {"worker_start": worker_start or time.time()}
-    per_worker_batch = max(2, job.inputs.batch_size // (rt.world_size * job.inputs.grad_accum_steps))
-    shuffle = 0 if job.data.kind == "mcl" else job.inputs.shuffle_buffer  # an MCL plan's order is the point
-    seed = (job.inputs.seed * 1000 + rt.rank) * 100_000
-    batches = Batches(rt, f"train_rank{rt.rank}", per_worker_batch, shuffle, seed)
+    batches = batches or job_batches(job, rt)
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
     if run.deterministic:

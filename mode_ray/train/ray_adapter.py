@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mode_ray.train.loop import train
+from mode_ray.train.batches import job_batches
 
 
 class RayTrainRuntime:
@@ -61,4 +61,8 @@ class RayTrainRuntime:
 def train_loop_per_worker(config: dict[str, Any], started: float) -> None:
     """Every worker's loop: `config` holds the job, how it runs and the progress board; `started`: when the
     worker's entry point began (`mode_ray.stages.trial.train_worker`), before it imported this module."""
-    train(config["job"], config["run"], RayTrainRuntime(config.get("progress_board")), started)
+    rt = RayTrainRuntime(config.get("progress_board"))
+    batches = job_batches(config["job"], rt)  # its first blocks are read while this worker imports the loop
+    from mode_ray.train.loop import train
+
+    train(config["job"], config["run"], rt, started, batches)
