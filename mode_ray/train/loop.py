@@ -33,7 +33,7 @@ from mode_ray.train.batches import Batches, job_batches
 from mode_ray.train.build import build_job_model
 from mode_ray.train.checkpoints import fetch_state, restore_checkpoint, save_state
 from mode_ray.train.job import LoopRun, Optimizer, TrainJob
-from mode_ray.train.losses import SmoothedClipLoss, training_loss
+from mode_ray.train.losses import SmoothedClipLoss, global_batch_loss, training_loss
 from mode_ray.train.outputs import write_outputs
 from mode_ray.train.step_log import StepLog
 from mode_ray.train.tracking import Tracker, checkpoint_values, curve_values
@@ -195,7 +195,7 @@ def build_trainer(job: TrainJob, run: LoopRun, rt: Runtime) -> tuple[Trainer, di
         if parent["step"] != job.first_step:
             raise RuntimeError(f"{job.parents[0]} ended at step {parent['step']}, the plan expects {job.first_step}")
     state["recovery"] = state.get("recovery", []) + notes
-    loss_fn = SmoothedClipLoss(job.loss.label_smoothing, rank=rt.rank, world_size=rt.world_size)
+    loss_fn = global_batch_loss(job.loss.label_smoothing, rt.rank, rt.world_size)
     trainer = Trainer(job, rt.prepare_model(model), opt, scaler, loss_fn, device, amp)
     return trainer, state, restored is not None
 

@@ -29,6 +29,13 @@ class SmoothedClipLoss(ClipLoss):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
+def global_batch_loss(label_smoothing: float, rank: int, world_size: int) -> SmoothedClipLoss:
+    """The CLIP loss over the global batch at any worker count: every rank's features are negatives, gathered
+    with their gradients (`gather_with_grad`), and each rank takes the rows it holds (`local_loss`: linear
+    memory). DDP's mean over ranks is then the one-worker job's gradient (`tests/test_ddp.py` checks it)."""
+    return SmoothedClipLoss(label_smoothing, rank=rank, world_size=world_size, gather_with_grad=True, local_loss=True)
+
+
 def training_loss(loss_fn: ClipLoss, model: torch.nn.Module, outputs: tuple, balance: Balance | None) -> torch.Tensor:
     """CLIP loss, plus `coef · (image + text_weight · text)` load balancing when the model routes (CLIP-MoE)."""
     img_f, txt_f, logit_scale = outputs
