@@ -34,7 +34,7 @@ from mode_ray.train.build import build_job_model
 from mode_ray.train.checkpoints import fetch_state, restore_checkpoint, save_state
 from mode_ray.train.job import LoopRun, Optimizer, TrainJob
 from mode_ray.train.losses import SmoothedClipLoss, global_batch_loss, training_loss
-from mode_ray.train.outputs import write_outputs
+from mode_ray.train.outputs import weights_digest, write_outputs
 from mode_ray.train.step_log import StepLog
 from mode_ray.train.tracking import Tracker, checkpoint_values, curve_values
 from mode_ray.train.transforms import augment
@@ -236,6 +236,8 @@ def train(
             tracker.log(state["step"], checkpoint_values(metrics, record))
     tracker.close()
     state["executions"] = batches.executions + 1
+    # every rank's weights, fingerprinted: DDP keeps them equal, and the record shows it (a desync would not)
+    state["weights_sha256_by_rank"] = rng.gather(weights_digest(getattr(tr.model, "module", tr.model)), rt.world_size)
     stamps["train_end"] = time.time()
     if lead:
         write_outputs(job, S3Config(**run.s3), tr.model, tr.opt, tr.scaler, state, stamps)

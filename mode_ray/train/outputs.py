@@ -3,6 +3,7 @@ the final training state (what a child job continues), the export, and what trai
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -33,6 +34,14 @@ def export_model(job: TrainJob, model: torch.nn.Module, s3: S3Config) -> None:
     save_moe(model, spec, job.paths.export_dir, s3)
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's state, tensor by tensor in state-dict order, whatever their dtype or device."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_outputs(
     job: TrainJob, s3: S3Config, model: torch.nn.Module, opt: Any, scaler: Any, state: dict[str, Any], stamps: dict
 ) -> None:
@@ -44,7 +53,7 @@ def write_outputs(
             write_bytes(join(job.paths.out_dir, STATE_FILE), f.read(), s3)
     export_model(job, getattr(model, "module", model), s3)
     stamps["outputs_written"] = time.time()
-    keys = ("seen", "skipped_images", "loss_history", "val_history", "executions", "recovery")
+    keys = ("seen", "skipped_images", "loss_history", "val_history", "executions", "recovery", "weights_sha256_by_rank")
     record = {key: state[key] for key in keys}
     record.update(
         start_step=state["init_step"],
