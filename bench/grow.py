@@ -179,7 +179,7 @@ def change_rows(per_seed: dict[int, dict[str, Any]], tasks: list[str], added: st
     over the seeds and each seed's own change."""
     import numpy as np
 
-    from mode_ray.eval.seeds import paired_interval
+    from bench.seeds import paired_interval
 
     lines = [
         f"| model | task | before | after | after − before [95% t-interval over {len(per_seed)} seeds] (per seed) |",

@@ -113,7 +113,7 @@ def model_cost(model: str, compute: dict[str, Any]) -> dict[str, float] | None:
 
 
 def tables(per_seed: dict[int, dict[str, Any]]) -> str:
-    from mode_ray.eval.seeds import mean_sd, paired_interval
+    from bench.seeds import mean_sd, paired_interval
 
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]["accuracy"]

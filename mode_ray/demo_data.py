@@ -507,10 +507,6 @@ def _write(fs: Any, path: str, payload: bytes) -> None:
         f.write(payload)
 
 
-def shard_urls(out: str, record: dict[str, Any]) -> list[str]:
-    return [join(out, sh["path"]) for sh in record["shards"]]
-
-
 def eval_tasks(shards: str | list[str], difficulty: str = "standard") -> list[EvalTaskConfig]:
     """The demo's zero-shot tasks over its eval split: the label is an attribute in each sample's json."""
     _, class_names, templates = DIFFICULTIES[difficulty]

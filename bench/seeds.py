@@ -1,4 +1,5 @@
-"""Numbers over training seeds: each model's mean ± sd, and paired differences with t-intervals.
+"""Numbers over training seeds (bench/quality.py, bench/grow.py): each model's mean ± sd, and paired differences
+with t-intervals.
 
 A difference between two models is paired by seed (the same data, prep and evaluation images; only the
 training seed changes), so its interval reflects how much the *gap* moves from seed to seed, which is what a
@@ -19,10 +20,6 @@ class Interval:
     low: float
     high: float
     n: int
-
-    @property
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
