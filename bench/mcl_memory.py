@@ -104,7 +104,7 @@ def child(run: Path, shards: Path, model_url: str, sample_rows: int | None) -> N
     """One size: the stage in this fresh process; prints a RESULT line."""
     import ray.data  # noqa: F401 — imported before the measurement, as the stage's own modules are
 
-    from mode_ray import cluster
+    from mode_ray import kmeans
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages import mcl
     from mode_ray.train import sampler  # noqa: F401
@@ -113,8 +113,8 @@ def child(run: Path, shards: Path, model_url: str, sample_rows: int | None) -> N
     if sample_rows:
         cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"cluster_sample_rows": sample_rows})})
     fitted: list[int] = []
-    fit = cluster.mcl_fit
-    cluster.mcl_fit = lambda image, *args, **kwargs: fitted.append(len(image)) or fit(image, *args, **kwargs)
+    fit = kmeans.mcl_fit
+    kmeans.mcl_fit = lambda image, *args, **kwargs: fitted.append(len(image)) or fit(image, *args, **kwargs)
     with ray_runtime(cfg):
         gc.collect()
         before = _status("VmRSS")

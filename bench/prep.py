@@ -83,10 +83,10 @@ def bench_embedding(cfg, captions: list[str], half_shards: list[str], half_capti
 
 
 def bench_kmeans(x: np.ndarray, k: int, iters: int) -> None:
-    from mode_ray import cluster
+    from mode_ray import kmeans
 
-    balanced, bal_s = timed(cluster.spherical_kmeans, x, k, iterations=iters, tol=0.0, balanced=True)
-    plain, plain_s = timed(cluster.spherical_kmeans, x, k, iterations=iters, tol=0.0, balanced=False)
+    balanced, bal_s = timed(kmeans.spherical_kmeans, x, k, iterations=iters, tol=0.0, balanced=True)
+    plain, plain_s = timed(kmeans.spherical_kmeans, x, k, iterations=iters, tol=0.0, balanced=False)
 
     def ratio(res) -> float:
         return float(res.sizes.max() / res.sizes.mean())
@@ -115,12 +115,12 @@ def bench_kmeans(x: np.ndarray, k: int, iters: int) -> None:
 
 
 def bench_assignment(n: int, k: int, d: int = 384, repeats: int = 3) -> None:
-    from mode_ray import cluster
+    from mode_ray import kmeans
 
     rng = np.random.default_rng(0)
-    x = cluster.l2_normalize(rng.normal(size=(n, d)).astype(np.float32))
-    cents = cluster.l2_normalize(rng.normal(size=(k, d)).astype(np.float32))
-    index = cluster.ip_index(cents)
+    x = kmeans.l2_normalize(rng.normal(size=(n, d)).astype(np.float32))
+    cents = kmeans.l2_normalize(rng.normal(size=(k, d)).astype(np.float32))
+    index = kmeans.ip_index(cents)
 
     def numpy_assign():
         sims = x @ cents.T

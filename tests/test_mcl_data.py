@@ -74,7 +74,7 @@ def _all_pairs(cfg, base: str) -> dict[str, np.ndarray]:
 
 
 def test_every_training_pair_is_labelled_as_full_data_clustering_labels_it(mcl_run) -> None:
-    from mode_ray.cluster import mcl_stage_labels
+    from mode_ray.kmeans import mcl_stage_labels
     from mode_ray.stages.mcl import NONE, SKIPPED, prepare_stage, stage_rows
     from mode_ray.stages.train_data import held_out
 
@@ -138,7 +138,7 @@ def test_a_later_stage_accumulates_the_previous_labels_by_row(mcl_run) -> None:
 
 
 def test_the_driver_clusters_a_bounded_sample_and_every_pair_is_labelled(mcl_run, tmp_path, monkeypatch) -> None:
-    from mode_ray import cluster
+    from mode_ray import kmeans
     from mode_ray.stages import mcl
 
     cfg, base = mcl_run
@@ -149,13 +149,13 @@ def test_the_driver_clusters_a_bounded_sample_and_every_pair_is_labelled(mcl_run
         update={"run_root": str(root), "moe": cfg.moe.model_copy(update={"cluster_sample_rows": 40})}
     )
     seen: list[int] = []
-    fit = cluster.mcl_fit
+    fit = kmeans.mcl_fit
 
     def recording_fit(image, text, *args, **kwargs):
         seen.append(len(image))
         return fit(image, text, *args, **kwargs)
 
-    monkeypatch.setattr(cluster, "mcl_fit", recording_fit)
+    monkeypatch.setattr(kmeans, "mcl_fit", recording_fit)
     facts = mcl.prepare_stage(small, 1, base, seed=1)
     labels = _labels(small, 1)
     assert seen == [40]  # far fewer than the pairs, and the bound exactly: the hash sample aims above it

@@ -219,25 +219,25 @@ def test_euclidean_geometry_assigns_by_l2_to_member_means_and_counts_where_the_g
     argmin) and a centre is its members' raw mean. Checked by brute force against the inner-product search."""
     import numpy as np
 
-    from mode_ray import cluster
+    from mode_ray import kmeans
     from mode_ray.encoders import l2_normalize
 
     rng = np.random.default_rng(7)
     x = l2_normalize(rng.normal(size=(3000, 24)).astype(np.float32) + 2.0 * rng.normal(size=(1, 24)))
-    fit = cluster.two_step(x, 24, 3, seed=1, balanced=False, geometry="euclidean")
+    fit = kmeans.two_step(x, 24, 3, seed=1, balanced=False, geometry="euclidean")
     norms = np.linalg.norm(fit.fine, axis=1)
     assert (norms < 0.999).all()  # raw means, not unit vectors
     fine_ids, _, _ = fit.assign(x)
     by_l2 = ((x[:, None, :].astype(np.float64) - fit.fine[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
     assert (fine_ids == by_l2).all()
-    np.testing.assert_allclose(fit.fine_raw, cluster.member_means(x, fine_ids, 24), atol=1e-5)
-    assert (fit.fine_to_coarse == cluster.nearest(fit.fine, fit.coarse, geometry="euclidean")[1][:, 0]).all()
+    np.testing.assert_allclose(fit.fine_raw, kmeans.member_means(x, fine_ids, 24), atol=1e-5)
+    assert (fit.fine_to_coarse == kmeans.nearest(fit.fine, fit.coarse, geometry="euclidean")[1][:, 0]).all()
     # the count the prep summary reports: nearest unit centre by cosine vs nearest raw mean by L2
     raw = fit.fine_raw.astype(np.float64)
     by_cos = (x @ (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T).argmax(1)
     by_l2_raw = ((x[:, None, :] - raw[None]) ** 2).sum(-1).argmin(1)
     assert fit.info["geometries_disagree_on"] == int((by_cos != by_l2_raw).sum())
-    balanced = cluster.two_step(x, 24, 3, seed=1, geometry="euclidean")  # size-constrained, still L2
+    balanced = kmeans.two_step(x, 24, 3, seed=1, geometry="euclidean")  # size-constrained, still L2
     assert balanced.fine_sizes.max() <= -(-len(x) // 24) and (np.linalg.norm(balanced.fine, axis=1) < 0.999).all()
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mode_ray import cluster
+from mode_ray import kmeans
 from mode_ray.compute import model_compute
 from mode_ray.config import Config
 from mode_ray.hash_sample import HashSample
@@ -96,7 +96,7 @@ def coverage_threshold(cfg: Config, cents: dict[str, Any]) -> float:
 def _score_rows(batch: pa.Table, fine: np.ndarray, threshold: float, geometry: str) -> pa.Table:
     """Whether each valid row's best fine-centre score reaches the threshold; only uncovered rows keep their
     embedding (the rest need not travel to the driver)."""
-    scores, _ = cluster.nearest(embeddings_to_numpy(batch["embedding"]), fine, 1, geometry=geometry)  # type: ignore[arg-type]
+    scores, _ = kmeans.nearest(embeddings_to_numpy(batch["embedding"]), fine, 1, geometry=geometry)  # type: ignore[arg-type]
     covered = pa.array(scores[:, 0] >= threshold)
     out = batch.select(["key"]).append_column("covered", covered)
     return out.append_column("embedding", pc.if_else(covered, None, batch["embedding"]))
@@ -144,7 +144,7 @@ def grown_centroids(cfg: Config, cents: dict[str, Any], new: Uncovered, per_expe
     n_fine = int(min(n_experts * fine_per_expert, max(1, len(x) // 8)))
     n_experts = min(n_experts, n_fine)
     c, geometry = cfg.clustering, centroid_geometry(cents)  # new centres in the run's own geometry
-    fit = cluster.two_step(
+    fit = kmeans.two_step(
         x, n_fine, n_experts, c.iterations, c.coarse_iterations, c.tol, c.seed, c.balanced, geometry=geometry
     )  # type: ignore[arg-type]
     old_fine, old_coarse = len(cents["fine"]), len(cents["coarse"])

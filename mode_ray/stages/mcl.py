@@ -13,7 +13,7 @@ nothing sized by the data on the driver:
 
 A row's id is its file's offset plus its row in the file, so position in the labels files is the id, and the
 training reads (`train_data.read_planned_rows`) find each planned row by it. With all pairs inside the sample,
-the centres and labels are those k-means on every pair gives for the same seed (`cluster.mcl_stage_labels`).
+the centres and labels are those k-means on every pair gives for the same seed (`kmeans.mcl_stage_labels`).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class PairLabeller(PairEmbedder):
 
     def label_rows(self, table: pa.Table, previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(label, acc) of the rows: NONE for a held-out row, SKIPPED for an image that did not decode."""
-        from mode_ray.cluster import mcl_assign
+        from mode_ray.kmeans import mcl_assign
 
         label, acc = np.full(len(table), NONE, dtype=np.int64), np.full(len(table), NONE, dtype=np.int64)
         usable = np.flatnonzero(~held_out(table["key"].to_pylist(), self.holdout))
@@ -335,7 +335,7 @@ def write_plan(url: str, rows: StageRows, ranks: dict[int, np.ndarray], cfg: Con
 def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[str, Any]:
     """Cluster a bounded sample embedded by the previous stage's model, label every pair where it is read, plan
     the batches; returns the stage's facts (also in plan.json)."""
-    from mode_ray import cluster
+    from mode_ray import kmeans
     from mode_ray.train.sampler import epoch_steps, homogeneous_batches
 
     moe, t = cfg.moe, cfg.training
@@ -343,7 +343,7 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
     claim(out, f"MCL {stage_name(stage)}", cfg.data.s3)  # before its plan: the stage's job trains into it
     rows = stage_rows(cfg)
     sample = cluster_sample(cfg, rows, model_url, seed)
-    centres = cluster.mcl_fit(sample["image"], sample["text"], moe.image_clusters, moe.text_clusters, seed)
+    centres = kmeans.mcl_fit(sample["image"], sample["text"], moe.image_clusters, moe.text_clusters, seed)
     del sample
     counts = label_pairs(cfg, rows, model_url, centres, stage)
     acc = read_acc(cfg, stage, rows)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mode_ray import cluster
+from mode_ray import kmeans
 from mode_ray.config import Config, without_added_neutral
 from mode_ray.encoders import build_encoder, encoder_id_for
 from mode_ray.hash_sample import HashSample
@@ -100,15 +100,15 @@ class CaptionEmbedder:
 
 class CentroidAssigner:
     """Actor: builds a faiss inner-product index of the fine centroids once (in the clustering's geometry,
-    cluster.search_space), assigns every row."""
+    kmeans.search_space), assigns every row."""
 
     def __init__(self, fine: np.ndarray, fine_to_coarse: np.ndarray, use_gpu: bool, geometry: str) -> None:
         self.geometry = geometry
-        self.index = cluster.ip_index(cluster.search_centres(fine, geometry), use_gpu)  # type: ignore[arg-type]
+        self.index = kmeans.ip_index(kmeans.search_centres(fine, geometry), use_gpu)  # type: ignore[arg-type]
         self.fine_to_coarse = fine_to_coarse
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        points = cluster.search_points(embeddings_to_numpy(batch["embedding"]), self.geometry)  # type: ignore[arg-type]
+        points = kmeans.search_points(embeddings_to_numpy(batch["embedding"]), self.geometry)  # type: ignore[arg-type]
         scores, ids = self.index.search(points, 1)
         fine = ids[:, 0].astype(np.int32)
         columns = ["key", "shard", "caption", "texts", "image", "width", "height"]
@@ -250,8 +250,8 @@ def cluster_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> s
         fresh_dir(paths.clusters, "clusters", cfg.data.s3)
         sample = load_cluster_sample(cfg, paths)
         log.info(f"fitting {ccfg.n_fine} fine / {ccfg.n_coarse} coarse clusters on {len(sample)} samples")
-        fit = ray.remote(num_cpus=1, num_gpus=1 if ccfg.use_gpu else 0)(cluster.two_step)
-        result: cluster.TwoStepClusters = ray.get(
+        fit = ray.remote(num_cpus=1, num_gpus=1 if ccfg.use_gpu else 0)(kmeans.two_step)
+        result: kmeans.TwoStepClusters = ray.get(
             fit.remote(
                 ray.put(sample),
                 ccfg.n_fine,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mode_ray import cluster
+from mode_ray import kmeans
 
 
 def _blobs(n: int = 3000, d: int = 32, centers: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -11,28 +11,28 @@ def _blobs(n: int = 3000, d: int = 32, centers: int = 6, seed: int = 0) -> tuple
     mu = rng.normal(size=(centers, d))
     labels = rng.integers(0, centers, n)
     x = mu[labels] + 0.3 * rng.normal(size=(n, d))
-    return cluster.l2_normalize(x), labels
+    return kmeans.l2_normalize(x), labels
 
 
 def test_balanced_assign_respects_capacity_and_prefers_near_points():
     x, _ = _blobs()
     rng = np.random.default_rng(1)
     cents = x[rng.choice(len(x), 20, replace=False)]
-    labels, scores = cluster.balanced_assign(x, cents)
+    labels, scores = kmeans.balanced_assign(x, cents)
     sizes = np.bincount(labels, minlength=20)
     assert labels.min() >= 0 and sizes.max() <= -(-len(x) // 20)
     np.testing.assert_allclose(scores, np.einsum("ij,ij->i", x, cents[labels]), atol=1e-5)
     # Balanced, but not arbitrary: most points still land in one of their few nearest clusters.
-    _, top = cluster.nearest(x, cents, 4)
+    _, top = kmeans.nearest(x, cents, 4)
     assert (top == labels[:, None]).any(axis=1).mean() > 0.8
     with pytest.raises(ValueError, match="cannot hold"):
-        cluster.balanced_assign(x, cents, capacity=10)
+        kmeans.balanced_assign(x, cents, capacity=10)
 
 
 def test_balanced_kmeans_is_balanced_and_deterministic():
     x, _ = _blobs()
-    a = cluster.spherical_kmeans(x, 24, iterations=30, seed=3)
-    b = cluster.spherical_kmeans(x, 24, iterations=30, seed=3)
+    a = kmeans.spherical_kmeans(x, 24, iterations=30, seed=3)
+    b = kmeans.spherical_kmeans(x, 24, iterations=30, seed=3)
     np.testing.assert_array_equal(a.centroids, b.centroids)
     assert a.sizes.max() <= 1.1 * a.sizes.mean()
     np.testing.assert_allclose(np.linalg.norm(a.centroids, axis=1), 1.0, atol=1e-5)
@@ -41,9 +41,9 @@ def test_balanced_kmeans_is_balanced_and_deterministic():
 
 def test_plain_faiss_mode_and_two_step():
     x, truth = _blobs(centers=4)
-    plain = cluster.spherical_kmeans(x, 16, balanced=False)
+    plain = kmeans.spherical_kmeans(x, 16, balanced=False)
     assert plain.centroids.shape == (16, 32)
-    steps = cluster.two_step(x, n_fine=16, n_coarse=4, seed=0)
+    steps = kmeans.two_step(x, n_fine=16, n_coarse=4, seed=0)
     assert steps.fine.shape == (16, 32) and steps.coarse.shape == (4, 32)
     fine, coarse, score = steps.assign(x)
     np.testing.assert_array_equal(coarse, steps.fine_to_coarse[fine])
@@ -56,4 +56,4 @@ def test_plain_faiss_mode_and_two_step():
 def test_too_few_points_is_a_clear_error():
     x, _ = _blobs(n=5)
     with pytest.raises(ValueError, match="cannot fit"):
-        cluster.spherical_kmeans(x, 8)
+        kmeans.spherical_kmeans(x, 8)
