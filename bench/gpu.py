@@ -110,7 +110,7 @@ def loop_run(args: argparse.Namespace, root: str, deterministic: bool = False) -
     return record
 
 
-def step_rate(model: Any, args: argparse.Namespace, balance: bool = False) -> tuple[float, float]:
+def step_rate(model: Any, args: argparse.Namespace) -> tuple[float, float]:
     """(samples/s, FLOPs of one step) of a bare loop: augment, forward under bf16 autocast, `ClipLoss`, backward,
     fused AdamW."""
     import torch

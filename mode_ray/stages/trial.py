@@ -79,15 +79,6 @@ def set_train_environment(t: TrainingConfig, embedded_ray: bool) -> None:
         os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker. The trial and its controller unpickle it too, so it imports the
-    loop (torch's model libraries: open_clip alone is ~3 s of a core) only where it runs."""
-    started = time.time()
-    from mode_ray.train.ray_adapter import train_loop_per_worker
-
-    train_loop_per_worker(config, started)
-
-
 def run_job_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: build and fit one TorchTrainer for one job, then record what it did."""
     trial_start = time.time()
@@ -98,6 +89,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
 
     from mode_ray.stages.data_backoff import quiet_training_data
     from mode_ray.stages.rank_data import RankStreams
+    from mode_ray.train.ray_adapter import train_loop_per_worker
 
     cfg, job = Config.model_validate(config["cfg"]), config["job"]
     t, runs = cfg.training, join(cfg.run_root, "train_runs")
@@ -107,7 +99,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     datasets, facts = job_data(cfg, job, InputSpec(**config["input_spec"]))
     storage_path, filesystem = ray_storage(runs, cfg.data.s3)
     trainer = TorchTrainer(
-        train_worker,
+        train_loop_per_worker,
         train_loop_config={
             "job": job,
             "run": replace(config["run"], holdout="holdout" in datasets),

@@ -4,6 +4,7 @@ The only module under `mode_ray/train/` that imports Ray."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,9 +59,11 @@ class RayTrainRuntime:
         report(self.board, bar, **update)
 
 
-def train_loop_per_worker(config: dict[str, Any], started: float) -> None:
-    """Every worker's loop: `config` holds the job, how it runs and the progress board; `started`: when the
-    worker's entry point began (`mode_ray.stages.trial.train_worker`), before it imported this module."""
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: `config` holds the job, how it runs and the progress board.
+    The trial and Train's controller unpickle it too, so this module imports no model library: the loop
+    (open_clip alone is ~3 s of a core) is imported here, on the worker, after its data stream has started."""
+    started = time.time()
     rt = RayTrainRuntime(config.get("progress_board"))
     batches = job_batches(config["job"], rt)  # its first blocks are read while this worker imports the loop
     from mode_ray.train.loop import train
