@@ -250,8 +250,8 @@ class TrainingConfig(Section):
 class MoEConfig(Section):
     """CLIP-MoE (DESIGN §4): MCL stages fine-tune a base CLIP's MLPs on cluster-homogeneous batches, the stage
     MLPs become the experts of one MoE per block, then only the routers train. Batch size, precision, workers
-    and data settings are training's. Where a default is not the reference's, README's "Where mode_ray differs
-    from the references" says so, and `preset: reference` sets the reference's value."""
+    and data settings are training's. Where a default is not the reference's, docs/reference-differences.md says
+    so, and `preset: reference` sets the reference's value."""
 
     enabled: bool = Field(default=True, description="Build the CLIP-MoE in `mode-ray run` (after training).")
     base: str = Field(
@@ -497,8 +497,8 @@ class TrackingConfig(Section):
     wandb_mode: Literal["offline", "online"] = "offline"
 
 
-# `preset: reference`: the references' value of every setting where mode_ray's default differs (README, "Where
-# mode_ray differs from the references"); a value the config sets itself wins.
+# `preset: reference`: the references' value of every setting where mode_ray's default differs
+# (docs/reference-differences.md); a value the config sets itself wins.
 REFERENCE_PRESET: dict[str, dict[str, Any]] = {
     "clustering": {"geometry": "euclidean"},
     "training": {"lr_decay": "after_warmup", "caption_draw": "per_read"},
