@@ -1,7 +1,18 @@
 """The project's edges (DESIGN.md §8), read from the source with `ast` — no import, no Ray:
 
-- Ray is imported only by the Ray drivers and adapters: mode_ray/stages/, mode_ray/serve/, mode_ray/runtime.py,
-  mode_ray/train/ray_adapter.py (and jobs/, outside the package);
+- the package is in layers, and no module imports a module of a higher layer (function-level imports
+  included). Bottom to top (LAYERS below names every module):
+  1. foundation: what every layer shares, Ray-free — the package (its version), config, names, layout (paths
+     of a run), storage (file systems, markers), ownership, registry (experts in service), rejects, samples
+     (the sample rules), shards (reading tars), progress (the console, stage lines), resources (what a stage
+     asks of a cluster), compute (training-compute bookkeeping);
+  2. algorithms: plain-Python computation, Ray-free — mode_ray/models/, mode_ray/train/ but ray_adapter,
+     mode_ray/eval/, kmeans, routing, encoders, hash_sample, demo_data, demo_hard;
+  3. Ray adapters: what puts the algorithms on Ray — runtime (the cluster), progress_bars (a named actor the
+     workers report to), train/ray_adapter (Ray Train's worker entry), mode_ray/serve/ (the Serve app);
+  4. stages: the Ray drivers of the pipeline's stages, mode_ray/stages/;
+  5. entry points: pipeline, cli;
+- Ray is imported only by the Ray adapters and the stages (and jobs/, outside the package);
 - mode_ray/serve/ never imports mode_ray.stages;
 - no import cycle between mode_ray's modules, function-level imports included (those under
   `if TYPE_CHECKING:` never run, so they do not count);
@@ -19,7 +30,41 @@ from tests.conftest import REPO
 
 PACKAGE = "mode_ray"
 ROOT = Path(REPO) / PACKAGE
-RAY_ALLOWED = ("mode_ray.stages", "mode_ray.serve", "mode_ray.runtime", "mode_ray.train.ray_adapter")
+# Bottom to top (the docstring says what each holds). A name stands for a module and, for a package, every
+# module under it; the longest name that matches wins (mode_ray.train.ray_adapter over mode_ray.train), and
+# the package itself, `mode_ray`, stands only for its __init__.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": (
+        "mode_ray",
+        "mode_ray.compute",
+        "mode_ray.config",
+        "mode_ray.layout",
+        "mode_ray.names",
+        "mode_ray.ownership",
+        "mode_ray.progress",
+        "mode_ray.registry",
+        "mode_ray.rejects",
+        "mode_ray.resources",
+        "mode_ray.samples",
+        "mode_ray.shards",
+        "mode_ray.storage",
+    ),
+    "algorithms": (
+        "mode_ray.demo_data",
+        "mode_ray.demo_hard",
+        "mode_ray.encoders",
+        "mode_ray.eval",
+        "mode_ray.hash_sample",
+        "mode_ray.kmeans",
+        "mode_ray.models",
+        "mode_ray.routing",
+        "mode_ray.train",
+    ),
+    "Ray adapters": ("mode_ray.progress_bars", "mode_ray.runtime", "mode_ray.serve", "mode_ray.train.ray_adapter"),
+    "stages": ("mode_ray.stages",),
+    "entry points": ("mode_ray.cli", "mode_ray.pipeline"),
+}
+RAY_ALLOWED = (*LAYERS["Ray adapters"], *LAYERS["stages"])
 MAX_FUNCTION_LINES = 60
 
 
@@ -103,6 +148,37 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 def _listing(rows: list[str]) -> str:
     return "\n  " + "\n  ".join(rows)
+
+
+def _layer(module: str) -> int | None:
+    """The index in LAYERS of the layer that holds `module`, None if none does."""
+    best, found = -1, None
+    for index, members in enumerate(LAYERS.values()):
+        for name in members:
+            holds = module == name or (name != PACKAGE and module.startswith(name + "."))
+            if holds and len(name) > best:
+                best, found = len(name), index
+    return found
+
+
+def test_every_module_is_in_a_layer():
+    modules = sources()
+    unplaced = [m for m in modules if _layer(m) is None]
+    stale = [name for members in LAYERS.values() for name in members if name not in modules]
+    assert not unplaced, "modules in no layer (add each to LAYERS, and to the docstring):" + _listing(unplaced)
+    assert not stale, "LAYERS names modules that do not exist:" + _listing(stale)
+
+
+def test_no_import_points_up_the_layers():
+    names = list(LAYERS)
+    offenders = []
+    for i in imports():
+        mine, theirs = _layer(i.module), _layer(i.target)  # the target by its name: it may be gone (moved)
+        if mine is not None and theirs is not None and theirs > mine:
+            offenders.append(f"{i.file}:{i.line}: {i.module} ({names[mine]}) imports {i.target} ({names[theirs]})")
+    offenders = list(dict.fromkeys(offenders))
+    title = "imports pointing up the layers (" + " < ".join(names) + "), function-level ones included:"
+    assert not offenders, title + _listing(offenders)
 
 
 def test_ray_is_imported_only_by_the_ray_layers():
@@ -213,3 +289,6 @@ def test_the_checks_see_the_edges():
     )
     assert [getattr(n, "module", None) or n.names[0].name for n in _import_nodes(tree)] == ["typing", "shown", "inner"]
     assert _strongly_connected({"a": {"b"}, "b": {"a", "c"}, "c": set()}) == [["c"], ["a", "b"]]
+    layers = list(LAYERS)
+    assert layers[_layer("mode_ray")] == "foundation" and layers[_layer("mode_ray.train.loop")] == "algorithms"
+    assert layers[_layer("mode_ray.train.ray_adapter")] == "Ray adapters" and _layer("mode_ray_other") is None

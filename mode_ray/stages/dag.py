@@ -21,9 +21,9 @@ from rich.markup import escape
 from mode_ray.config import Config
 from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
 from mode_ray.progress import StageLog
+from mode_ray.progress_bars import progress_bars
 from mode_ray.resources import training_needs
 from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
-from mode_ray.stages.progress_bars import progress_bars
 from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
 from mode_ray.storage import join, marker_info, ray_storage, stage_done
 from mode_ray.train.inputs import input_spec

@@ -39,13 +39,13 @@ from mode_ray.layout import MOE, RunPaths
 from mode_ray.names import GENERALIST, MATCHED, SEED, expert_ids
 from mode_ray.ownership import claim_run_root
 from mode_ray.progress import StageLog, console, stage_log
+from mode_ray.progress_bars import progress_bars
+from mode_ray.progress_bars import report as report_progress
 from mode_ray.registry import in_service
 from mode_ray.rejects import Reason
 from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
 from mode_ray.shards import list_shards
 from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
-from mode_ray.stages.progress_bars import progress_bars
-from mode_ray.stages.progress_bars import report as report_progress
 from mode_ray.storage import (
     arrow_filesystem,
     exists,

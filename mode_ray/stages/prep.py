@@ -28,12 +28,12 @@ from mode_ray.hash_sample import HashSample
 from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
 from mode_ray.ownership import claim_run_root, fresh_dir
 from mode_ray.progress import console, stage_log
+from mode_ray.progress_bars import progress_bars
+from mode_ray.progress_bars import report as report_progress
 from mode_ray.resources import assignment_needs, clustering_needs, embedding_needs
 from mode_ray.runtime import require_resources, wait_for_released_cpus
 from mode_ray.samples import Limits, validate_batch
 from mode_ray.shards import list_shards
-from mode_ray.stages.progress_bars import progress_bars
-from mode_ray.stages.progress_bars import report as report_progress
 from mode_ray.storage import (
     arrow_filesystem,
     exists,
