@@ -76,7 +76,7 @@ def bare_samples_per_s(cfg, steps: int) -> float:
     from open_clip.loss import ClipLoss
 
     from mode_ray.models.clip import build_clip
-    from mode_ray.train.job import Optimizer
+    from mode_ray.stages.plan_jobs import optim
     from mode_ray.train.loop import make_optimizer
     from mode_ray.train.transforms import augment, decode_rows
 
@@ -88,7 +88,8 @@ def bare_samples_per_s(cfg, steps: int) -> float:
     data = decode_rows(rows["image"].to_pylist(), rows["caption"].to_pylist(), t.model)
     pixels, text = torch.from_numpy(data["pixels"]), torch.from_numpy(data["text"]).long()
     model, _, _, _ = build_clip(t.model)
-    opt = make_optimizer(model, Optimizer("mode_ray", t.lr, t.weight_decay, t.betas, t.eps))
+    spec, schedule = optim(t)
+    opt = make_optimizer(model, spec, schedule.base_lr)  # a fixed rate: the bare step's cost, not a schedule
     loss_fn, batch, n = ClipLoss(), t.batch_size, len(pixels)
     start = 0.0
     for step in range(steps + 5):

@@ -186,9 +186,85 @@ class TrainingRunConfig(Section):
     )
 
 
-class TrainingConfig(Section):
+class OptimConfig(Section):
+    """One optimizer and learning-rate schedule: AdamW, linear warmup, then a cosine to zero. Every job kind
+    reads the same block (`mode_ray.stages.plan_jobs.optim`), each field one to one onto the job's `Optimizer`
+    and `Schedule`: `training` (its keys flat: the seed, experts, generalists), `moe.mcl_optim` (the MCL stages)
+    and `moe.router_optim` (router fine-tuning). These defaults are training's; each MoE block has its own."""
+
+    kind: Literal["mode_ray", "reference"] = Field(
+        default="mode_ray",
+        description="mode_ray: AdamW with `betas` and `eps`, no decay on gains, biases or the logit scale "
+        "(open_clip's split); reference: torch's AdamW defaults (β 0.9/0.999, ε 1e-8; `betas` and `eps` are not "
+        "read) with decay on every trainable parameter, as the CLIP-MoE reference builds it.",
+    )
+    lr: float = Field(default=5e-4, gt=0, description="The schedule's peak (base) learning rate.")
+    weight_decay: float = Field(default=0.2, ge=0)
+    betas: tuple[float, float] = Field(default=(0.9, 0.98), description="AdamW's β (kind mode_ray).")
+    eps: float = Field(default=1e-6, gt=0, description="AdamW's ε (kind mode_ray).")
+    warmup_steps: int = Field(default=2000, ge=0, description="Linear warmup to `lr`, in optimizer steps.")
+    lr_decay: Literal["whole_schedule", "after_warmup"] = Field(
+        default="whole_schedule",
+        description="The cosine decays over the whole schedule (step / total) or, as open_clip and the references, "
+        "over the steps after warmup.",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Clip the global gradient norm to this (open_clip's --grad-clip-norm); null: no clipping.",
+    )
+
+
+class McLOptimConfig(OptimConfig):
+    """`moe.mcl_optim`: the MCL stages fine-tune the base's MLP weights only, at the CLIP-MoE reference's rate."""
+
+    lr: float = Field(default=1e-5, gt=0, description="The reference's MCL rate (a pretrained ViT-L).")
+    warmup_steps: int = Field(default=200, ge=0, description="The reference's warmup, in optimizer steps.")
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.98),
+        description="AdamW's β (kind mode_ray). Its own value, no longer training.betas: a config that sets "
+        "training.betas sets moe.mcl_optim.betas too to keep its MoE as before (eps likewise).",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0, description="null: no clipping, as the CLIP-MoE reference (training's value is not read)."
+    )
+
+
+class RouterOptimConfig(OptimConfig):
+    """`moe.router_optim`: router fine-tuning of the upcycled MoE, at the CLIP-MoE reference's rate."""
+
+    lr: float = Field(default=1e-6, gt=0, description="The reference's router rate (a pretrained ViT-L).")
+    weight_decay: float = Field(default=0.01, ge=0, description="The reference's router weight decay.")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="The reference warms up 200 steps; the demo's router stage is ~60 steps."
+    )
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.98),
+        description="AdamW's β (kind mode_ray). Its own value, no longer training.betas (eps likewise).",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0, description="null: no clipping, as the CLIP-MoE reference (training's value is not read)."
+    )
+
+
+# MoE keys that became one optimizer block each (issue 36): a config still naming one fails with its new key.
+MOVED_MOE_KEYS: dict[str, str] = {
+    "lr": "moe.mcl_optim.lr",
+    "weight_decay": "moe.mcl_optim.weight_decay",
+    "warmup_steps": "moe.mcl_optim.warmup_steps",
+    "lr_decay": "moe.mcl_optim.lr_decay and moe.router_optim.lr_decay",
+    "optimizer": "moe.mcl_optim.kind and moe.router_optim.kind",
+    "router_lr": "moe.router_optim.lr",
+    "router_weight_decay": "moe.router_optim.weight_decay",
+    "router_warmup_steps": "moe.router_optim.warmup_steps",
+}
+
+
+class TrainingConfig(OptimConfig):
     """One schedule for every model, counted in samples: an epoch is `samples_per_epoch` samples for the seed,
-    each data expert and the generalists alike (an expert redraws its partition as often as that takes)."""
+    each data expert and the generalists alike (an expert redraws its partition as often as that takes). Its
+    optimizer keys (kind, lr, weight_decay, betas, eps, warmup_steps, lr_decay, grad_clip_norm) are an
+    `OptimConfig`'s, flat under `training`."""
 
     model: str = Field(default="mode-tiny", description="open_clip model name (built-in or registered config).")
     init: str | None = Field(
@@ -202,19 +278,6 @@ class TrainingConfig(Section):
         default=None, ge=1, description="Samples in one epoch, for every model; null: the manifest's training rows."
     )
     batch_size: int = Field(default=256, ge=2, description="Global batch; the last partial batch is dropped.")
-    lr: float = Field(default=5e-4, gt=0)
-    weight_decay: float = Field(default=0.2, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(default=1e-6, gt=0)
-    warmup_steps: int = Field(default=2000, ge=0)
-    lr_decay: Literal["whole_schedule", "after_warmup"] = Field(
-        default="whole_schedule",
-        description="The cosine decays over the whole schedule (step / total) or, as open_clip and the references, "
-        "over the steps after warmup.",
-    )
-    grad_clip_norm: float | None = Field(
-        default=None, gt=0, description="Clip the global gradient norm to this (open_clip's --grad-clip-norm)."
-    )
     ooc_ratio: float = Field(default=0.02, ge=0, le=1)
     matched_control: bool = Field(
         default=True,
@@ -270,16 +333,9 @@ class MoEConfig(Section):
         description="MCL stages: the most pairs the driver's k-means fits on (a seeded hash sample, embedded in "
         "the actor pool); every pair is then labelled by its nearest centres in the actor pool.",
     )
-    lr: float = Field(default=1e-5, gt=0, description="MCL stages: AdamW on the MLP weights only.")
-    weight_decay: float = Field(default=0.2, ge=0)
-    warmup_steps: int = Field(default=200, ge=0)
-    lr_decay: Literal["whole_schedule", "after_warmup"] = Field(
-        default="whole_schedule", description="MCL stages and router: as training.lr_decay."
-    )
-    optimizer: Literal["mode_ray", "reference"] = Field(
-        default="mode_ray",
-        description="mode_ray: AdamW as training's (betas, eps; no decay on gains, biases, logit scale); reference: "
-        "torch's AdamW defaults (β 0.9/0.999, ε 1e-8), decay on every parameter.",
+    mcl_optim: McLOptimConfig = Field(
+        default_factory=McLOptimConfig,
+        description="MCL stages: AdamW on the MLP weights only, and their schedule (an OptimConfig).",
     )
     temperature: float = Field(default=0.01, gt=0, description="MCL: fixed CLIP temperature (logit scale 1/T).")
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="MCL: in the CLIP loss, as the reference.")
@@ -296,9 +352,10 @@ class MoEConfig(Section):
     top_k: int = Field(default=2, ge=1)
     towers: list[Literal["image", "text"]] = Field(default=["image", "text"], description="Towers made MoE.")
     router_epochs: float = Field(default=1.0, gt=0, description="Router fine-tuning, in training epochs.")
-    router_lr: float = Field(default=1e-6, gt=0)
-    router_weight_decay: float = Field(default=0.01, ge=0)
-    router_warmup_steps: int = Field(default=0, ge=0)
+    router_optim: RouterOptimConfig = Field(
+        default_factory=RouterOptimConfig,
+        description="Router fine-tuning: AdamW on the routers only, and its schedule (an OptimConfig).",
+    )
     router_label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Router fine-tuning's CLIP loss.")
     router_temperature: float | None = Field(
         default=None, gt=0, description="Router fine-tuning: a fixed logit scale 1/T; null: the base's own."
@@ -318,6 +375,14 @@ class MoEConfig(Section):
         "counted (f sums to k), divided by the world size.",
     )
     balance_text_weight: float = Field(default=0.5, ge=0, description="Loss = CLIP + coef·(image + w·text).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        moved = [k for k in MOVED_MOE_KEYS if isinstance(raw, dict) and k in raw]
+        if moved:
+            raise ValueError("; ".join(f"moe.{k} is now {MOVED_MOE_KEYS[k]}" for k in moved))
+        return raw
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoEConfig:
@@ -503,11 +568,10 @@ REFERENCE_PRESET: dict[str, dict[str, Any]] = {
     "clustering": {"geometry": "euclidean"},
     "training": {"lr_decay": "after_warmup", "caption_draw": "per_read"},
     "moe": {
-        "lr_decay": "after_warmup",
-        "optimizer": "reference",
+        "mcl_optim": {"kind": "reference", "lr_decay": "after_warmup"},
+        "router_optim": {"kind": "reference", "lr_decay": "after_warmup", "warmup_steps": 200},
         "router_label_smoothing": 0.1,
         "router_temperature": 0.01,
-        "router_warmup_steps": 200,
         "balance_form": "reference",
         "mcl_last_batch": "drop",
         "mcl_batch_order": "round_robin",

@@ -15,9 +15,9 @@ MOE_SETTINGS = (
     "moe.stages=3",
     "moe.image_clusters=2",
     "moe.text_clusters=2",
-    "moe.lr=0.001",
-    "moe.warmup_steps=2",
-    "moe.router_lr=0.01",
+    "moe.mcl_optim.lr=0.001",
+    "moe.mcl_optim.warmup_steps=2",
+    "moe.router_optim.lr=0.01",
     "moe.router_epochs=1",
     "moe.top_k=2",
 )

@@ -42,25 +42,29 @@ def _config(*sets: str) -> Config:
 
 def test_the_reference_preset_sets_what_differs_and_an_explicit_setting_wins() -> None:
     reference = _config("preset=reference")
-    assert reference.training.lr_decay == "after_warmup" and reference.moe.lr_decay == "after_warmup"
+    assert reference.training.lr_decay == "after_warmup" and reference.moe.mcl_optim.lr_decay == "after_warmup"
+    assert reference.moe.router_optim.lr_decay == "after_warmup"
     m = reference.moe
-    assert (m.router_label_smoothing, m.router_temperature, m.router_warmup_steps, m.optimizer) == (
+    assert (m.router_label_smoothing, m.router_temperature, m.router_optim.warmup_steps, m.router_optim.kind) == (
         0.1,
         0.01,
         200,
         "reference",
     )
+    assert m.mcl_optim.kind == "reference" and reference.training.kind == "mode_ray"  # MoDE's is open_clip's
     assert (m.balance_form, m.mcl_last_batch, m.mcl_batch_order) == ("reference", "drop", "round_robin")
     assert reference.training.caption_draw == "per_read" and _config().training.caption_draw == "per_sample"
     assert reference.clustering.geometry == "euclidean"
     nested = _config("preset=reference", "moe.top_k=1")  # a sibling set in the same section: the preset still fills
     assert nested.moe.balance_form == "reference" and nested.moe.top_k == 1
     today = _config()
-    assert today.training.lr_decay == "whole_schedule" and today.moe.optimizer == "mode_ray"
+    assert today.training.lr_decay == "whole_schedule" and today.moe.mcl_optim.kind == "mode_ray"
+    assert today.moe.router_optim.kind == "mode_ray"
     assert today.clustering.geometry == "spherical" and today.eval.routing.reference_centres == "raw_means"
     assert today.moe.router_temperature is None and today.moe.router_label_smoothing == 0.0
-    mixed = _config("preset=reference", "moe.router_warmup_steps=5")
-    assert mixed.moe.router_warmup_steps == 5 and mixed.moe.router_label_smoothing == 0.1
+    mixed = _config("preset=reference", "moe.router_optim.warmup_steps=5")
+    assert mixed.moe.router_optim.warmup_steps == 5 and mixed.moe.router_label_smoothing == 0.1
+    assert mixed.moe.router_optim.kind == "reference"  # a sibling in the same block: the preset still fills
 
 
 def test_router_stage_loss_under_the_preset_is_the_references() -> None:
@@ -98,13 +102,13 @@ def test_the_reference_optimizer_is_torch_adamw_defaults_with_decay_everywhere()
     from mode_ray.train.loop import make_optimizer
 
     model, *_ = build_clip("mode-tiny")
-    ours = make_optimizer(model, Optimizer("reference", 1e-5, 0.2, (0.9, 0.98), 1e-6))
+    ours = make_optimizer(model, Optimizer("reference", 0.2, (0.9, 0.98), 1e-6), 1e-5)
     reference = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.2)
     assert len(ours.param_groups) == 1
     for key in ("betas", "eps", "weight_decay", "lr"):
         assert ours.param_groups[0][key] == reference.param_groups[0][key]
     assert sum(p.numel() for p in ours.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
-    today = make_optimizer(model, Optimizer("mode_ray", 1e-5, 0.2, (0.9, 0.98), 1e-6))  # open_clip's split
+    today = make_optimizer(model, Optimizer("mode_ray", 0.2, (0.9, 0.98), 1e-6), 1e-5)  # open_clip's split
     assert [g["weight_decay"] for g in today.param_groups] == [0.0, 0.2] and today.param_groups[0]["betas"] == (
         0.9,
         0.98,
@@ -371,7 +375,8 @@ def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path)
         "preset=reference", "data.caption_field=texts", "clustering.n_coarse=2", "training.samples_per_epoch=64",
         "training.epochs=2", "training.batch_size=32", "training.seed_fraction=0.5", "training.warmup_steps=1",
         "training.matched_control=false", "training.decode_cache=true", "moe.stages=2", "moe.image_clusters=2",
-        "moe.text_clusters=2", "moe.warmup_steps=1", "moe.router_warmup_steps=1", "moe.router_epochs=0.25",
+        "moe.text_clusters=2", "moe.mcl_optim.warmup_steps=1", "moe.router_optim.warmup_steps=1",
+        "moe.router_epochs=0.25",
         "moe.base=seed",  # the MoE's chain starts beside the tails, not after the generalist: one trial shorter
     )  # fmt: skip
     cfg = demo_config(tmp_path / "run", shards, *sets)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mode_ray.config import Config
+from mode_ray.config import Config, OptimConfig
 from mode_ray.layout import MOE, STATE_FILE, RunPaths
 from mode_ray.names import SEED
 from mode_ray.stages.mcl import stage_name
@@ -59,20 +59,29 @@ def samples_per_epoch(cfg: Config, manifest_rows: int) -> int:
     return max(1, round(manifest_rows * (1 - holdout_fraction(cfg, manifest_rows))))
 
 
+def optim(block: OptimConfig, total_steps: int = 0, tail_start: int = 0) -> tuple[Optimizer, Schedule]:
+    """The job's optimizer and learning-rate schedule from its config block, field for field: one helper for
+    every job kind (models: `training`; MCL stages: `moe.mcl_optim`; router: `moe.router_optim`)."""
+    optimizer = Optimizer(block.kind, block.weight_decay, block.betas, block.eps, block.grad_clip_norm)
+    after_warmup = block.lr_decay == "after_warmup"
+    return optimizer, Schedule(block.lr, block.warmup_steps, total_steps, tail_start, after_warmup)
+
+
 def make_plan(cfg: Config, per_expert: dict[str, int]) -> Plan:
     t = cfg.training
+    _, lr = optim(t)  # training's learning-rate curve; the plan counts its steps
     return plan_training(
         epochs=t.epochs,
         seed_fraction=t.seed_fraction,
         samples_per_epoch=samples_per_epoch(cfg, sum(per_expert.values())),
         batch_size=t.batch_size,
-        base_lr=t.lr,
-        warmup_steps=t.warmup_steps,
+        base_lr=lr.base_lr,
+        warmup_steps=lr.warmup_steps,
         per_expert=per_expert,
         n_coarse=cfg.clustering.n_coarse,
         use_seed=t.use_seed,
         matched_control=t.matched_control,
-        decay_after_warmup=t.lr_decay == "after_warmup",
+        decay_after_warmup=lr.decay_after_warmup,
     )
 
 
@@ -86,6 +95,7 @@ def model_job(cfg: Config, span: Span, schedule: Schedule, inputs: Inputs, init:
     else:
         start, parents, urls = Start("random"), (), ()
     data = Data("all") if span.expert is None else Data("partition", span.expert, t.ooc_ratio)
+    optimizer, _ = optim(t)  # the schedule is the plan's: training's curve over the run's steps (`make_plan`)
     return TrainJob(
         name=span.name,
         role="model",
@@ -97,7 +107,7 @@ def model_job(cfg: Config, span: Span, schedule: Schedule, inputs: Inputs, init:
         first_step=span.start_step,
         end_step=span.end_step,
         stretch=span.stretch,
-        optimizer=Optimizer("mode_ray", t.lr, t.weight_decay, t.betas, t.eps, t.grad_clip_norm),
+        optimizer=optimizer,
         loss=Loss(),
         inputs=inputs,
         paths=Paths(paths.experts(span.name), paths.export(span.name), urls),
@@ -119,15 +129,12 @@ class MoEBase:
     identity: str | None = None  # how an outside export is named (moe.base)
 
 
-def _moe_optimizer(cfg: Config, lr: float, weight_decay: float) -> Optimizer:
-    return Optimizer(cfg.moe.optimizer, lr, weight_decay, cfg.training.betas, cfg.training.eps)
-
-
 def mcl_job(cfg: Config, base: MoEBase, inputs: Inputs, stage: int) -> TrainJob:
     """MCL stage `stage`: the base's MLPs fine-tuned on batches clustered by stage `stage - 1`'s model."""
     moe, paths = cfg.moe, RunPaths(cfg.run_root)
     previous = stage_name(stage - 1)
     out = paths.moe(stage_name(stage))
+    optimizer, schedule = optim(moe.mcl_optim)  # its steps are planned with its data (`TrainJob.with_steps`)
     plan = McLPlan(
         stage,
         moe.image_clusters,
@@ -144,11 +151,11 @@ def mcl_job(cfg: Config, base: MoEBase, inputs: Inputs, stage: int) -> TrainJob:
         start=Start("weights", identity=base.identity),
         data=Data("mcl", mcl=plan),
         trainable="mlp",
-        schedule=Schedule(moe.lr, moe.warmup_steps, 0, 0, moe.lr_decay == "after_warmup"),
+        schedule=schedule,
         first_step=0,
         end_step=None,
         stretch=1.0,
-        optimizer=_moe_optimizer(cfg, moe.lr, moe.weight_decay),
+        optimizer=optimizer,
         loss=Loss(moe.label_smoothing, moe.temperature),
         inputs=inputs,
         paths=Paths(
@@ -161,6 +168,7 @@ def router_job(cfg: Config, base: MoEBase, inputs: Inputs, stages: list[TrainJob
     """Router fine-tuning of the MoE upcycled from the base and every MCL stage's MLPs."""
     moe, paths = cfg.moe, RunPaths(cfg.run_root)
     steps = max(1, round(moe.router_epochs * spe / inputs.batch_size))
+    optimizer, schedule = optim(moe.router_optim, steps)
     balance = Balance(moe.balance_coef, moe.balance_counts, moe.balance_text_weight, moe.balance_form)
     return TrainJob(
         name=f"moe-{ROUTER}",
@@ -169,11 +177,11 @@ def router_job(cfg: Config, base: MoEBase, inputs: Inputs, stages: list[TrainJob
         start=Start("upcycle", identity=base.identity),
         data=Data("all"),
         trainable="router",
-        schedule=Schedule(moe.router_lr, moe.router_warmup_steps, steps, 0, moe.lr_decay == "after_warmup"),
+        schedule=schedule,
         first_step=0,
         end_step=steps,
         stretch=1.0,
-        optimizer=_moe_optimizer(cfg, moe.router_lr, moe.router_weight_decay),
+        optimizer=optimizer,
         loss=Loss(moe.router_label_smoothing, moe.router_temperature, balance),
         inputs=inputs,
         paths=Paths(paths.moe(ROUTER), paths.export(MOE), (base.url, *(s.paths.export_dir for s in stages))),

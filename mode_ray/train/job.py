@@ -36,8 +36,9 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Optimizer:
+    """AdamW as a job builds it; the learning rate is its `Schedule`'s, set before every step."""
+
     kind: Literal["mode_ray", "reference"]  # open_clip's decay split, or torch's AdamW defaults (CLIP-MoE's)
-    lr: float
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -176,6 +177,9 @@ def hashed_fields(job: TrainJob) -> dict[str, Any]:
         out["schedule"].pop("total_steps")
     if not job.schedule.decay_after_warmup:  # as before the setting existed: a finished run is kept
         out["schedule"].pop("decay_after_warmup")
+    # the optimizer carried its learning rate, always the schedule's base rate, until the schedule owned it:
+    # hashed where it was, so a finished run is kept
+    out["optimizer"]["lr"] = job.schedule.base_lr
     return out
 
 
