@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -69,3 +70,14 @@ def stage_log(name: str) -> Iterator[StageLog]:
     except BaseException:
         console.print(f"[red]✗ {name}[/red] failed after {log.elapsed():.1f}s")
         raise
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt|Failure)\w*(: |$)")
+
+
+def error_reason(text: str, limit: int = 300) -> str:
+    """The line of an error's text that says what went wrong: the last `SomeError: …` line. Ray's errors end
+    with a worker's traceback or an excerpt of one, so their last line can be a bare `File "…"`."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+    return reason[:limit]

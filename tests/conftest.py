@@ -63,10 +63,13 @@ class S3Server:
         self.server = None
 
     def start(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
         if self.server is not None:
             return
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in a failed test's output
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
 

@@ -108,3 +108,19 @@ def test_an_error_with_markup_characters_is_printed_as_its_text():
     with console.capture() as captured:
         _fail(RuntimeError(reason), 1)
     assert reason in captured.get()
+
+
+def test_a_failed_jobs_reason_is_its_exception_line_not_the_last_line_of_a_traceback():
+    """Ray's training errors end with a worker's traceback or an excerpt of one: the console once said only
+    `seed failed:   File "/work/m` for an s3 endpoint error."""
+    from mode_ray.progress import error_reason
+
+    ray_error = (
+        "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+        'Traceback (most recent call last):\n  File "/x/loop.py", line 3, in train\n'
+        'botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: "https://b/"\n'
+        '  File "/work/m'
+    )
+    assert error_reason(ray_error).startswith("botocore.exceptions.EndpointConnectionError: Could not connect")
+    assert error_reason("disk full [/:]") == "disk full [/:]"  # no exception line: the last line, as written
+    assert error_reason("ValueError: " + "x" * 500) == ("ValueError: " + "x" * 500)[:300]

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from mode_ray.config import Config
 from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
-from mode_ray.progress import StageLog
+from mode_ray.progress import StageLog, error_reason
 from mode_ray.progress_bars import progress_bars
 from mode_ray.resources import training_needs
 from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
@@ -209,7 +209,7 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
         try:
             facts = ray.get(ref)
         except Exception as err:  # noqa: BLE001 — reported with every other failure at the end
-            failed[job.name] = str(err).strip().splitlines()[-1][:300]
+            failed[job.name] = error_reason(str(err))
             log.info(f"[red]{job.name} failed[/red]: {escape(failed[job.name])}")
             continue
         waiting.discard(job.name)

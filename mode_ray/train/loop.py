@@ -222,7 +222,7 @@ def train(
     lead = rt.rank == 0
     held_out = HeldOut(lambda: rt.batches("holdout", 256, 0, 0), job.inputs.model) if lead and run.holdout else None
     log = StepLog(job, state, rt, lead)
-    tracker = Tracker(run.tracking if lead else None, job.name, state["step"] if resumed else None)
+    tracker = Tracker(run.tracking if lead else None, job.name, state["step"] if resumed else None, S3Config(**run.s3))
     assert job.end_step is not None
     while state["step"] < job.end_step:
         lr = job.schedule.lr(state["step"], job.stretch)

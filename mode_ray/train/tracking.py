@@ -5,23 +5,40 @@ One mode_ray run is one TensorBoard folder (`tensorboard --logdir RUN/tracking`)
 W&B group; each job (seed, expert-E, generalist, MCL stage, router, added expert) is a run inside it, so every
 model's curves sit side by side. Logged: training loss, learning rate and samples seen at every loss-curve
 point; samples/s, held-out loss and image→text accuracy, overall and per coarse cluster, at every checkpoint.
+A tracking folder on an object store (an `s3://` run root) cannot be appended to, and TensorBoard's event
+files, MLflow's file store and W&B's offline runs all append: there the backends write to a local staging
+folder, and `_Mirror` copies its new and grown files up, at most every `MIRROR_EVERY_S` and when the job ends.
 No Ray here: the training loop calls it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from typing import Any
+
+from mode_ray.config import S3Config
+from mode_ray.storage import get_fs, is_local, join
+
+MIRROR_EVERY_S = 30.0
 
 
 class Tracker:
     """The backends one job logs to; a no-op when `spec` is None (ranks > 0, tracking off)."""
 
-    def __init__(self, spec: dict[str, Any] | None, job: str, resumed_at: int | None) -> None:
+    def __init__(
+        self, spec: dict[str, Any] | None, job: str, resumed_at: int | None, s3: S3Config | None = None
+    ) -> None:
         self.sinks: list[Any] = []
+        self.mirror: _Mirror | None = None
         if not spec:
             return
         folder, experiment = spec["dir"], spec["experiment"]
+        if not is_local(folder):
+            self.mirror = _Mirror(tempfile.mkdtemp(prefix="mode_ray-tracking-"), folder, s3)
+            folder = self.mirror.local
         for backend in spec["report_to"]:
             if backend == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
@@ -37,10 +54,37 @@ class Tracker:
         clean = {k: float(v) for k, v in values.items() if v is not None}
         for sink in self.sinks:
             sink.log(step, clean)
+        if self.mirror:
+            self.mirror.sync()
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+        if self.mirror:
+            self.mirror.sync(force=True)
+            shutil.rmtree(self.mirror.local, ignore_errors=True)
+
+
+class _Mirror:
+    """A local staging folder copied up to a remote one: each file whose size changed since its last copy."""
+
+    def __init__(self, local: str, remote: str, s3: S3Config | None) -> None:
+        self.local, self.remote, self.s3 = local, remote, s3
+        self.copied: dict[str, int] = {}
+        self.last = 0.0
+
+    def sync(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < MIRROR_EVERY_S:
+            return
+        self.last = time.monotonic()
+        fs, _ = get_fs(self.remote, self.s3)
+        for folder, _, names in os.walk(self.local):
+            for name in names:
+                path = os.path.join(folder, name)
+                size = os.path.getsize(path)
+                if self.copied.get(path) != size:
+                    fs.put_file(path, get_fs(join(self.remote, os.path.relpath(path, self.local)), self.s3)[1])
+                    self.copied[path] = size
 
 
 def curve_values(point: dict[str, Any]) -> dict[str, float | None]:
