@@ -311,7 +311,7 @@ class TrainingConfig(OptimConfig):
 
 
 class MoEConfig(Section):
-    """CLIP-MoE (DESIGN §4): MCL stages fine-tune a base CLIP's MLPs on cluster-homogeneous batches, the stage
+    """CLIP-MoE (docs/moe.md): MCL stages fine-tune a base CLIP's MLPs on cluster-homogeneous batches, the stage
     MLPs become the experts of one MoE per block, then only the routers train. Batch size, precision, workers
     and data settings are training's. Where a default is not the reference's, docs/reference-differences.md says
     so, and `preset: reference` sets the reference's value."""

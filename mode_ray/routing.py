@@ -3,8 +3,8 @@
 Two methods, both from the same inputs — the label embeddings (template-averaged, L2-normalised, by the
 clustering encoder), the fine centres and the fine→coarse map:
 
-* `reference` — the released MoDE code, exactly (DESIGN §7): each label's L2 distance to its nearest raw
-  fine centre, sharpened by the label count, summed per expert, softmax(r / 8). With the distances
+* `reference` — the released MoDE code, exactly (docs/reference-differences.md): each label's L2 distance
+  to its nearest raw fine centre, sharpened by the label count, summed per expert, softmax(r / 8). With the distances
   unit vectors have (≈ 0.6–1.2) and tens of labels, r stays tiny and the weights come out nearly uniform.
 * `calibrated` — ours: cosine similarity of the labels to every fine centre, soft-assigned with a
   temperature and averaged over each expert's fine clusters, then normalised over experts. The

@@ -1,4 +1,4 @@
-"""The project's edges (DESIGN.md §8), read from the source with `ast` — no import, no Ray:
+"""The project's edges (README, Development), read from the source with `ast` — no import, no Ray:
 
 - the package is in layers, and no module imports a module of a higher layer (function-level imports
   included). Bottom to top (LAYERS below names every module):

@@ -1,4 +1,4 @@
-"""CLIP-MoE (DESIGN §4): a routed mixture of MLP experts in place of each open_clip block's MLP.
+"""CLIP-MoE (docs/moe.md): a routed mixture of MLP experts in place of each open_clip block's MLP.
 
 open_clip's `ResidualAttentionBlock` computes `x + ls_2(mlp(ln_2(x)))`; `MoEMLP` replaces `mlp`, so the block,
 the towers and every open_clip entry point (`encode_image`, `encode_text`, the model's forward) work unchanged.

@@ -1,4 +1,4 @@
-"""CLIP-MoE's MCL stage data (DESIGN §4): every training pair labelled by k-means of the previous stage's image
+"""CLIP-MoE's MCL stage data (docs/moe.md): every training pair labelled by k-means of the previous stage's image
 and text embeddings, labels accumulated over stages, and each rank's cluster-homogeneous batch plan — with
 nothing sized by the data on the driver:
 

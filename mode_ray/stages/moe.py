@@ -1,4 +1,4 @@
-"""CLIP-MoE (DESIGN §4): MCL stages, upcycling and router fine-tuning, planned as typed jobs and run by the
+"""CLIP-MoE (docs/moe.md): MCL stages, upcycling and router fine-tuning, planned as typed jobs and run by the
 DAG runner (`mode_ray.stages.dag`) — in `mode-ray run` beside the data experts' tails, as soon as the base
 is trained.
 

@@ -4,7 +4,7 @@
     row groups (from the Parquet footers) ─▶ draws of the job's rows ─▶ read + filter + shuffle [+ decode]
     ─▶ the Train worker: local shuffle buffer, random resized crops in batch (mode_ray.train.transforms)
 
-A data expert's epoch counts samples, not passes over its partition (DESIGN §3): it draws "its partition
+A data expert's epoch counts samples, not passes over its partition (docs/training.md): it draws "its partition
 plus an `ooc_ratio` share of the others" as often as its steps take, each draw with a fresh out-of-cluster
 share. One execution of a job's dataset holds many draws — the whole job on small data, about an epoch on
 big data — because every execution start costs seconds; the loop starts another when one runs out. Reads

@@ -1,6 +1,6 @@
 """The training plan of a MoDE run, counted in optimizer steps of one global batch (torch/Ray-free).
 
-MoDE's budget is counted in samples of one dense model (DESIGN §3): a seed trains the first part of the
+MoDE's budget is counted in samples of one dense model (docs/training.md): a seed trains the first part of the
 schedule on all data, then every data expert and the generalist continue it — weights, optimizer state and
 learning-rate position — for the same number of steps (the tail), each on its own data. The compute-matched
 control, `generalist-matched`, continues the seed for one tail per expert, so it costs what the whole ensemble
