@@ -1,12 +1,16 @@
-"""`ray job submit` against a real local head: the whole pipeline as a job, and a job that must fail clearly.
+"""`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root (killed,
+resubmitted, resumed from the bucket), and a job that must fail clearly.
 
 The head is this module's own (`ray start --head` on 127.0.0.1 with the dashboard and its own temp dir), so
-the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir.
+the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir. Its
+processes get TMPDIR and HOME inside that temp dir too, so every file a job writes on this machine is there
+to be listed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,22 +41,34 @@ TINY = (
     "training.batch_size=32",
     "training.warmup_steps=2",
     "training.run.checkpoint_every_epochs=2",
-    "moe.enabled=false",  # tests/test_moe.py builds one; here it would only add minutes
     "training.use_seed=false",  # experts and generalist from scratch, side by side: the job's wiring, not the recipe
+    "moe.enabled=false",  # its two trials in a row would add a minute: tests/test_moe.py builds one
     "eval.retrieval=false",
 )
+# What Ray itself keeps on a node's disk while a job runs on an s3:// run root, none of it run output: its logs,
+# sockets and port files, its Prometheus service-discovery file, the job's unpacked working dir
+# (runtime_resources/) and Tune's experiment state, staged in driver_artifacts/ and uploaded to RUN/tune/ (Tune
+# stages it even with remote storage); caches are in HOME/.cache (matplotlib's font list).
+RAY_OWN = ("/logs/", "/sockets/", "/runtime_resources/", "/driver_artifacts/", "/home/.cache/", "/home/.config/",
+           "/prom_metrics_service_discovery.json")  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    """This venv first on PATH: the head, and so every job's `python`, run this project's interpreter."""
+def _env(temp: str | None = None) -> dict[str, str]:
+    """This venv first on PATH: the head, and so every job's `python`, run this project's interpreter; with
+    `temp`, the head's processes keep their temp files and home inside it."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    if temp:
+        env.update(TMPDIR=os.path.join(temp, "tmp"), HOME=os.path.join(temp, "home"))
+    return env
 
 
 @pytest.fixture(scope="module")
 def head():
     """A one-node head with the job API on 127.0.0.1; yields the dashboard URL."""
     temp = tempfile.mkdtemp(prefix="mr-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    for folder in ("tmp", "home"):
+        os.makedirs(os.path.join(temp, folder))
     port, dashboard = _free_port(), _free_port()
     start = [
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
@@ -62,10 +79,10 @@ def head():
         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
     ]  # fmt: skip
-    subprocess.run(start, check=True, env=_env(), capture_output=True, timeout=180)
+    subprocess.run(start, check=True, env=_env(temp), capture_output=True, timeout=180)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield url
+        yield url, Path(temp)
     finally:
         _kill_processes_mentioning(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -110,25 +127,99 @@ def _sets(*settings: str) -> list[str]:
     return [x for s in settings for x in ("--set", s)]
 
 
-def test_whole_pipeline_as_a_job_succeeds_and_writes_its_outputs(head, tmp_path):
-    root = tmp_path / "run"
-    settings = (*TINY, f"run_root={root}", f"serve.port={_free_port()}")
-    job = _submit(head, "python", "-m", "jobs.run", "--config", "configs/demo.yaml", *_sets(*settings))
-    status, logs = _wait(head, job, timeout=900)
+def _bucket(s3_server) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+
+
+def _keys(client: Any, prefix: str) -> dict[str, str]:
+    """Every object under `prefix`: key → ETag."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="mode-test", Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def _written_here(temp: Path, since: float) -> list[str]:
+    """Files under the head's temp dir (its processes' TMPDIR and HOME included) written since `since`, but
+    Ray's own (RAY_OWN) and its port and session files at the top of a session folder."""
+    out = []
+    for path in temp.rglob("*"):
+        name = "/" + str(path.relative_to(temp))
+        if not path.is_file() or path.stat().st_mtime < since or any(own in name for own in RAY_OWN):
+            continue
+        if name.count("/") <= 3 and "/session_" in name:  # session_*/{*_port_*, session.json, …}
+            continue
+        out.append(name)
+    return out
+
+
+def test_whole_pipeline_as_a_job_on_s3_is_killed_resumes_from_the_bucket_and_writes_nothing_here(
+    head, s3_server, tmp_path
+):
+    """The pipeline as a job on an s3:// run root: stopped once prep is done, resubmitted, and finished from
+    what the bucket holds (prep is not run again); every output is in the bucket (prep, models, tracking, the
+    report) and no file the run made is on this machine's disk. (tests/test_train.py shows a job
+    resuming from its checkpoint, tests/test_storage.py that checkpoints go to the run root's own store.)"""
+    url, temp = head
+    client, run = _bucket(s3_server), f"job-{uuid.uuid4().hex[:8]}"
+    settings = (*TINY, f"run_root=s3://mode-test/{run}", f"data.s3.endpoint_url={s3_server.endpoint}",
+                f"serve.port={_free_port()}")  # fmt: skip
+    args = ("python", "-m", "jobs.run", "--config", "configs/demo.yaml", *_sets(*settings))
+    started = time.time()
+    first = _submit(url, *args)
+    done = _wait_for(client, f"{run}/manifest/", "/_SUCCESS", timeout=600)
+    assert done, _logs(url, first)[-3000:]
+    _stop(url, first)
+    finished_before = json.loads(client.get_object(Bucket="mode-test", Key=done)["Body"].read())["finished_at"]
+    status, logs = _wait(url, _submit(url, *args), timeout=900)
     assert status == "SUCCEEDED", logs[-3000:]
-    for done in ("manifest/_SUCCESS", "experts/generalist/_SUCCESS", "eval/report.md"):
-        assert (root / done).exists(), done
+    objects = _keys(client, f"{run}/")
+    for output in ("manifest/_SUCCESS", "experts/generalist/_SUCCESS", "eval/report.md", "eval/report.png"):
+        assert f"{run}/{output}" in objects, output
+    assert any(k.startswith(f"{run}/tracking/generalist/events.out.tfevents") for k in objects)  # mirrored up
+    resumed = json.loads(client.get_object(Bucket="mode-test", Key=done)["Body"].read())["finished_at"]
+    assert resumed == finished_before, f"{done} was written again after the resubmission"
     assert "serve self-check" in logs
     # What an operator reads: a line per stage, a bar per trial with its loss, no traceback, under 100 lines.
     lines = logs.strip().splitlines()
     assert len(lines) < 100 and "Traceback" not in logs, "\n".join(lines)
     assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), logs[-3000:]
+    assert _written_here(temp, started) == [] and not any(tmp_path.iterdir())
+
+
+def _wait_for(client: Any, prefix: str, suffix: str, timeout: float) -> str | None:
+    """The first key under `prefix` ending in `suffix` to appear in the bucket, polled."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if found := [k for k in _keys(client, prefix) if k.endswith(suffix)]:
+            return found[0]
+        time.sleep(1)
+    return None
+
+
+def _logs(url: str, job: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(url).get_job_logs(job)
+
+
+def _stop(url: str, job: str) -> None:
+    """Stop a job as `ray job stop` does, and wait until it has."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    client.stop_job(job)
+    deadline = time.time() + 120
+    while client.get_job_status(job) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        assert time.time() < deadline, "the job did not stop"
+        time.sleep(1)
 
 
 def test_a_job_on_missing_shards_fails_with_its_reason(head, tmp_path):
+    url, _ = head
     settings = (f"run_root={tmp_path / 'run'}", f"data.shards={tmp_path / 'nowhere'}", "data.demo=null")
-    job = _submit(head, "python", "-m", "jobs.prep", "--config", "configs/demo.yaml", *_sets(*settings))
-    status, logs = _wait(head, job, timeout=300)
+    job = _submit(url, "python", "-m", "jobs.prep", "--config", "configs/demo.yaml", *_sets(*settings))
+    status, logs = _wait(url, job, timeout=300)
     assert status == "FAILED"
     last = logs.strip().splitlines()[-1]
     assert last.startswith("job failed:") and "nowhere" in last
