@@ -14,7 +14,6 @@ No Ray here: the training loop calls it.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
@@ -37,7 +36,7 @@ class Tracker:
             return
         folder, experiment = spec["dir"], spec["experiment"]
         if not is_local(folder):
-            self.mirror = _Mirror(tempfile.mkdtemp(prefix="mode_ray-tracking-"), folder, s3)
+            self.mirror = _Mirror(folder, s3)
             folder = self.mirror.local
         for backend in spec["report_to"]:
             if backend == "tensorboard":
@@ -61,15 +60,16 @@ class Tracker:
         for sink in self.sinks:
             sink.close()
         if self.mirror:
-            self.mirror.sync(force=True)
-            shutil.rmtree(self.mirror.local, ignore_errors=True)
+            self.mirror.close()
 
 
 class _Mirror:
-    """A local staging folder copied up to a remote one: each file whose size changed since its last copy."""
+    """A local staging folder (a temporary directory, gone at `close`) copied up to a remote one: each file
+    whose size changed since its last copy."""
 
-    def __init__(self, local: str, remote: str, s3: S3Config | None) -> None:
-        self.local, self.remote, self.s3 = local, remote, s3
+    def __init__(self, remote: str, s3: S3Config | None) -> None:
+        self.staging = tempfile.TemporaryDirectory(prefix="mode_ray-tracking-")
+        self.local, self.remote, self.s3 = self.staging.name, remote, s3
         self.copied: dict[str, int] = {}
         self.last = 0.0
 
@@ -85,6 +85,10 @@ class _Mirror:
                 if self.copied.get(path) != size:
                     fs.put_file(path, get_fs(join(self.remote, os.path.relpath(path, self.local)), self.s3)[1])
                     self.copied[path] = size
+
+    def close(self) -> None:
+        self.sync(force=True)
+        self.staging.cleanup()
 
 
 def curve_values(point: dict[str, Any]) -> dict[str, float | None]:
