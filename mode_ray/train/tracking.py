@@ -77,13 +77,13 @@ class _Mirror:
         if not force and time.monotonic() - self.last < MIRROR_EVERY_S:
             return
         self.last = time.monotonic()
-        fs, _ = get_fs(self.remote, self.s3)
+        fs, root = get_fs(self.remote, self.s3)
         for folder, _, names in os.walk(self.local):
             for name in names:
                 path = os.path.join(folder, name)
                 size = os.path.getsize(path)
                 if self.copied.get(path) != size:
-                    fs.put_file(path, get_fs(join(self.remote, os.path.relpath(path, self.local)), self.s3)[1])
+                    fs.put_file(path, join(root, os.path.relpath(path, self.local)))
                     self.copied[path] = size
 
     def close(self) -> None:
