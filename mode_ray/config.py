@@ -216,34 +216,23 @@ class OptimConfig(Section):
 
 
 class McLOptimConfig(OptimConfig):
-    """`moe.mcl_optim`: the MCL stages fine-tune the base's MLP weights only, at the CLIP-MoE reference's rate."""
+    """`moe.mcl_optim`: the MCL stages fine-tune the base's MLP weights only, at the CLIP-MoE reference's rate.
+    Every key is its own, none is training's: betas and eps no longer follow training.betas / training.eps (a
+    config that sets those sets these too to keep its MoE as before), and grad_clip_norm stays null, no
+    clipping, as the CLIP-MoE reference."""
 
     lr: float = Field(default=1e-5, gt=0, description="The reference's MCL rate (a pretrained ViT-L).")
     warmup_steps: int = Field(default=200, ge=0, description="The reference's warmup, in optimizer steps.")
-    betas: tuple[float, float] = Field(
-        default=(0.9, 0.98),
-        description="AdamW's β (kind mode_ray). Its own value, no longer training.betas: a config that sets "
-        "training.betas sets moe.mcl_optim.betas too to keep its MoE as before (eps likewise).",
-    )
-    grad_clip_norm: float | None = Field(
-        default=None, gt=0, description="null: no clipping, as the CLIP-MoE reference (training's value is not read)."
-    )
 
 
 class RouterOptimConfig(OptimConfig):
-    """`moe.router_optim`: router fine-tuning of the upcycled MoE, at the CLIP-MoE reference's rate."""
+    """`moe.router_optim`: router fine-tuning of the upcycled MoE, at the CLIP-MoE reference's rate. Its keys
+    are its own, as `moe.mcl_optim`'s (betas, eps and grad_clip_norm included)."""
 
     lr: float = Field(default=1e-6, gt=0, description="The reference's router rate (a pretrained ViT-L).")
     weight_decay: float = Field(default=0.01, ge=0, description="The reference's router weight decay.")
     warmup_steps: int = Field(
         default=0, ge=0, description="The reference warms up 200 steps; the demo's router stage is ~60 steps."
-    )
-    betas: tuple[float, float] = Field(
-        default=(0.9, 0.98),
-        description="AdamW's β (kind mode_ray). Its own value, no longer training.betas (eps likewise).",
-    )
-    grad_clip_norm: float | None = Field(
-        default=None, gt=0, description="null: no clipping, as the CLIP-MoE reference (training's value is not read)."
     )
 
 
