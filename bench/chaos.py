@@ -5,7 +5,7 @@
 `mode-ray run` on a tiny config (bench/faults.py's), once undisturbed and once under chaos: at N random moments
 (spaced about the undisturbed run's length / N apart, drawn from `--seed`) one process of this run's gets
 SIGKILL, of a kind alive then and hit least so far (ties drawn at random): a data actor or task (Ray Data's), a
-training worker (`RayTrainWorker`), a trial's driver (Tune's trainable, which runs `TorchTrainer.fit`) or the
+training worker (`RayTrainWorker`), a job's driver (the DAG node's Ray task, which runs `TorchTrainer.fit`) or the
 whole `mode-ray` command with its Ray. Whenever the command ends without finishing, it is started again, until
 it does. Then every output is compared with the undisturbed run's, bit for bit: embeddings, rejects, manifest,
 centroids, decoded inputs, each model's weights, the report's table, predictions, logits and routing.
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = {
     "data actor/task": ("ray::MapWorker", "ray::MapBatches", "ray::ReadParquet", "ray::Read"),
     "training worker": ("ray::RayTrainWorker",),
-    "trial driver": ("ray::ImplicitFunc",),
+    "trial driver": ("ray::run_node",),
 }
 WHOLE = "the mode-ray command"
 MAX_ATTEMPTS = 30

@@ -4,10 +4,11 @@
 
 (1) Fixed seconds per trial: the real `mode-ray train` on a small demo run (seed, 4 experts, generalist),
     each trial's time minus its learning time, by part (Ray Train start, imports, data start, checkpoints, …,
-    from the train summary), and each job's wall time from launch to done (Tune's own start and end added),
-    vs the floor measured in the same run: Tune trials that each fit a TorchTrainer whose loop does nothing,
+    from the train summary), and each job's wall time from launch to done (its driver task's own start and end added),
+    vs the floor measured in the same run: Ray tasks that each fit a TorchTrainer whose loop does nothing,
     with the run's worker size, one at a time and as many side by side as the run's trials (goal: fixed cost
-    ≤ 1.3× the floor at the same concurrency: what Ray costs where the trials run).
+    ≤ 1.3× the floor at the same concurrency: what Ray costs where the trials run); and the same empty fits
+    as one-trial Tune runs, the launcher the runner used before (what dropping Tune saved).
 (2) Learning speed: samples/s of the steps inside those trials (after each trial's first 20% of steps) vs a
     bare torch loop over the same model, batch, augmentation and torch threads on in-memory data
     (goal: ≥ 0.8×).
@@ -35,38 +36,51 @@ def empty_loop(config: dict) -> None:
     ray.train.report({"done": 1})
 
 
-def trivial_trial(config: dict) -> None:
-    """The floor: a Tune trial fitting a TorchTrainer whose loop does nothing, with the run's poll interval and
-    worker size."""
+def empty_fit(poll: float, cpus: float) -> float:
+    """The floor: fit a TorchTrainer whose loop does nothing, with the run's poll interval and worker size, in a
+    fresh temporary storage folder; returns its seconds."""
     import ray.train
-    import ray.tune
     from ray.train.torch import TorchTrainer
 
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(config["poll"])
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(poll)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         TorchTrainer(
             empty_loop,
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(name="floor", storage_path=tmp),
         ).fit()
-    ray.tune.report({"fit_seconds": time.time() - start})
+    return time.time() - start
 
 
-def floor_seconds(poll: float, cpus: float, concurrent: int = 1, rounds: int = 3) -> float:
-    """Wall seconds per trial slot: `rounds` × `concurrent` empty trials, `concurrent` at a time."""
-    import ray.tune as tune
+def tune_trial(config: dict) -> None:
+    """The same empty fit as a Ray Tune trial: how the runner launched jobs before (one trial per job)."""
+    import ray.tune
 
-    trials = rounds * concurrent
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        tune.Tuner(
-            tune.with_resources(trivial_trial, {"CPU": 0.01}),
-            param_space={"poll": poll, "cpus": cpus, "i": tune.grid_search(list(range(trials)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(storage_path=tmp, verbose=0),
-        ).fit()
-        return (time.time() - start) / rounds
+    ray.tune.report({"fit_seconds": empty_fit(config["poll"], config["cpus"])})
+
+
+def floor_seconds(poll: float, cpus: float, concurrent: int = 1, rounds: int = 3, tune: bool = False) -> float:
+    """Wall seconds per trial slot: `rounds` × `concurrent` empty fits, `concurrent` at a time, each in a Ray
+    task as the runner's DAG nodes are (`tune`: each in a one-trial Tune run instead, the former launcher)."""
+    import ray
+
+    start = time.time()
+    if tune:
+        import ray.tune
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ray.tune.Tuner(
+                ray.tune.with_resources(tune_trial, {"CPU": 0.01}),
+                param_space={"poll": poll, "cpus": cpus, "i": ray.tune.grid_search(list(range(rounds * concurrent)))},
+                tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent),
+                run_config=ray.tune.RunConfig(storage_path=tmp, verbose=0),
+            ).fit()
+    else:
+        node = ray.remote(num_cpus=0)(empty_fit)
+        for _ in range(rounds):
+            ray.get([node.remote(poll, cpus) for _ in range(concurrent)])
+    return (time.time() - start) / rounds
 
 
 def bare_samples_per_s(cfg, steps: int) -> float:
@@ -147,6 +161,8 @@ def main() -> None:
         concurrent = max_concurrent(cfg)
         floor_alone = floor_seconds(run.controller_poll_s, run.cpus_per_worker)
         floor = floor_seconds(run.controller_poll_s, run.cpus_per_worker, concurrent)
+        tune_alone = floor_seconds(run.controller_poll_s, run.cpus_per_worker, tune=True)
+        tune_floor = floor_seconds(run.controller_poll_s, run.cpus_per_worker, concurrent, tune=True)
         ray.shutdown()
     from mode_ray.storage import read_json
 
@@ -166,8 +182,13 @@ def main() -> None:
         )
     walls = [m["ended_at"] - m["started_at"] - m["timing"]["compute"] for m in models.values()]
     print(f"  mean fixed per trial     {np.mean(fixed):6.1f} s; per job, launch to done: {np.mean(walls):.1f} s")
-    print(f"  floor: a Tune trial fitting a TorchTrainer that does nothing: {floor_alone:.1f} s alone, "
-          f"{floor:.1f} s a trial with {concurrent} side by side (the run's concurrency)")  # fmt: skip
+    print(
+        f"  floor: a Ray task fitting a TorchTrainer that does nothing (as the runner's DAG nodes): "
+        f"{floor_alone:.1f} s alone, {floor:.1f} s a trial with {concurrent} side by side (the run's concurrency)"
+    )
+    print(f"  the same empty fit as a one-trial Tune run (the former launcher): {tune_alone:.1f} s alone, "
+          f"{tune_floor:.1f} s side by side: the runner without Tune costs {floor_alone / tune_alone:.2f}x, "
+          f"{floor / tune_floor:.2f}x of it")  # fmt: skip
     print(f"  ratio fixed / floor at the same concurrency: {np.mean(fixed) / floor:.2f}x (goal <= 1.3); "
           f"job wall less learning / floor: {np.mean(walls) / floor:.2f}x")  # fmt: skip
     rate = in_trial_samples_per_s(models)

@@ -25,7 +25,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even when t
 @app.callback()
 def main(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show Ray's, Tune's and the workers' own output live.")
+        bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' own output live.")
     ] = False,
 ) -> None:
     """mode_ray: CLIP data experts (MoDE) and CLIP mixtures of experts on Ray."""
@@ -33,7 +33,7 @@ def main(
         os.environ[VERBOSE_ENV] = "1"
     from mode_ray.runtime import quiet_at_the_source
 
-    quiet_at_the_source()  # before any stage imports Ray Data, Tune or transformers
+    quiet_at_the_source()  # before any stage imports Ray Data, Ray Train or transformers
 
 
 def _fail(err: Exception, code: int) -> typer.Exit:
@@ -87,7 +87,7 @@ def train(
         list[str] | None, typer.Option(help="Train only this model and those it continues (repeatable).")
     ] = None,
 ) -> None:
-    """Train the seed, one data expert per coarse cluster and the generalist, as parallel Ray Tune trials."""
+    """Train the seed, one data expert per coarse cluster and the generalist, as parallel Ray Train trials."""
     from functools import partial
 
     from mode_ray.stages.train import run_train

@@ -182,7 +182,7 @@ class TrainingRunConfig(Section):
     )
     log_every_steps: int = Field(default=10, ge=1, description="Loss curve resolution (kept with each model).")
     checkpoint_every_epochs: float = Field(
-        default=1.0, gt=0, description="Checkpoint (and validate, and report to Tune) this often; and at the end."
+        default=1.0, gt=0, description="Checkpoint (and validate, and report to Ray Train) this often; and at the end."
     )
 
 

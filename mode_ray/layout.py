@@ -33,7 +33,7 @@ MOE = "moe"  # the CLIP-MoE's model name, in the report and at the endpoint
 # The run root's folders the stages write, delete and redo: nothing else may live in them (no input data).
 STAGE_FOLDERS = (
     "embeddings", "rejects", "clusters", "manifest", "prep", "experts", "moe", "eval", "generations",
-    "train_inputs", "train_runs", "tune", "tracking", "pretrained",
+    "train_inputs", "train_runs", "tracking", "pretrained",
 )  # fmt: skip
 
 

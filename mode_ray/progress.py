@@ -1,8 +1,8 @@
 """What an operator sees: one clear line per stage with its elapsed time, and little else.
 
-Ray, Tune, Ray Data and Serve log progress at INFO and stream every worker's output to the driver; on the
+Ray, Ray Train, Ray Data and Serve log progress at INFO and stream every worker's output to the driver; on the
 console that buried the stage lines under thousands of others. Unless `--verbose` (MODE_RAY_VERBOSE=1), their
-loggers keep WARNING and up (a real error still prints), Tune prints no result tables, and worker output stays
+loggers keep WARNING and up (a real error still prints) and worker output stays
 in Ray's own log folder, whose path is printed when Ray starts and again with any error.
 """
 

@@ -1,6 +1,6 @@
 """Progress bars for the long stages: rows embedded, steps trained per trial (with loss), images evaluated.
 
-The work runs in other processes (Ray Data actors, Train workers inside Tune trials), so they push their
+The work runs in other processes (Ray Data actors, Train workers of each job's trial), so they push their
 counts to one small named actor with fire-and-forget calls; the driver polls it a few times a second and
 draws rich bars. Only a name travels to the workers (it pickles and fits in a JSON trial config); a worker
 that finds no board (a library call without bars, a test) reports nothing. On a terminal the bars are

@@ -224,7 +224,7 @@ def release_orphaned_placement_groups() -> int:
     mid-run takes its TorchTrainer's controller with it, but the worker group's group — reserving each worker's
     CPUs — stays until the whole command ends: later trials and stages then wait for CPUs forever (found by
     bench/chaos.py). Ray has no public API that says who created a group, so the GCS table is read (private,
-    hence the guard). A group made by a driver (Tune's trials) has no creator actor and is never touched."""
+    hence the guard). A group made by a driver has no creator actor and is never touched."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 

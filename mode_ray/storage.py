@@ -131,7 +131,7 @@ def arrow_filesystem(url: str, s3: S3Config | None = None) -> Any:
 
 
 def ray_storage(url: str, s3: S3Config | None = None) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig at `url`. With a file system of its
+    """(storage_path, storage_filesystem) for a Ray Train RunConfig at `url`. With a file system of its
     own Ray wants the path inside it, without the scheme (`s3://bucket/p` → `bucket/p`, as Ray's docs say):
     given the whole URL, Ray made `s3:` the bucket."""
     filesystem = arrow_filesystem(url, s3)

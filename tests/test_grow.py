@@ -64,7 +64,7 @@ def grown_run(trained_run, tmp_path_factory):
     the run other tests read untouched."""
     cfg, _, _ = trained_run
     root = tmp_path_factory.mktemp("grow") / "run"
-    shutil.copytree(cfg.run_root, root, ignore=shutil.ignore_patterns("tune", "train_runs", "eval", "moe"))
+    shutil.copytree(cfg.run_root, root, ignore=shutil.ignore_patterns("train_runs", "eval", "moe"))
     sets = (*TRAINED_RUN_SETTINGS, "continual.min_expert_samples=40", "serve.ingress.num_cpus=0.1")
     return root, lambda *more: demo_config(root, cfg.data.shards, *sets, *more)
 

@@ -47,9 +47,8 @@ TINY = (
 )
 # What Ray itself keeps on a node's disk while a job runs on an s3:// run root, none of it run output: its logs,
 # sockets and port files, its Prometheus service-discovery file, the job's unpacked working dir
-# (runtime_resources/) and Tune's experiment state, staged in driver_artifacts/ and uploaded to RUN/tune/ (Tune
-# stages it even with remote storage); caches are in HOME/.cache (matplotlib's font list).
-RAY_OWN = ("/logs/", "/sockets/", "/runtime_resources/", "/driver_artifacts/", "/home/.cache/", "/home/.config/",
+# (runtime_resources/); caches are in HOME/.cache (matplotlib's font list).
+RAY_OWN = ("/logs/", "/sockets/", "/runtime_resources/", "/home/.cache/", "/home/.config/",
            "/prom_metrics_service_discovery.json")  # fmt: skip
 
 

@@ -18,7 +18,7 @@ def test_a_dead_actors_placement_group_is_released_and_a_drivers_is_kept(ray_ses
             ray.get(group.ready())
             return group.id.hex()
 
-    drivers = placement_group([{"CPU": 0.25}])  # as Tune's trial groups: made by the driver
+    drivers = placement_group([{"CPU": 0.25}])  # a group made by the driver
     ray.get(drivers.ready())
     controller = Controller.remote()
     orphan = ray.get(controller.reserve.remote())

@@ -1,4 +1,4 @@
-"""Where Ray Train and Tune write a run's checkpoints and bookkeeping: the run root's own store, s3:// included."""
+"""Where Ray Train writes a run's checkpoints and bookkeeping: the run root's own store, s3:// included."""
 
 from __future__ import annotations
 

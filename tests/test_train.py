@@ -1,4 +1,4 @@
-"""Training on real Ray Train + Tune with tiny open_clip models: seed, experts, generalist, generalist-matched;
+"""Training on real Ray Train with tiny open_clip models: seed, experts, generalist, generalist-matched;
 and the plain pieces it is made of (schedule, plan, inputs, hold-out, validation)."""
 
 from __future__ import annotations

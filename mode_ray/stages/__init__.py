@@ -1,1 +1,1 @@
-"""Stage drivers: where the plain algorithms are wired into Ray Data, Train, Tune and Serve."""
+"""Stage drivers: where the plain algorithms are wired into Ray Data, Train and Serve."""

@@ -3,31 +3,31 @@ and a slot is free — the experts and generalists after the seed, MCL stage 1 a
 exists, the router after the last stage, added experts after the seed — so the MoE branch trains beside the
 expert tails, on a laptop and on a cluster.
 
-Each job runs in a small Ray task (no CPU of its own) that plans its data when that needs its parent (an MCL
-stage clusters with the previous stage's model), then fits one Ray Tune trial of one `TorchTrainer`
+Each job runs in a small Ray task (no CPU of its own), its driver: it plans its data when that needs its
+parent (an MCL stage clusters with the previous stage's model), then fits the job's `TorchTrainer`
 (`mode_ray.stages.trial`). A job whose `_SUCCESS` matches its settings hash is never run again; an unfinished
-one resumes from its own Train checkpoints. Tune's experiment folder is never resumed: its state is pickled,
-and a run root on shared storage must not run code from a file; it holds only bookkeeping and starts afresh.
+one resumes from its own Train checkpoints.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from rich.markup import escape
 
 from mode_ray.config import Config
-from mode_ray.ownership import claim, fresh_dir, remove_owned_tree
+from mode_ray.ownership import claim, remove_owned_tree
 from mode_ray.progress import StageLog, error_reason
 from mode_ray.progress_bars import progress_bars
 from mode_ray.resources import training_needs
 from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
-from mode_ray.stages.trial import failure_marker_path, run_job_trial, tracking_spec, train_run_name
-from mode_ray.storage import join, marker_info, ray_storage, stage_done
-from mode_ray.train.inputs import input_spec
-from mode_ray.train.job import LoopRun, TrainJob, critical_path, job_hashes
+from mode_ray.stages.trial import TrialSpec, fit_job, train_run_name
+from mode_ray.storage import join, marker_info, stage_done
+from mode_ray.train.inputs import InputSpec, input_spec
+from mode_ray.train.job import TrainJob, critical_path, job_hashes
 
 
 def job_done(cfg: Config, job: TrainJob, settings: str) -> bool:
@@ -79,72 +79,48 @@ def torch_threads(cfg: Config, concurrent: int) -> int:
 
 @dataclass(frozen=True)
 class Shared:
-    """What every job's trial gets besides its job: the config, how jobs run, the stage's progress board."""
+    """What every job's trial gets besides its job: the config (as JSON, validated once per process), how
+    jobs run, the stage's progress board."""
 
-    cfg: dict[str, Any]
-    run: LoopRun
+    cfg_json: str
     samples_per_epoch: float
-    input_spec: dict[str, Any]
+    torch_threads: int
+    input_spec: InputSpec
     embedded_ray: bool
     board: str
 
 
+@lru_cache(maxsize=2)
+def load_config(cfg_json: str) -> Config:
+    """The run's config, validated once per process (a node's worker process runs job after job)."""
+    return Config.model_validate_json(cfg_json)
+
+
 def run_node(job: TrainJob, settings: str, shared: Shared, started_at: float) -> dict[str, Any]:
-    """A Ray task: plan an MCL stage's batches (its parent's model is ready now), then fit the job's trial.
-    `started_at`: when the runner launched it (Unix seconds), kept in its metrics.json."""
-    cfg = Config.model_validate(shared.cfg)
-    t, facts, spe = cfg.training, {}, shared.samples_per_epoch
+    """A Ray task, the job's driver: plan an MCL stage's batches (its parent's model is ready now), then fit the
+    job's `TorchTrainer`. `started_at`: when the runner launched it (Unix seconds), kept in its metrics.json."""
+    cfg = load_config(shared.cfg_json)
+    facts, spe = {}, shared.samples_per_epoch
     if job.data.mcl is not None:
         from mode_ray.stages.mcl import prepare_stage
 
         stage = job.data.mcl.stage
-        facts = prepare_stage(cfg, stage, job.paths.data_model, t.seed + stage)
+        facts = prepare_stage(cfg, stage, job.paths.data_model, cfg.training.seed + stage)
         job = job.with_steps(facts["steps"])
-        spe = facts["steps"] * t.batch_size / job.data.mcl.epochs
-    run = replace(
-        shared.run,
-        checkpoint_every_steps=t.run.checkpoint_every_epochs * spe / t.batch_size,
-        fail_once_at_step=(t.run.fail_once_at_step or {}).get(job.name),
-        failure_marker=failure_marker_path(cfg, job.name),
+        spe = facts["steps"] * cfg.training.batch_size / job.data.mcl.epochs
+    spec = TrialSpec(
+        job=job,
+        settings=settings,
+        samples_per_epoch=spe,
+        torch_threads=shared.torch_threads,
+        input_spec=shared.input_spec,
+        embedded_ray=shared.embedded_ray,
+        progress_board=shared.board,
+        started_at=started_at,
+        facts=facts,
     )
-    fit_trial(
-        cfg, job, settings, shared, {"run": run, "samples_per_epoch": spe, "facts": facts, "started_at": started_at}
-    )
+    fit_job(cfg, spec)
     return facts
-
-
-def fit_trial(cfg: Config, job: TrainJob, settings: str, shared: Shared, extra: dict[str, Any]) -> None:
-    """One Tune trial of `run_job_trial` for the job; its workers ask for their own CPUs/GPUs."""
-    import ray.tune as tune
-
-    tune_root = join(cfg.run_root, "tune")
-    name = train_run_name(job, settings)
-    fresh_dir(join(tune_root, name), "a Tune experiment", cfg.data.s3)
-    storage_path, filesystem = ray_storage(tune_root, cfg.data.s3)
-    param_space = {
-        "job": job,
-        "cfg": shared.cfg,
-        "settings": settings,
-        "input_spec": shared.input_spec,
-        "embedded_ray": shared.embedded_ray,
-        "progress_board": shared.board,
-        **extra,
-    }
-    tuner = tune.Tuner(
-        tune.with_resources(run_job_trial, {"CPU": 0.01}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(trial_name_creator=lambda _: job.name, trial_dirname_creator=lambda _: job.name),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=tune.FailureConfig(max_failures=cfg.training.run.max_failures),
-            verbose=0,  # the runner says when each job ends, its bar while it runs
-        ),
-    )
-    errors = [r.error for r in tuner.fit() if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{job.name}: " + str(errors[0])[:600])
 
 
 def pending_jobs(
@@ -167,18 +143,9 @@ def run_jobs(
     require_resources(cfg, training_needs(cfg), log.name)
     claim_job_folders(cfg, todo, hashes, force)
     concurrent = min(len(todo), max_concurrent(cfg))
-    run = LoopRun(
-        torch_threads=torch_threads(cfg, concurrent),
-        checkpoint_every_steps=1.0,  # each job's own, from its samples per epoch (run_node)
-        log_every_steps=cfg.training.run.log_every_steps,
-        holdout=False,  # each trial's own, from its datasets
-        s3=cfg.data.s3.model_dump(),
-        tracking=tracking_spec(cfg),
-        deterministic=cfg.training.run.deterministic,
-    )
-    spec, embedded = asdict(input_spec(cfg.training.model)), cluster_address(cfg) is None
+    spec, embedded = input_spec(cfg.training.model), cluster_address(cfg) is None
     with progress_bars(log.name) as board:
-        shared = Shared(cfg.model_dump(mode="json"), run, float(spe), spec, embedded, board)
+        shared = Shared(cfg.model_dump_json(), float(spe), torch_threads(cfg, concurrent), spec, embedded, board)
         try:
             return drive(todo, hashes, shared, concurrent, log)
         finally:  # a killed trial's worker group would hold its CPUs until the command ends
@@ -191,7 +158,8 @@ def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurre
     job's descendants never start, the others finish; then its error is raised."""
     import ray
 
-    node = ray.remote(num_cpus=0, max_retries=0)(run_node)
+    # A driver killed mid-job is started again (its Train run resumes from its checkpoints); an exception is not.
+    node = ray.remote(num_cpus=0, max_retries=load_config(shared.cfg_json).training.run.max_failures)(run_node)
     depth, order = critical_path(todo), {j.name: i for i, j in enumerate(todo)}
     pending = sorted(todo, key=lambda j: (-depth[j.name], order[j.name]))
     waiting = {j.name for j in todo}

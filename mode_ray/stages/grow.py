@@ -8,7 +8,7 @@ clusters do not cover — without retraining or touching the experts it has (MoD
                   under clusters/versions/); too few: they join their nearest expert, and the summary says so
                ─▶ assign every new sample to the grown centres  ─▶ generations/NAME/manifest (a new manifest
                   generation: the run's manifest is never rewritten)
-               ─▶ train only the new experts, from the seed, on the seed's schedule, as Tune trials
+               ─▶ train only the new experts, from the seed, on the seed's schedule, as Ray Train trials
                ─▶ experts/summary.json and experts/registry.json list them; eval and serve pick them up
 
 The coverage threshold is calibrated on the run's own data: a low percentile (`continual.coverage_percentile`)
@@ -16,7 +16,7 @@ of the assignment scores of its manifest, stored with the centroids and reported
 join their existing partition (in the new generation), for the next retraining of that expert: with
 `--refresh-experts` (`continual.refresh_experts`) that is now: each grown expert's folder is first copied to
 experts/versions/NAME-before-GEN/, then its own job (from the seed, its budget) runs again over its grown
-partition, in the same Tune phase as the new experts. `mode-ray experts rollback NAME` puts the copy back.
+partition, in the same DAG as the new experts. `mode-ray experts rollback NAME` puts the copy back.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def train_generation(
     cfg: Config, name: str, new: list[str], refresh: list[str], manifest_run: str, force: bool
 ) -> tuple[list[str], list[str]]:
     """The new experts, from the seed on an existing expert's budget, and (when asked) the grown ones, as
-    one DAG of Tune trials after the seed; no other model is loaded. Returns (new trained, refreshed) now."""
+    one DAG of Ray Train trials after the seed; no other model is loaded. Returns (new trained, refreshed) now."""
     summary = read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)
     if SEED not in summary["models"]:
         raise ValueError("add-data needs a run trained from a seed (training.use_seed): new experts start from it")

@@ -50,7 +50,7 @@ def run_train(
     cfg: Config, force: bool = False, with_moe: bool = False, models: list[str] | None = None
 ) -> dict[str, Any]:
     """Seed, every data expert and both generalists (and, `with_moe`, the CLIP-MoE's jobs) as one DAG of
-    Tune trials; skips finished models. `models`: only these and the models they continue (a dense
+    Ray Train trials; skips finished models. `models`: only these and the models they continue (a dense
     baseline alone: seed and generalist)."""
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages import moe

@@ -1,5 +1,10 @@
-"""One training job as a Ray Tune trial fitting one Ray Train `TorchTrainer`, and what it leaves behind:
+"""One training job's trial: the `TorchTrainer` its DAG node (a Ray task) fits, and what it leaves behind:
 metrics.json (with when it ran and where its seconds went), the model card, the completion marker.
+
+No Ray Tune between the node and the trainer: with no search space and one trial per job, a Tune trial only
+added an actor, a placement group and ~5 s of a core to each job (bench/train.py); the DAG runs the trials
+side by side. Retries live at one level per failure: Ray Train restarts a job's worker group
+(`training.run.max_failures`), the node's task is started again only if its own process dies.
 
 A job resumes from its own latest checkpoint: Train V2 restores a run by name and storage path, and the
 name is the job's settings hash, so the same settings resume and changed ones start afresh.
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from mode_ray.config import Config, TrainingConfig
@@ -19,7 +24,7 @@ from mode_ray.models.card import write_card
 from mode_ray.runtime import release_orphaned_placement_groups
 from mode_ray.storage import join, mark_done, ray_storage, read_json, settings_hash, write_json
 from mode_ray.train.inputs import InputSpec
-from mode_ray.train.job import TrainJob
+from mode_ray.train.job import LoopRun, TrainJob
 
 
 def train_run_name(job: TrainJob, settings: str) -> str:
@@ -79,42 +84,67 @@ def set_train_environment(t: TrainingConfig, embedded_ray: bool) -> None:
         os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
 
 
-def run_job_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: build and fit one TorchTrainer for one job, then record what it did."""
+@dataclass(frozen=True)
+class TrialSpec:
+    """One job's trial, complete: what it trains, the samples per epoch its checkpoints count in, and what the
+    runner passes through (threads per worker, the model's input spec, the progress board, when it launched)."""
+
+    job: TrainJob
+    settings: str
+    samples_per_epoch: float
+    torch_threads: int
+    input_spec: InputSpec
+    embedded_ray: bool
+    progress_board: str
+    started_at: float  # when the runner launched the job (Unix seconds), kept in its metrics.json
+    facts: dict[str, Any] = field(default_factory=dict)  # an MCL stage's plan, for its metrics.json
+
+
+def loop_run(cfg: Config, spec: TrialSpec, holdout: bool) -> LoopRun:
+    """How this job's loop runs: its checkpoint interval in its own steps, the fail-once hook, tracking."""
+    t = cfg.training
+    return LoopRun(
+        torch_threads=spec.torch_threads,
+        checkpoint_every_steps=t.run.checkpoint_every_epochs * spec.samples_per_epoch / t.batch_size,
+        log_every_steps=t.run.log_every_steps,
+        holdout=holdout,
+        s3=cfg.data.s3.model_dump(),
+        fail_once_at_step=(t.run.fail_once_at_step or {}).get(spec.job.name),
+        failure_marker=failure_marker_path(cfg, spec.job.name),
+        tracking=tracking_spec(cfg),
+        deterministic=t.run.deterministic,
+    )
+
+
+def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
+    """Build and fit the job's TorchTrainer, then record what it did; returns its metrics.json."""
     trial_start = time.time()
     import ray.train
-    import ray.tune
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from mode_ray.stages.data_backoff import quiet_training_data
     from mode_ray.stages.rank_data import RankStreams
     from mode_ray.train.ray_adapter import train_loop_per_worker
 
-    cfg, job = Config.model_validate(config["cfg"]), config["job"]
-    t, runs = cfg.training, join(cfg.run_root, "train_runs")
-    set_train_environment(t, config["embedded_ray"])
+    job, t = spec.job, cfg.training
+    set_train_environment(t, spec.embedded_ray)
     quiet_training_data()
     release_orphaned_placement_groups()  # an earlier, killed attempt's worker group still holds its CPUs
-    datasets, facts = job_data(cfg, job, InputSpec(**config["input_spec"]))
-    storage_path, filesystem = ray_storage(runs, cfg.data.s3)
+    datasets, facts = job_data(cfg, job, spec.input_spec)
+    run = loop_run(cfg, spec, holdout="holdout" in datasets)
+    storage_path, filesystem = ray_storage(join(cfg.run_root, "train_runs"), cfg.data.s3)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": job,
-            "run": replace(config["run"], holdout="holdout" in datasets),
-            "progress_board": config["progress_board"],
-        },
+        train_loop_config={"job": job, "run": run, "progress_board": spec.progress_board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.run.num_workers, use_gpu=t.run.use_gpu, resources_per_worker={"CPU": t.run.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=train_run_name(job, config["settings"]),
+            name=train_run_name(job, spec.settings),
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=t.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
         ),
         datasets=datasets,
         dataset_config=RankStreams(ingest_options(t, datasets)),  # every rank reads its own, in order
@@ -122,8 +152,7 @@ def run_job_trial(config: dict[str, Any]) -> None:
     fit_start = time.time()
     trainer.fit()
     trial = {"trial_start": trial_start, "fit_start": fit_start, "fit_end": time.time()}
-    metrics = finalize_job(cfg, job, config, {**config["facts"], **facts}, trial)
-    ray.tune.report({"done": 1, "samples_seen": metrics["samples_seen"], "trial_seconds": metrics["timing"]["trial"]})
+    return finalize_job(cfg, spec, run, {**spec.facts, **facts}, trial)
 
 
 def time_breakdown(record: dict[str, Any], trial: dict[str, float], done: float) -> dict[str, float]:
@@ -153,34 +182,34 @@ def time_breakdown(record: dict[str, Any], trial: dict[str, float], done: float)
 
 
 def finalize_job(
-    cfg: Config, job: TrainJob, config: dict[str, Any], facts: dict[str, Any], trial: dict[str, float]
+    cfg: Config, spec: TrialSpec, run: LoopRun, facts: dict[str, Any], trial: dict[str, float]
 ) -> dict[str, Any]:
     """metrics.json from the worker's record and the trial's timing, then the card and the completion marker."""
-    out, s3 = job.paths.out_dir, cfg.data.s3
+    job, out, s3 = spec.job, spec.job.paths.out_dir, cfg.data.s3
     record = read_json(join(out, TRAIN_RECORD), s3)
     seen = {k: int(v) for k, v in record["seen"].items()}
     done = time.time()
     metrics = {
         "job": job.summary(),
         "model": job.inputs.model,
-        "started_at": config["started_at"],  # when the runner launched it (Unix seconds), and when it ended
+        "started_at": spec.started_at,  # when the runner launched it (Unix seconds), and when it ended
         "ended_at": done,
         "steps": record["end_step"] - record["start_step"],
         "start_step": record["start_step"],
         "end_step": record["end_step"],
         "batch_size": job.inputs.batch_size,
-        "samples_per_epoch": config["samples_per_epoch"],
+        "samples_per_epoch": spec.samples_per_epoch,
         "samples_seen": sum(seen.values()),
         "samples_seen_by_cluster": seen,
         **{k: record[k] for k in ("executions", "first_lr", "skipped_images", "loss_history", "val_history")},
         "recovery": record.get("recovery", []),  # unreadable checkpoints skipped on the way
         "weights_sha256_by_rank": record["weights_sha256_by_rank"],  # equal at any worker count (DDP)
-        "torch_threads": config["run"].torch_threads,
+        "torch_threads": run.torch_threads,
         **facts,
     }
     metrics["timing"] = time_breakdown(record, trial, done)
     write_json(join(out, "metrics.json"), metrics, s3)
     if job.role == "model":  # a model of the run (not a CLIP-MoE step): its export gets a model card
         write_card(cfg, job.name)
-    mark_done(out, config["settings"], s3, **job.marker)
+    mark_done(out, spec.settings, s3, **job.marker)
     return metrics

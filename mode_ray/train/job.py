@@ -1,7 +1,7 @@
 """One training job, typed: what a model learns from, and nothing about how it runs (torch/Ray-free).
 
 `train`, `moe` and `add-data` only plan `TrainJob`s; one runner (`mode_ray.stages.dag`) fits each as a Ray
-Tune trial once its parents are complete, and the one loop (`mode_ray.train.loop`) trains it. What a job is
+Ray Train trial once its parents are complete, and the one loop (`mode_ray.train.loop`) trains it. What a job is
 decides its settings hash (`job_hash`): every field, plus its parents' hashes, minus `paths` (where things
 live is not what a model learns from) — so there is no list of fields to keep by hand, and a changed parent
 retrains its children. How a job runs (workers, CPUs, polling, retries, test hooks) lives in `LoopRun` and
