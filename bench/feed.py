@@ -7,7 +7,7 @@ own training loader on the same shards and cores.
 Generated webdataset shards of photo-like JPEGs (256–512 px a side, smooth colour fields with sensor-like
 noise: what a JPEG decoder pays for in web images), prepped by mode_ray once (the manifest its reads decode).
 
-- mode_ray: the seed job's training dataset (`stages/train_data.job_datasets`: read tasks decode and resize
+- mode_ray: the seed job's training dataset (`data/train_data.job_datasets`: read tasks decode and resize
   to the model's load size, `data_tasks_per_trial` = `data_cpus_per_trial` = cores), iterated as a Train worker
   iterates it (`iter_torch_batches`). What it delivers is uint8 pixels and token ids; the crop, flip and
   normalisation run on the GPU in the loop (`train/transforms.augment`).
@@ -96,10 +96,10 @@ def mode_ray_feed(args: argparse.Namespace, root: Path, shards: Path) -> tuple[i
     import ray
 
     from mode_ray.config import load_config
-    from mode_ray.stages.plan_jobs import make_plan
+    from mode_ray.data.train_data import job_datasets
+    from mode_ray.runner.plan_jobs import make_plan
+    from mode_ray.runner.trial import ingest_options
     from mode_ray.stages.prep import run_prep
-    from mode_ray.stages.train_data import job_datasets
-    from mode_ray.stages.trial import ingest_options
     from mode_ray.train.inputs import input_spec
 
     cfg = load_config(

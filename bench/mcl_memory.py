@@ -46,12 +46,12 @@ def build_base(root: Path) -> None:
     """The demo data, prepped, with the decoded input cache; and a random-init export of the demo model."""
     import torch
 
+    from mode_ray.data.train_data import build_input_cache
     from mode_ray.layout import RunPaths
     from mode_ray.models.clip import build_clip, export_open_clip
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.demo import run_demo_data
     from mode_ray.stages.prep import run_prep
-    from mode_ray.stages.train_data import build_input_cache
     from mode_ray.storage import read_json
 
     cfg = bench_config(root / "1x")
@@ -105,8 +105,8 @@ def child(run: Path, shards: Path, model_url: str, sample_rows: int | None) -> N
     import ray.data  # noqa: F401 — imported before the measurement, as the stage's own modules are
 
     from mode_ray import kmeans
+    from mode_ray.data import mcl_plan as mcl
     from mode_ray.runtime import ray_runtime
-    from mode_ray.stages import mcl
     from mode_ray.train import sampler  # noqa: F401
 
     cfg = bench_config(run, shards)

@@ -41,11 +41,11 @@ RETRIEVAL = ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5")
 def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
     """Prep once in ROOT/prep; returns the overrides that point every seed's run at its data."""
     from mode_ray.config import load_config
+    from mode_ray.data.train_data import build_input_cache
     from mode_ray.layout import RunPaths
     from mode_ray.runtime import ray_runtime
     from mode_ray.stages.demo import run_demo_data
     from mode_ray.stages.prep import run_prep
-    from mode_ray.stages.train_data import build_input_cache
     from mode_ray.storage import read_json
 
     cfg = load_config(config, [*overrides, f"run_root={root / 'prep'}"])

@@ -90,7 +90,7 @@ def bare_samples_per_s(cfg, steps: int) -> float:
     from open_clip.loss import ClipLoss
 
     from mode_ray.models.clip import build_clip
-    from mode_ray.stages.plan_jobs import optim
+    from mode_ray.runner.plan_jobs import optim
     from mode_ray.train.loop import make_optimizer
     from mode_ray.train.transforms import augment, decode_rows
 
@@ -141,8 +141,8 @@ def main() -> None:
 
     from mode_ray.config import load_config
     from mode_ray.pipeline import run_all
+    from mode_ray.runner.dag import max_concurrent
     from mode_ray.runtime import ray_runtime
-    from mode_ray.stages.dag import max_concurrent
 
     root = args.root or tempfile.mkdtemp(prefix="bench-train-")
     cfg = load_config(

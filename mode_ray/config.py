@@ -188,7 +188,7 @@ class TrainingRunConfig(Section):
 
 class OptimConfig(Section):
     """One optimizer and learning-rate schedule: AdamW, linear warmup, then a cosine to zero. Every job kind
-    reads the same block (`mode_ray.stages.plan_jobs.optim`), each field one to one onto the job's `Optimizer`
+    reads the same block (`mode_ray.runner.plan_jobs.optim`), each field one to one onto the job's `Optimizer`
     and `Schedule`: `training` (its keys flat: the seed, experts, generalists), `moe.mcl_optim` (the MCL stages)
     and `moe.router_optim` (router fine-tuning). These defaults are training's; each MoE block has its own."""
 

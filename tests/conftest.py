@@ -153,9 +153,9 @@ def trained_run(ray_session, tmp_path_factory):
     """A small demo run, prepped and trained once per session (seed, 2 experts, generalist, generalist-matched);
     the generalist fails once on purpose, to exercise recovery. Eval and Serve tests reuse it."""
     from mode_ray import demo_data
+    from mode_ray.runner.trial import failure_marker_path
     from mode_ray.stages.prep import run_prep
     from mode_ray.stages.train import run_train
-    from mode_ray.stages.trial import failure_marker_path
 
     shards = tmp_path_factory.mktemp("train-shards")
     demo_data.generate(str(shards), samples=500, shards=2, seed=5)

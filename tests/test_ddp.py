@@ -91,8 +91,8 @@ def test_each_rank_reads_a_disjoint_share_and_together_every_row_once(trained_ru
     """A generalist's data at 2 workers against 1, over one pass of its rows: the ranks' streams share no row,
     together they hold the one-worker stream's rows exactly (none read twice, none skipped), and with the
     hold-out they are the whole manifest."""
-    from mode_ray.stages.plan_jobs import make_plan
-    from mode_ray.stages.train_data import job_datasets
+    from mode_ray.data.train_data import job_datasets
+    from mode_ray.runner.plan_jobs import make_plan
     from mode_ray.train.transforms import input_spec
 
     cfg, prep, _ = trained_run
@@ -122,9 +122,9 @@ def two_worker_seeds(trained_run, tmp_path_factory):
     undisturbed."""
     from mode_ray.ownership import claim_run_root
     from mode_ray.progress import StageLog
-    from mode_ray.stages.dag import run_jobs
-    from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
-    from mode_ray.stages.trial import failure_marker_path
+    from mode_ray.runner.dag import run_jobs
+    from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
+    from mode_ray.runner.trial import failure_marker_path
 
     cfg, prep, _ = trained_run
     runs = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mode_ray.config import S3Config, config_from_dict
-from mode_ray.stages.plan_jobs import inputs_of, model_job
+from mode_ray.runner.plan_jobs import inputs_of, model_job
 from mode_ray.train.build import build_job_model
 from mode_ray.train.job import TrainJob
 from mode_ray.train.loop import LoopRun, train

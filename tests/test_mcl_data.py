@@ -41,15 +41,15 @@ def mcl_run(ray_session, tmp_path_factory):
 
 
 def _labels(cfg, stage: int) -> dict[str, np.ndarray]:
-    from mode_ray.stages.mcl import labels_dir
+    from mode_ray.data.mcl_plan import labels_dir
 
     table = pads.dataset(labels_dir(cfg, stage), format="parquet").to_table()  # files in name (= row id) order
     return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def _manifest_keys(cfg) -> list[str]:
-    from mode_ray.stages.mcl import stage_rows
-    from mode_ray.stages.train_data import read_rows
+    from mode_ray.data.mcl_plan import stage_rows
+    from mode_ray.data.train_data import read_rows
 
     rows = stage_rows(cfg)
     return [k for f in rows.files for k in read_rows(rows.source, f["path"], 0, columns=["key"])["key"].to_pylist()]
@@ -57,8 +57,8 @@ def _manifest_keys(cfg) -> list[str]:
 
 def _all_pairs(cfg, base: str) -> dict[str, np.ndarray]:
     """Every training pair embedded in this process, in row order: what the stage used to collect."""
-    from mode_ray.stages.mcl import PairEmbedder, stage_rows
-    from mode_ray.stages.train_data import held_out, read_rows
+    from mode_ray.data.mcl_plan import PairEmbedder, stage_rows
+    from mode_ray.data.train_data import held_out, read_rows
 
     rows = stage_rows(cfg)
     embedder = PairEmbedder(base, rows.source, rows.holdout, {})
@@ -74,9 +74,9 @@ def _all_pairs(cfg, base: str) -> dict[str, np.ndarray]:
 
 
 def test_every_training_pair_is_labelled_as_full_data_clustering_labels_it(mcl_run) -> None:
+    from mode_ray.data.mcl_plan import NONE, SKIPPED, prepare_stage, stage_rows
+    from mode_ray.data.train_data import held_out
     from mode_ray.kmeans import mcl_stage_labels
-    from mode_ray.stages.mcl import NONE, SKIPPED, prepare_stage, stage_rows
-    from mode_ray.stages.train_data import held_out
 
     cfg, base = mcl_run
     facts = prepare_stage(cfg, 1, base, seed=1)
@@ -98,8 +98,8 @@ def test_every_training_pair_is_labelled_as_full_data_clustering_labels_it(mcl_r
 
 
 def test_batches_are_cluster_homogeneous_and_read_back_by_id(mcl_run) -> None:
-    from mode_ray.stages.mcl import stage_name, stage_rows
-    from mode_ray.stages.train_data import PLAN_FILES, mcl_datasets, planned_items, planned_table, read_planned_rows
+    from mode_ray.data.mcl_plan import stage_name, stage_rows
+    from mode_ray.data.train_data import PLAN_FILES, mcl_datasets, planned_items, planned_table, read_planned_rows
     from mode_ray.train.transforms import input_spec
 
     cfg, _ = mcl_run
@@ -126,7 +126,7 @@ def test_batches_are_cluster_homogeneous_and_read_back_by_id(mcl_run) -> None:
 
 
 def test_a_later_stage_accumulates_the_previous_labels_by_row(mcl_run) -> None:
-    from mode_ray.stages.mcl import prepare_stage
+    from mode_ray.data.mcl_plan import prepare_stage
 
     cfg, base = mcl_run
     prepare_stage(cfg, 2, base, seed=2)
@@ -139,7 +139,7 @@ def test_a_later_stage_accumulates_the_previous_labels_by_row(mcl_run) -> None:
 
 def test_the_driver_clusters_a_bounded_sample_and_every_pair_is_labelled(mcl_run, tmp_path, monkeypatch) -> None:
     from mode_ray import kmeans
-    from mode_ray.stages import mcl
+    from mode_ray.data import mcl_plan as mcl
 
     cfg, base = mcl_run
     root = tmp_path / "bounded"

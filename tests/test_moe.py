@@ -28,8 +28,8 @@ LINKED = ("prep", "manifest", "train_inputs", "experts", "clusters", "embeddings
 def moe_run(trained_run, tmp_path_factory):
     """The trained run's outputs linked into a fresh run root, so building the MoE leaves the shared run alone;
     the router job fails once on purpose and must resume."""
+    from mode_ray.runner.trial import failure_marker_path
     from mode_ray.stages.moe import run_moe
-    from mode_ray.stages.trial import failure_marker_path
 
     cfg, _, _ = trained_run
     root = tmp_path_factory.mktemp("moe-run")

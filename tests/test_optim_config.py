@@ -57,8 +57,8 @@ def _jobs(cfg: Config) -> dict[str, list[TrainJob]]:
     """Every job kind a run plans, by the block that should drive it: the seed, both experts, generalist and
     generalist-matched (`train`), the experts `add-data` adds (their schedule read back from the run's
     summary, as `grow` does), the MCL stages and the router (`moe`)."""
+    from mode_ray.runner.plan_jobs import MoEBase, inputs_of, make_plan, moe_jobs, training_jobs
     from mode_ray.stages.grow import _plan_from_summary, generation_jobs
-    from mode_ray.stages.plan_jobs import MoEBase, inputs_of, make_plan, moe_jobs, training_jobs
 
     plan, inputs = make_plan(cfg, {"0": 500, "1": 500}), inputs_of(cfg, "manifest")
     models = training_jobs(cfg, plan, inputs, None)

@@ -89,7 +89,7 @@ def test_router_stage_loss_under_the_preset_is_the_references() -> None:
 
 def router_job(cfg: Config):  # noqa: ANN201
     """The router job as planned, from an outside base (no MCL stage needs to exist to plan it)."""
-    from mode_ray.stages.plan_jobs import MoEBase, inputs_of, moe_jobs
+    from mode_ray.runner.plan_jobs import MoEBase, inputs_of, moe_jobs
 
     return moe_jobs(cfg, MoEBase("/nowhere", identity="base"), inputs_of(cfg, "manifest"), 1000)[-1]
 
@@ -119,7 +119,7 @@ def test_a_jobs_hash_is_what_the_job_is() -> None:
     """Completion markers hash the planned job itself: the reference's settings change every job they reach
     (the MCL stages and the router too); how a job runs does not; a cosine over the whole schedule (the
     setting's first form) is left out, so it hashes as before the setting existed."""
-    from mode_ray.stages.plan_jobs import MoEBase, inputs_of, make_plan, moe_jobs, training_jobs
+    from mode_ray.runner.plan_jobs import MoEBase, inputs_of, make_plan, moe_jobs, training_jobs
     from mode_ray.train.job import hashed_fields, job_hashes
 
     def hashes(cfg: Config) -> dict[str, str]:
@@ -301,8 +301,8 @@ def test_captions_drawn_per_read_as_the_reference(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     from mode_ray import demo_data
+    from mode_ray.data.train_data import Source, _inputs, _read_groups, decode_to_cache
     from mode_ray.samples import Limits, validate_row
-    from mode_ray.stages.train_data import Source, _inputs, _read_groups, decode_to_cache
     from mode_ray.train.transforms import input_spec, tokenize
 
     img, _ = demo_data.DRAW["shapes"](np.random.default_rng(0), "train")

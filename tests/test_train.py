@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mode_ray.stages.train import experts_dir, run_train, with_ancestors
-from mode_ray.stages.train_data import (
+from mode_ray.data.train_data import (
     Source,
     draws_per_execution,
     held_out,
@@ -21,7 +20,8 @@ from mode_ray.stages.train_data import (
     read_job_rows,
     row_groups,
 )
-from mode_ray.stages.trial import failure_marker_path
+from mode_ray.runner.trial import failure_marker_path
+from mode_ray.stages.train import experts_dir, run_train, with_ancestors
 from mode_ray.storage import read_json
 from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
@@ -200,8 +200,8 @@ def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undistu
     its first checkpoint in the shared run — trained again undisturbed: every tensor equal, bit for bit."""
     from mode_ray.ownership import claim_run_root
     from mode_ray.progress import StageLog
-    from mode_ray.stages.dag import run_jobs
-    from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
+    from mode_ray.runner.dag import run_jobs
+    from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
 
     cfg, prep, _ = trained
     root = tmp_path / "again"
@@ -221,7 +221,7 @@ def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undistu
 
 
 def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(trained):
-    from mode_ray.stages.plan_jobs import make_plan
+    from mode_ray.runner.plan_jobs import make_plan
 
     cfg, prep, _ = trained
     plan = make_plan(cfg, prep["per_expert"])

@@ -185,13 +185,13 @@ def featurize(cfg: Config, source: str, location: str | list[str], exports: dict
     features in their last bits): the report is the same bytes run to run."""
     import ray
 
-    from mode_ray.stages.data_order import keep_order
+    from mode_ray.data.data_order import keep_order
 
     keep_order()
     limits = Limits(cfg.data.caption_field, cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.seed)
     s3 = cfg.data.s3
     if source == "webdataset":
-        from mode_ray.stages.reader import ShardDatasource
+        from mode_ray.data.reader import ShardDatasource
 
         shards, missing = list_shards(location, s3)
         if missing:

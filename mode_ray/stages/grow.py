@@ -33,14 +33,15 @@ import pyarrow.compute as pc
 from mode_ray import kmeans
 from mode_ray.compute import model_compute
 from mode_ray.config import Config
+from mode_ray.data.train_data import build_generation_caches, generation_roots
 from mode_ray.hash_sample import HashSample
 from mode_ray.layout import RunPaths, centroid_geometry, read_centroids
 from mode_ray.names import SEED, expert_id, expert_name
 from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
 from mode_ray.progress import console, stage_log
 from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
-from mode_ray.stages.dag import job_done, run_jobs
-from mode_ray.stages.plan_jobs import inputs_of, model_job
+from mode_ray.runner.dag import job_done, run_jobs
+from mode_ray.runner.plan_jobs import inputs_of, model_job
 from mode_ray.stages.prep import (
     _only_valid,
     assign_stage,
@@ -50,7 +51,6 @@ from mode_ray.stages.prep import (
     summarise,
 )
 from mode_ray.stages.train import experts_dir
-from mode_ray.stages.train_data import build_generation_caches, generation_roots
 from mode_ray.storage import (
     MARKER,
     arrow_filesystem,

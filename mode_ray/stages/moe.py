@@ -1,10 +1,10 @@
 """CLIP-MoE (docs/moe.md): MCL stages, upcycling and router fine-tuning, planned as typed jobs and run by the
-DAG runner (`mode_ray.stages.dag`) — in `mode-ray run` beside the data experts' tails, as soon as the base
+DAG runner (`mode_ray.runner.dag`) — in `mode-ray run` beside the data experts' tails, as soon as the base
 is trained.
 
     base (a dense CLIP: the run's generalist by default, or any stock-open_clip export)
     for s in 1..N-1:  embed every training pair with stage s-1's model, cluster each modality, accumulate
-                      labels, plan cluster-homogeneous global batches (`mode_ray.stages.mcl`)
+                      labels, plan cluster-homogeneous global batches (`mode_ray.data.mcl_plan`)
                       → only the MLPs train, from the base, fixed temperature                      = moe/stage-s
     upcycle: every block's MLP → a top-k MoE of the N stage MLPs (stage 0 = the base's)
     router fine-tuning: only the routers train, CLIP + load-balancing loss                          = moe/router
@@ -22,13 +22,13 @@ from typing import Any
 
 from mode_ray.compute import moe_compute
 from mode_ray.config import Config
+from mode_ray.data.mcl_plan import stage_name
 from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
 from mode_ray.models.clip import export_info
 from mode_ray.models.pretrained import is_identifier, resolve_pretrained
 from mode_ray.progress import console, stage_log
-from mode_ray.stages.mcl import stage_name
-from mode_ray.stages.plan_jobs import ROUTER, MoEBase, inputs_of, moe_jobs, samples_per_epoch
+from mode_ray.runner.plan_jobs import ROUTER, MoEBase, inputs_of, moe_jobs, samples_per_epoch
 from mode_ray.storage import exists, join, marker_info, read_bytes, read_json, write_json
 from mode_ray.train.inputs import input_spec
 from mode_ray.train.job import Inputs, TrainJob
@@ -80,9 +80,9 @@ def plan_branch(cfg: Config, inputs: Inputs, spe: int, planned: set[str]) -> Bra
 def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     """`mode-ray moe`: MCL stages 1..N-1, then router fine-tuning of the upcycled MoE, from a base that is
     complete already; skips whatever is complete."""
+    from mode_ray.data.run_inputs import decoded_inputs, read_prep
+    from mode_ray.runner.dag import run_jobs
     from mode_ray.runtime import ray_runtime
-    from mode_ray.stages.dag import run_jobs
-    from mode_ray.stages.run_inputs import decoded_inputs, read_prep
 
     prep = read_prep(cfg)
     manifest_run = prep.get("manifest_run_id", "")

@@ -157,8 +157,8 @@ def write_embeddings(cfg: Config, shards: list[str], paths: RunPaths) -> None:
     """Every shard read, validated and its captions embedded by an actor pool → embeddings/ (rejects too)."""
     import ray
 
-    from mode_ray.stages.data_order import OrderedParquet, keep_order
-    from mode_ray.stages.reader import ShardDatasource
+    from mode_ray.data.data_order import OrderedParquet, keep_order
+    from mode_ray.data.reader import ShardDatasource
 
     keep_order()  # the same shards give the same embeddings, rejects and manifest, in the same order
     emb, data = cfg.embedding, cfg.data
@@ -192,7 +192,7 @@ def write_rejects(cfg: Config, paths: RunPaths, missing: list[tuple[str, str]]) 
     """rejects/: every sample validation or embedding rejected, with its reason, and the unreadable shards."""
     import ray
 
-    from mode_ray.stages.data_order import OrderedParquet
+    from mode_ray.data.data_order import OrderedParquet
 
     out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
     rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
@@ -299,7 +299,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
             return _marker_run_id(paths.manifest, cfg)
         require_resources(cfg, assignment_needs(cfg), "prep: assign")
         fresh_dir(paths.manifest, "the manifest", cfg.data.s3)
-        from mode_ray.stages.data_order import OrderedParquet, keep_order
+        from mode_ray.data.data_order import OrderedParquet, keep_order
 
         keep_order()
         cents = read_centroids(paths.centroids, cfg.data.s3)

@@ -1,6 +1,6 @@
 """`mode-ray train`: the seed, then every data expert and both generalists continuing it — and, in `mode-ray
-run`, the CLIP-MoE's jobs beside them — planned as typed jobs (`mode_ray.stages.plan_jobs`) and run as one DAG
-(`mode_ray.stages.dag`):
+run`, the CLIP-MoE's jobs beside them — planned as typed jobs (`mode_ray.runner.plan_jobs`) and run as one DAG
+(`mode_ray.runner.dag`):
 
     seed                all of the manifest, steps [0, S)
     expert-e            partition e + an `ooc_ratio` share of the others, steps [S, S + T), from the seed
@@ -20,14 +20,14 @@ from typing import Any
 
 from mode_ray.compute import model_compute
 from mode_ray.config import Config
+from mode_ray.data.run_inputs import decoded_inputs, read_prep
 from mode_ray.layout import RunPaths
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
 from mode_ray.progress import console, stage_log, verbose
 from mode_ray.resources import training_needs
+from mode_ray.runner.dag import pending_jobs, run_jobs
+from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
 from mode_ray.runtime import require_resources
-from mode_ray.stages.dag import pending_jobs, run_jobs
-from mode_ray.stages.plan_jobs import inputs_of, make_plan, training_jobs
-from mode_ray.stages.run_inputs import decoded_inputs, read_prep
 from mode_ray.storage import join, read_json, write_json
 from mode_ray.train.job import TrainJob
 from mode_ray.train.schedule import Plan

@@ -1,6 +1,6 @@
 """One training job, typed: what a model learns from, and nothing about how it runs (torch/Ray-free).
 
-`train`, `moe` and `add-data` only plan `TrainJob`s; one runner (`mode_ray.stages.dag`) fits each as a Ray
+`train`, `moe` and `add-data` only plan `TrainJob`s; one runner (`mode_ray.runner.dag`) fits each as a Ray
 Ray Train trial once its parents are complete, and the one loop (`mode_ray.train.loop`) trains it. What a job is
 decides its settings hash (`job_hash`): every field, plus its parents' hashes, minus `paths` (where things
 live is not what a model learns from) — so there is no list of fields to keep by hand, and a changed parent
@@ -65,7 +65,7 @@ class Loss:
 @dataclass(frozen=True)
 class McLPlan:
     """An MCL stage's data: every training pair clustered by the previous stage's model, batches that each
-    hold one accumulated cluster, planned when the parent is complete (`mode_ray.stages.mcl`)."""
+    hold one accumulated cluster, planned when the parent is complete (`mode_ray.data.mcl_plan`)."""
 
     stage: int
     image_clusters: int

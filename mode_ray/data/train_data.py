@@ -19,7 +19,7 @@ small data: decoding was as costly as training); without it, every read task dec
 
 Every read of rows goes through `read_rows` (whole row groups, or given rows of a file in a given order), and
 every read dataset through `DataTasks.read` (read tasks, or an actor pool). An MCL stage's ranks read their
-planned rows by id — a file's offset plus the row in the file (`mode_ray.stages.mcl`) — in exactly the
+planned rows by id — a file's offset plus the row in the file (`mode_ray.data.mcl_plan`) — in exactly the
 planned order (`read_planned_rows`).
 """
 
@@ -379,7 +379,7 @@ def build_input_cache(cfg: Config, manifest_run_id: str, force: bool = False) ->
         return False
     fresh_dir(out, "decoded inputs", cfg.data.s3)
     groups = row_groups(source.root, cfg.data.s3)
-    from mode_ray.stages.data_order import OrderedParquet, keep_order
+    from mode_ray.data.data_order import OrderedParquet, keep_order
 
     keep_order()
     tasks = DataTasks(1.0, max(1, int(_cluster_cpus())))

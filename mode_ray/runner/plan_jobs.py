@@ -1,6 +1,6 @@
 """Every training job of a run, planned from its config as typed `TrainJob`s (Ray-free): the seed, the data
 experts and generalists continuing it, CLIP-MoE's MCL stages and router, and the experts `add-data` adds.
-`mode_ray.stages.dag` runs them; nothing here trains or reads data but the prep summary's counts.
+`mode_ray.runner.dag` runs them; nothing here trains or reads data but the prep summary's counts.
 
     seed ──▶ expert-e, generalist, generalist-matched            (MoDE: each continues the seed)
     base ──▶ stage-1 ──▶ stage-2 ──▶ … ──▶ router                (CLIP-MoE: base = a model of the run or an
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mode_ray.config import Config, OptimConfig
+from mode_ray.data.mcl_plan import stage_name
 from mode_ray.layout import MOE, STATE_FILE, RunPaths
 from mode_ray.names import SEED
-from mode_ray.stages.mcl import stage_name
 from mode_ray.storage import join
 from mode_ray.train.job import (
     Balance,
@@ -52,7 +52,7 @@ def inputs_of(cfg: Config, manifest_run: str) -> Inputs:
 
 def samples_per_epoch(cfg: Config, manifest_rows: int) -> int:
     """The configured epoch, or the manifest's training rows (the hold-out never trains)."""
-    from mode_ray.stages.train_data import holdout_fraction
+    from mode_ray.data.train_data import holdout_fraction
 
     if cfg.training.samples_per_epoch:
         return cfg.training.samples_per_epoch

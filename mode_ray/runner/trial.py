@@ -65,7 +65,7 @@ def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any
 def job_data(cfg: Config, job: TrainJob, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The job's datasets: an MCL stage reads each rank's planned rows in order; every other job draws its
     rows (all, or its partition plus the out-of-cluster share)."""
-    from mode_ray.stages.train_data import job_datasets, mcl_datasets
+    from mode_ray.data.train_data import job_datasets, mcl_datasets
 
     t = cfg.training
     if job.data.kind == "mcl":
@@ -122,8 +122,8 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mode_ray.stages.data_backoff import quiet_training_data
-    from mode_ray.stages.rank_data import RankStreams
+    from mode_ray.data.data_backoff import quiet_training_data
+    from mode_ray.data.rank_data import RankStreams
     from mode_ray.train.ray_adapter import train_loop_per_worker
 
     job, t = spec.job, cfg.training

@@ -26,10 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, S3Config
-from mode_ray.hash_sample import hash_positions
-from mode_ray.layout import RunPaths
-from mode_ray.ownership import claim, fresh_dir
-from mode_ray.stages.train_data import (
+from mode_ray.data.train_data import (
     PLAN_FILES,
     ROWS_PER_READ_TASK,
     DataTasks,
@@ -42,6 +39,9 @@ from mode_ray.stages.train_data import (
     parquet_files,
     read_rows,
 )
+from mode_ray.hash_sample import hash_positions
+from mode_ray.layout import RunPaths
+from mode_ray.ownership import claim, fresh_dir
 from mode_ray.storage import get_fs, join, read_bytes, write_bytes, write_json
 from mode_ray.train.inputs import input_spec
 

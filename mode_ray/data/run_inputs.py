@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from mode_ray.config import Config
+from mode_ray.data.train_data import build_generation_caches, build_input_cache, input_cache_dir
 from mode_ray.layout import RunPaths
 from mode_ray.ownership import claim_run_root
 from mode_ray.progress import stage_log
-from mode_ray.stages.train_data import build_generation_caches, build_input_cache, input_cache_dir
 from mode_ray.storage import exists, read_json
 
 

@@ -5,7 +5,7 @@ expert tails, on a laptop and on a cluster.
 
 Each job runs in a small Ray task (no CPU of its own), its driver: it plans its data when that needs its
 parent (an MCL stage clusters with the previous stage's model), then fits the job's `TorchTrainer`
-(`mode_ray.stages.trial`). A job whose `_SUCCESS` matches its settings hash is never run again; an unfinished
+(`mode_ray.runner.trial`). A job whose `_SUCCESS` matches its settings hash is never run again; an unfinished
 one resumes from its own Train checkpoints.
 """
 
@@ -23,8 +23,8 @@ from mode_ray.ownership import claim, remove_owned_tree
 from mode_ray.progress import StageLog, error_reason
 from mode_ray.progress_bars import progress_bars
 from mode_ray.resources import training_needs
+from mode_ray.runner.trial import TrialSpec, fit_job, train_run_name
 from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
-from mode_ray.stages.trial import TrialSpec, fit_job, train_run_name
 from mode_ray.storage import join, marker_info, stage_done
 from mode_ray.train.inputs import InputSpec, input_spec
 from mode_ray.train.job import TrainJob, critical_path, job_hashes
@@ -102,7 +102,7 @@ def run_node(job: TrainJob, settings: str, shared: Shared, started_at: float) ->
     cfg = load_config(shared.cfg_json)
     facts, spe = {}, shared.samples_per_epoch
     if job.data.mcl is not None:
-        from mode_ray.stages.mcl import prepare_stage
+        from mode_ray.data.mcl_plan import prepare_stage
 
         stage = job.data.mcl.stage
         facts = prepare_stage(cfg, stage, job.paths.data_model, cfg.training.seed + stage)
