@@ -81,6 +81,72 @@ def _terminate(head: subprocess.Popen, tmp: str) -> None:
             return
 
 
+def use_token_auth(tmp: str) -> None:
+    """Token auth as cluster.yaml has it, with a fresh token in `tmp`; every process started from here (the
+    head, its fake nodes, `ray job submit`) inherits it."""
+    token_path = Path(tmp) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    token_path.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
+
+
+def start_fake_head(config: dict, tmp: str, dashboard_port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` for the fake provider on private ports and temp dir, with `config` as its
+    autoscaling config (written into `tmp`) and the head node type's resources; returns (the process, the GCS
+    address) once the GCS listens. `dashboard_port`: with the dashboard there (the job API), else without."""
+    import ray
+
+    head_resources = dict(config["available_node_types"][config["head_node_type"]]["resources"])
+    port, ip = _free_port(), ray.util.get_node_ip_address()
+    # Fake worker nodes join the GCS at provider.gcs_address (default: this host's port 6379, which another
+    # Ray may own): point them at ours.
+    config = {**config, "provider": {**config["provider"], "gcs_address": f"{ip}:{port}"}}
+    config_path = Path(tmp) / "cluster-local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    dashboard = (
+        ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        if dashboard_port
+        else ["--include-dashboard=false"]
+    )
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--temp-dir={tmp}/ray",
+        f"--autoscaling-config={config_path}",
+        f"--num-cpus={head_resources.pop('CPU', 0)}",  # the head advertises what its node type in the file says
+        f"--num-gpus={head_resources.pop('GPU', 0)}",
+        "--object-store-memory=100000000",
+        *dashboard,
+        "--disable-usage-stats",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
+    log_path = Path(tmp) / "ray-start.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while True:  # wait for the head's GCS to listen; ray.init then waits for the head's raylet itself
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited {head.returncode}; see {log_path}")
+        if time.time() > deadline:
+            _terminate(head, tmp)
+            raise TimeoutError(f"no GCS on {ip}:{port}; see {log_path}")
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.settimeout(1)
+            s.connect((ip, port))
+            return head, f"{ip}:{port}"
+        time.sleep(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "cluster-local.yaml"))
@@ -93,54 +159,15 @@ def main() -> int:
     assert config["provider"]["type"] == "fake_multinode", "needs a fake_multinode config"
     if args.idle_minutes is not None:
         config["idle_timeout_minutes"] = args.idle_minutes
-    head_resources = dict(config["available_node_types"][config["head_node_type"]]["resources"])
-    head_cpus, head_gpus = head_resources.pop("CPU", 0), head_resources.pop("GPU", 0)
+    head_cpus = config["available_node_types"][config["head_node_type"]]["resources"].get("CPU", 0)
 
     tmp = tempfile.mkdtemp(prefix="mode-ray-as-")  # short: Ray's unix sockets live under it
-    port = _free_port()
 
-    # Before Ray is imported: this process is a driver of the token-authenticated cluster too.
-    token_path = Path(tmp) / "auth_token"
-    token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
-    token_path.chmod(0o600)
-    os.environ.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0",
-    )
+    use_token_auth(tmp)  # before Ray is imported: this process is a driver of the cluster too
     import ray
 
-    ip = ray.util.get_node_ip_address()
-    # Fake worker nodes join the GCS at provider.gcs_address (default: this host's port 6379, which another
-    # Ray may own): point them at ours.
-    config["provider"]["gcs_address"] = f"{ip}:{port}"
-    config_path = Path(tmp) / "cluster-local.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    cmd = [
-        _ray_cli(),
-        "start",
-        "--head",
-        "--block",
-        f"--port={port}",
-        f"--temp-dir={tmp}/ray",
-        f"--autoscaling-config={config_path}",
-        f"--num-cpus={head_cpus}",  # the head advertises what its node type in the file says
-        f"--num-gpus={head_gpus}",
-        "--object-store-memory=100000000",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        "--min-worker-port=0",
-        "--max-worker-port=0",
-    ]
-    log_path = Path(tmp) / "ray-start.log"
     t_start = time.time()
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head, address = start_fake_head(config, tmp)
     t0 = None
 
     def mark(what: str, at: float | None = None) -> float:
@@ -150,18 +177,8 @@ def main() -> int:
 
     try:
         deadline = time.time() + args.timeout
-        while True:  # wait for the head's GCS to listen; ray.init then waits for the head's raylet itself
-            if head.poll() is not None:
-                raise RuntimeError(f"ray start exited {head.returncode}; see {log_path}")
-            if time.time() > deadline:
-                raise TimeoutError(f"no GCS on {ip}:{port}; see {log_path}")
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.settimeout(1)
-                s.connect((ip, port))
-                break
-            time.sleep(1)
-        ray.init(address=f"{ip}:{port}", logging_level="ERROR", log_to_driver=False)
-        print(f"head up in {time.time() - t_start:.1f}s (GCS {ip}:{port}, temp dir {tmp})")
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        print(f"head up in {time.time() - t_start:.1f}s (GCS {address}, temp dir {tmp})")
         head_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
         @ray.remote(num_cpus=1)
