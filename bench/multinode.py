@@ -155,11 +155,12 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
         status = "TIMEOUT"
     timeline.mark(f"job ended: {status}")
     logs = jobs.get_job_logs(job)
-    models = {}
+    models, resumed_at = {}, {}
     for key in keys(client, f"{run_id}/experts/"):
         if key.endswith("/metrics.json"):
             metrics = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
             models[key.split("/")[-2]] = metrics["weights_sha256_by_rank"]
+            resumed_at[key.split("/")[-2]] = metrics["start_step"]  # the last attempt's: > 0 after a restart
     on_head = [a for a, n in worker_nodes.items() if n in head_ids]
     return {
         "status": str(status),
@@ -169,6 +170,7 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
         "workers_on_head": len(on_head),
         "killed_node": killed,
         "models": models,
+        "resumed_at_step": resumed_at,
         "seconds": time.time() - timeline.t0,
     }
 
@@ -225,8 +227,10 @@ def main() -> int:
         moto.stop()
     print()
     for name, r in results.items():
-        print(f"{name}: {r['status']} in {r['seconds']:.0f}s; {r['workers']} training workers on {r['worker_nodes']} "
-              f"node(s), {r['workers_on_head']} on the head; models {sorted(r['models'])}")  # fmt: skip
+        print(
+            f"{name}: {r['status']} in {r['seconds']:.0f}s; {r['workers']} training workers on {r['worker_nodes']} "
+            f"node(s), {r['workers_on_head']} on the head; last attempts from step {r['resumed_at_step']}"
+        )
         if "SUCCEEDED" not in r["status"]:
             print("\n".join("    " + line for line in r["log_tail"]))
     ok = all("SUCCEEDED" in r["status"] and r["workers_on_head"] == 0 and r["models"] for r in results.values())
