@@ -2,8 +2,9 @@
 metrics.json (with when it ran and where its seconds went), the model card, the completion marker.
 
 No Ray Tune between the node and the trainer: with no search space and one trial per job, a Tune trial only
-added an actor, a placement group and ~5 s of a core to each job (bench/train.py); the DAG runs the trials
-side by side. Retries live at one level per failure: Ray Train restarts a job's worker group
+added an actor (a fresh process importing Ray Train), a placement group and 2–3 s to each job on 2 cores
+(bench/train.py: an empty fit 11.2 s from a task, 13.1 s through Tune); the DAG runs the trials side by
+side. Retries live at one level per failure: Ray Train restarts a job's worker group
 (`training.run.max_failures`), the node's task is started again only if its own process dies.
 
 A job resumes from its own latest checkpoint: Train V2 restores a run by name and storage path, and the
