@@ -147,19 +147,22 @@ def run_jobs(
     with progress_bars(log.name) as board:
         shared = Shared(cfg.model_dump_json(), float(spe), torch_threads(cfg, concurrent), spec, embedded, board)
         try:
-            return drive(todo, hashes, shared, concurrent, log)
+            return drive(todo, hashes, shared, concurrent, log, cfg.training.run.max_failures)
         finally:  # a killed trial's worker group would hold its CPUs until the command ends
             if released := release_orphaned_placement_groups():
                 log.info(f"released {released} placement group(s) left by killed trials")
 
 
-def drive(todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurrent: int, log: StageLog) -> list[str]:
+def drive(
+    todo: list[TrainJob], hashes: dict[str, str], shared: Shared, concurrent: int, log: StageLog, retries: int
+) -> list[str]:
     """Start every job whose parents are complete, longest chain first, up to `concurrent` at once; a failed
-    job's descendants never start, the others finish; then its error is raised."""
+    job's descendants never start, the others finish; then its error is raised. `retries`: how often a job's
+    driver task is started again if its process dies (`training.run.max_failures`)."""
     import ray
 
     # A driver killed mid-job is started again (its Train run resumes from its checkpoints); an exception is not.
-    node = ray.remote(num_cpus=0, max_retries=load_config(shared.cfg_json).training.run.max_failures)(run_node)
+    node = ray.remote(num_cpus=0, max_retries=retries)(run_node)
     depth, order = critical_path(todo), {j.name: i for i, j in enumerate(todo)}
     pending = sorted(todo, key=lambda j: (-depth[j.name], order[j.name]))
     waiting = {j.name for j in todo}
