@@ -145,7 +145,9 @@ def run_jobs(
     concurrent = min(len(todo), max_concurrent(cfg))
     spec, embedded = input_spec(cfg.training.model), cluster_address(cfg) is None
     with progress_bars(log.name) as board:
-        shared = Shared(cfg.model_dump_json(), float(spe), torch_threads(cfg, concurrent), spec, embedded, board)
+        # Threads from the whole DAG, not what is left of it: a resumed run keeps them, and with them its bytes.
+        threads = torch_threads(cfg, min(len(jobs), max_concurrent(cfg)))
+        shared = Shared(cfg.model_dump_json(), float(spe), threads, spec, embedded, board)
         try:
             return drive(todo, hashes, shared, concurrent, log, cfg.training.run.max_failures)
         finally:  # a killed trial's worker group would hold its CPUs until the command ends
