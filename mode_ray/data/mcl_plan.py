@@ -3,9 +3,10 @@ and text embeddings, labels accumulated over stages, and each rank's cluster-hom
 nothing sized by the data on the driver:
 
     the run's rows (Parquet files, listed from their footers: one entry a file)
-    ─▶ actor pool: a seeded hash sample of the pairs (outside the hold-out) embedded by the previous stage's model
+    ─▶ the stage's embedding actor: a seeded hash sample of the pairs (outside the hold-out) embedded by the
+       previous stage's model
     ─▶ driver: at most moe.cluster_sample_rows of them (the smallest hashes) ─▶ k-means per modality ─▶ the centres
-    ─▶ actor pool: every pair embedded, its nearest centre per modality, accumulated with the previous stage's
+    ─▶ the same actor: every pair embedded, its nearest centre per modality, accumulated with the previous stage's
        label of the same row (read by the actor from that stage's file of the same rows)
        ─▶ labels/part-FFFFFF.parquet: one file per input file, all its rows in order (−1: held out or unreadable)
     ─▶ driver: the `acc` column only (8 bytes a row) ─▶ the batch plan ─▶ plan.npz (the file table, each rank's
@@ -19,6 +20,7 @@ the centres and labels are those k-means on every pair gives for the same seed (
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,6 @@ from mode_ray.config import Config, S3Config
 from mode_ray.data.train_data import (
     PLAN_FILES,
     ROWS_PER_READ_TASK,
-    DataTasks,
     Source,
     _inputs,
     held_out,
@@ -46,7 +47,7 @@ from mode_ray.storage import get_fs, join, read_bytes, write_bytes, write_json
 from mode_ray.train.inputs import input_spec
 
 SAMPLE_MARGIN = 1.1  # the hash sample aims this much above the bound, which the driver then trims to
-EMBED_TASKS = DataTasks(1.0, 1)  # one embedding actor of one CPU, as before
+EMBED_CPUS = 1.0  # the stage's one embedding actor
 LABEL_COLUMNS = ("key", "path", "row", "row_id", "label", "acc")
 
 
@@ -121,53 +122,46 @@ class PairEmbedder:
         return ok, np.concatenate(images).astype(np.float32), np.concatenate(texts).astype(np.float32)
 
 
-class SampleEmbedder(PairEmbedder):
-    """Each file's rows whose seeded hash falls under `fraction` (outside the hold-out), embedded: row id, hash,
-    image and text embeddings."""
+NONE, SKIPPED = -1, -2  # the label of a held-out row, of a pair whose image did not decode (acc: −1 for both)
 
-    def __init__(self, model_url: str, source: Source, holdout: float, s3: dict[str, Any], seed: int, fraction: float):
-        super().__init__(model_url, source, holdout, s3)
-        self.seed, self.fraction = seed, fraction
 
-    def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+class StageEmbedder(PairEmbedder):
+    """A Ray actor, one per stage, for both passes over the rows: the hash sample the centres are fit on, then
+    every pair labelled. Not two Ray Data executions: each would start its own actor — a process, its imports
+    (torch, open_clip) and the model — for the same model, on the MoE chain's critical path."""
+
+    def sample(self, files: list[dict[str, Any]], seed: int, fraction: float) -> dict[str, np.ndarray]:
+        """Each file's rows whose seeded hash falls under `fraction` (outside the hold-out), embedded: row id,
+        hash, image and text embeddings."""
         out: dict[str, list[np.ndarray]] = {"row_id": [np.zeros(0, dtype=np.int64)], "u": [np.zeros(0)]}
         out |= {"image": [np.zeros((0, self.dim), np.float32)], "text": [np.zeros((0, self.dim), np.float32)]}
-        for path, coarse, offset in zip(items["path"], items["coarse_id"], items["offset"], strict=True):
-            keys = read_rows(self.source, str(path), int(coarse), columns=["key"])["key"].to_pylist()
-            u = hash_positions(keys, self.seed)
-            rows = np.flatnonzero((u < self.fraction) & ~held_out(keys, self.holdout))
+        for f in files:
+            keys = read_rows(self.source, str(f["path"]), int(f["coarse_id"]), columns=["key"])["key"].to_pylist()
+            u = hash_positions(keys, seed)
+            rows = np.flatnonzero((u < fraction) & ~held_out(keys, self.holdout))
             for start in range(0, len(rows), ROWS_PER_READ_TASK):
                 chunk = rows[start : start + ROWS_PER_READ_TASK]
-                table = read_rows(self.source, str(path), int(coarse), rows=chunk, columns=self.source.base_columns)
+                columns = self.source.base_columns
+                table = read_rows(self.source, str(f["path"]), int(f["coarse_id"]), rows=chunk, columns=columns)
                 ok, image, text = self.embed(table)
-                out["row_id"].append(int(offset) + chunk[ok])
+                out["row_id"].append(int(f["offset"]) + chunk[ok])
                 out["u"].append(u[chunk[ok]])
                 out["image"].append(image)
                 out["text"].append(text)
         return {name: np.concatenate(parts) for name, parts in out.items()}
 
-
-NONE, SKIPPED = -1, -2  # the label of a held-out row, of a pair whose image did not decode (acc: −1 for both)
-
-
-class PairLabeller(PairEmbedder):
-    """Every row of each file labelled by its nearest centres and accumulated with the previous stage's label of
-    the same row, written to the stage's labels file of that input file; only counts come back."""
-
-    def __init__(self, model_url: str, source: Source, holdout: float, s3: dict[str, Any], **where: Any) -> None:
-        super().__init__(model_url, source, holdout, s3)
-        self.centres, self.out, self.previous = where["centres"], where["out"], where["previous"]
-
-    def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts: dict[str, list[int]] = {"file": [], "rows": [], "skipped_images": []}
-        for i, index in enumerate(items["index"]):
-            file = {name: items[name][i] for name in ("path", "coarse_id", "offset", "groups", "rows")}
-            table = self.label_file(int(index), **file)
-            write_bytes(labels_file(self.out, int(index)), _parquet(table), S3Config(**self.source.s3))
-            counts["file"].append(int(index))
-            counts["rows"].append(int((table["acc"].to_numpy() >= 0).sum()))
-            counts["skipped_images"].append(int((table["label"].to_numpy() == SKIPPED).sum()))
-        return {name: np.asarray(values, dtype=np.int64) for name, values in counts.items()}
+    def label(self, files: list[dict[str, Any]], centres: tuple, out: str, previous: str | None) -> dict[str, int]:
+        """Every row of each file labelled by its nearest centres and accumulated with the previous stage's label
+        of the same row, written to the stage's labels file of that input file; only counts come back."""
+        self.centres, self.previous = centres, previous
+        counts = {"files": 0, "rows": 0, "skipped_images": 0}
+        for f in files:
+            table = self.label_file(f["index"], f["path"], f["coarse_id"], f["offset"], f["groups"], f["rows"])
+            write_bytes(labels_file(out, int(f["index"])), _parquet(table), S3Config(**self.source.s3))
+            counts["files"] += 1
+            counts["rows"] += int((table["acc"].to_numpy() >= 0).sum())
+            counts["skipped_images"] += int((table["label"].to_numpy() == SKIPPED).sum())
+        return counts
 
     def label_file(self, index: int, path: Any, coarse_id: Any, offset: Any, groups: Any, rows: Any) -> pa.Table:
         """One file's rows, a few row groups at a time: key, where it lives, this stage's label, acc."""
@@ -249,16 +243,34 @@ def _parquet(table: pa.Table) -> bytes:
 # --------------------------------------------------------------------------- the driver
 
 
-def cluster_sample(cfg: Config, rows: StageRows, model_url: str, seed: int) -> dict[str, np.ndarray]:
+def stage_embedder(cfg: Config, rows: StageRows, model_url: str) -> Any:
+    """The stage's embedding actor (`StageEmbedder`): restarted if its process dies, and its calls retried —
+    a labels file is written whole, so a retried one is the same file."""
+    import ray
+
+    actor = ray.remote(num_cpus=EMBED_CPUS, max_restarts=2, max_task_retries=2)(StageEmbedder)
+    return actor.remote(model_url, rows.source, rows.holdout, cfg.data.s3.model_dump())
+
+
+def file_batches(files: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The files in consecutive calls of about ROWS_PER_READ_TASK rows each (a file is never split)."""
+    rows = sum(f["rows"] for f in files)
+    calls = max(1, min(len(files), math.ceil(rows / ROWS_PER_READ_TASK)))
+    size = math.ceil(len(files) / calls)
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
+def cluster_sample(cfg: Config, rows: StageRows, embedder: Any, seed: int) -> dict[str, np.ndarray]:
     """The pairs the stage's k-means fit on, in row order: a seeded hash sample, at most moe.cluster_sample_rows (the
-    smallest hashes). The driver never holds more than twice that, plus one file's share."""
+    smallest hashes). The driver never holds more than twice that, plus one call's share."""
+    import ray
+
     cap = cfg.moe.cluster_sample_rows
     fraction = min(1.0, SAMPLE_MARGIN * cap / max(rows.total * (1 - rows.holdout), 1.0))
-    ds = EMBED_TASKS.read(
-        rows.files, SampleEmbedder, constructor=_actor_args(cfg, rows, model_url, seed=seed, fraction=fraction)
-    )
+    calls = [embedder.sample.remote(files, seed, fraction) for files in file_batches(rows.files)]
     kept: dict[str, np.ndarray] | None = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # seconds: no bar of its own
+    for call in calls:  # the actor runs them in order; each result is taken as it comes
+        batch = ray.get(call)
         kept = batch if kept is None else {name: np.concatenate([kept[name], batch[name]]) for name in batch}
         if len(kept["row_id"]) > 2 * cap:
             kept = _smallest(kept, cap)
@@ -274,29 +286,18 @@ def _smallest(rows: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
     return {name: values[keep] for name, values in rows.items()}
 
 
-def _actor_args(cfg: Config, rows: StageRows, model_url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "model_url": model_url,
-        "source": rows.source,
-        "holdout": rows.holdout,
-        "s3": cfg.data.s3.model_dump(),
-        **extra,
-    }
+def label_pairs(cfg: Config, rows: StageRows, embedder: Any, centres: tuple, stage: int) -> dict[str, int]:
+    """Every pair labelled by the actor into labels/; returns the counts (labelled rows, unreadable images)."""
+    import ray
 
-
-def label_pairs(cfg: Config, rows: StageRows, model_url: str, centres: tuple, stage: int) -> dict[str, int]:
-    """Every pair labelled in the actor pool into labels/; returns the counts (labelled rows, unreadable images)."""
     out = labels_dir(cfg, stage)
     fresh_dir(out, f"MCL {stage_name(stage)} labels", cfg.data.s3)
     previous = labels_dir(cfg, stage - 1) if stage > 1 else None
-    args = _actor_args(cfg, rows, model_url, centres=centres, out=out, previous=previous)
+    centres_ref = ray.put(centres)  # once, not with every call
+    calls = [embedder.label.remote(files, centres_ref, out, previous) for files in file_batches(rows.files)]
     totals = {"files": 0, "rows": 0, "skipped_images": 0}
-    for batch in EMBED_TASKS.read(rows.files, PairLabeller, constructor=args).iter_batches(
-        batch_size=None, batch_format="numpy"
-    ):
-        totals["files"] += len(batch["file"])
-        totals["rows"] += int(batch["rows"].sum())
-        totals["skipped_images"] += int(batch["skipped_images"].sum())
+    for counts in ray.get(calls):
+        totals = {name: totals[name] + counts[name] for name in totals}
     if totals["files"] != len(rows.files):
         raise RuntimeError(f"labels came back for {totals['files']} of {len(rows.files)} files")
     return totals
@@ -335,6 +336,8 @@ def write_plan(url: str, rows: StageRows, ranks: dict[int, np.ndarray], cfg: Con
 def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[str, Any]:
     """Cluster a bounded sample embedded by the previous stage's model, label every pair where it is read, plan
     the batches; returns the stage's facts (also in plan.json)."""
+    import ray
+
     from mode_ray import kmeans
     from mode_ray.train.sampler import epoch_steps, homogeneous_batches
 
@@ -342,10 +345,14 @@ def prepare_stage(cfg: Config, stage: int, model_url: str, seed: int) -> dict[st
     out = RunPaths(cfg.run_root).moe(stage_name(stage))
     claim(out, f"MCL {stage_name(stage)}", cfg.data.s3)  # before its plan: the stage's job trains into it
     rows = stage_rows(cfg)
-    sample = cluster_sample(cfg, rows, model_url, seed)
-    centres = kmeans.mcl_fit(sample["image"], sample["text"], moe.image_clusters, moe.text_clusters, seed)
-    del sample
-    counts = label_pairs(cfg, rows, model_url, centres, stage)
+    embedder = stage_embedder(cfg, rows, model_url)
+    try:
+        sample = cluster_sample(cfg, rows, embedder, seed)
+        centres = kmeans.mcl_fit(sample["image"], sample["text"], moe.image_clusters, moe.text_clusters, seed)
+        del sample
+        counts = label_pairs(cfg, rows, embedder, centres, stage)
+    finally:
+        ray.kill(embedder)
     acc = read_acc(cfg, stage, rows)
     ids = np.flatnonzero(acc >= 0)
     acc = acc[ids]
