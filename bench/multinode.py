@@ -8,11 +8,12 @@ the real autoscaler; bench/autoscale_local.py starts it, token auth included) an
 tiny config on an `s3://` run root, every training job at `--workers` Ray Train workers of 1.5 CPUs, so no
 node holds two of them and each job's DDP group spans nodes. Ray's state API, polled while it runs, says
 where every `RayTrainWorker` ran: the head must hold none. With `--lose-node`, a second run in its own run
-root waits until an expert has written its first checkpoint to the bucket, then kills one worker node whose
-training worker is alive — every process of that node (its raylet, object store, agents and workers), not
-one process — and the job must still finish: Ray Train restarts the worker group from the checkpoint
+root waits until the two jobs that start first have each written a checkpoint to the bucket, then kills one
+worker node whose training worker is alive — every process of that node (its raylet, object store, agents and
+workers), not one process — and the job must still finish: Ray Train restarts the worker group from the checkpoint
 (`training.run.max_failures`) on the nodes the autoscaler brings. Both runs' models are compared by weights
-hash (each rank's, from metrics.json): the same bytes is the goal.
+hash (each rank's, from metrics.json): the same bytes is the goal; each model's `resumed_at_steps` says
+which restarted and from which checkpoint.
 
 Prints a timeline (nodes joining and leaving, the kill), where the training workers ran, and the comparison;
 tears down only its own processes. No GPU needed: gloo on CPU.
@@ -136,7 +137,9 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
             for actor in list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], limit=1000):
                 worker_nodes[actor.actor_id] = actor.node_id
         if lose and killed is None:
-            checkpoints = [k for k in keys(client, f"{run_id}/train_runs/") if "/checkpoint_" in k]
+            # train_runs/<job run>/checkpoint_…: the first two jobs start together, so once two runs hold a
+            # checkpoint the live workers' jobs (almost surely) have one to resume from; metrics.json says
+            runs = {k.split("/")[2] for k in keys(client, f"{run_id}/train_runs/") if "/checkpoint_" in k}
             live = [
                 a.node_id
                 for a in list_actors(
@@ -144,7 +147,7 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
                 )
                 if a.node_id not in head_ids
             ]
-            if checkpoints and live:
+            if len(runs) >= 2 and live:
                 killed = live[0]
                 lose_node(alive[killed], timeline)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -160,7 +163,8 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
         if key.endswith("/metrics.json"):
             metrics = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
             models[key.split("/")[-2]] = metrics["weights_sha256_by_rank"]
-            resumed_at[key.split("/")[-2]] = metrics["start_step"]  # the last attempt's: > 0 after a restart
+            if metrics["resumed_at_steps"]:
+                resumed_at[key.split("/")[-2]] = metrics["resumed_at_steps"]  # each restarted attempt's first step
     on_head = [a for a, n in worker_nodes.items() if n in head_ids]
     return {
         "status": str(status),
@@ -170,7 +174,7 @@ def run(args, url: str, endpoint: str, head_ids: set[str], lose: bool) -> dict:
         "workers_on_head": len(on_head),
         "killed_node": killed,
         "models": models,
-        "resumed_at_step": resumed_at,
+        "resumed_at_steps": resumed_at,
         "seconds": time.time() - timeline.t0,
     }
 
@@ -229,7 +233,8 @@ def main() -> int:
     for name, r in results.items():
         print(
             f"{name}: {r['status']} in {r['seconds']:.0f}s; {r['workers']} training workers on {r['worker_nodes']} "
-            f"node(s), {r['workers_on_head']} on the head; last attempts from step {r['resumed_at_step']}"
+            f"node(s), {r['workers_on_head']} on the head; restarted (model: from steps): "
+            f"{r['resumed_at_steps'] or 'none'}"
         )
         if "SUCCEEDED" not in r["status"]:
             print("\n".join("    " + line for line in r["log_tail"]))

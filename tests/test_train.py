@@ -186,6 +186,8 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     assert os.path.exists(failure_marker_path(cfg, "generalist"))  # the injected failure did fire ...
     generalist = summary["models"]["generalist"]
     assert generalist["end_step"] == summary["models"]["expert-0"]["end_step"]  # ... and it still finished
+    assert generalist["resumed_at_steps"] == [24]  # from its first checkpoint (it failed at step 27)
+    assert summary["models"]["expert-0"]["resumed_at_steps"] == []
     markers = sorted(Path(experts_dir(cfg)).rglob("_SUCCESS"))
     before = [m.read_text() for m in markers]
     again = run_train(cfg)

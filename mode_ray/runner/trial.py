@@ -204,6 +204,7 @@ def finalize_job(
         "samples_seen_by_cluster": seen,
         **{k: record[k] for k in ("executions", "first_lr", "skipped_images", "loss_history", "val_history")},
         "recovery": record.get("recovery", []),  # unreadable checkpoints skipped on the way
+        "resumed_at_steps": record.get("resumed_at_steps", []),  # each restarted attempt's first step
         "weights_sha256_by_rank": record["weights_sha256_by_rank"],  # equal at any worker count (DDP)
         "torch_threads": run.torch_threads,
         **facts,

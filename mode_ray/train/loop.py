@@ -189,8 +189,8 @@ def build_trainer(job: TrainJob, run: LoopRun, rt: Runtime) -> tuple[Trainer, di
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     state, checkpoint = new_state(job.first_step), rt.latest_checkpoint()
     restored, notes = restore_checkpoint(checkpoint, model, opt, scaler) if checkpoint else (None, [])
-    if restored is not None:
-        state = restored
+    if restored is not None:  # the step each attempt after the first began at, kept through later restarts
+        state = {**restored, "resumed_at_steps": [*restored.get("resumed_at_steps", []), restored["step"]]}
     elif job.start.kind == "resume":  # continuing the parent: weights, optimizer state, schedule position
         parent = fetch_state(job.paths.start_urls[0], S3Config(**run.s3), model, opt, scaler)
         if parent["step"] != job.first_step:

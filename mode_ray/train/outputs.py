@@ -54,7 +54,7 @@ def write_outputs(
     export_model(job, getattr(model, "module", model), s3)
     stamps["outputs_written"] = time.time()
     keys = ("seen", "skipped_images", "loss_history", "val_history", "executions", "recovery", "weights_sha256_by_rank")
-    record = {key: state[key] for key in keys}
+    record = {key: state[key] for key in keys} | {"resumed_at_steps": state.get("resumed_at_steps", [])}
     record.update(
         start_step=state["init_step"],
         end_step=state["step"],
