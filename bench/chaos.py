@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="draws the kill moments and targets")
     parser.add_argument("--moe", action="store_true", help="train the CLIP-MoE branch too (longer)")
     args = parser.parse_args(argv)
-    from mode_ray.ownership import claim, remove_owned_tree
+    from mode_ray.run_root.ownership import claim, remove_owned_tree
 
     root = Path(args.run_root).resolve()
     remove_owned_tree(str(root))

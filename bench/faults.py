@@ -217,7 +217,7 @@ def load_with_replica_killed(url: str, rate: float, seconds: float, image: bytes
 
 def serving_faults(root: Path, rate: float, seconds: float, examples: int) -> list[dict[str, Any]]:
     from mode_ray.config import load_config
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.stages.serve import check_images, deploy
 
     run = root / "killed"
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> str:
         "--steps", default="prep,train,serve", help="which faults; serve alone reuses RUN_ROOT's trained run"
     )
     args = parser.parse_args(argv)
-    from mode_ray.ownership import claim, remove_owned_tree
+    from mode_ray.run_root.ownership import claim, remove_owned_tree
 
     root = Path(args.run_root).resolve()
     steps = {

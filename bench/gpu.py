@@ -80,8 +80,8 @@ def loop_run(args: argparse.Namespace, root: str, deterministic: bool = False) -
     import torch
 
     from mode_ray.config import config_from_dict
+    from mode_ray.run_root.storage import read_json
     from mode_ray.runner.plan_jobs import inputs_of, model_job
-    from mode_ray.storage import read_json
     from mode_ray.train.job import LoopRun
     from mode_ray.train.loop import train
     from mode_ray.train.schedule import Schedule, Span

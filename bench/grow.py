@@ -38,16 +38,16 @@ MODELS = ("ensemble-calibrated", "ensemble-reference", "generalist")
 
 
 def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]) -> dict[str, Any]:
-    from mode_ray import demo_data
     from mode_ray.config import load_config
-    from mode_ray.layout import RunPaths
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.demo import demo_data
+    from mode_ray.ray_env.runtime import ray_runtime
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.storage import read_json
     from mode_ray.stages.demo import run_demo_data
     from mode_ray.stages.evaluate import run_eval
     from mode_ray.stages.grow import run_add_data
     from mode_ray.stages.prep import run_prep
     from mode_ray.stages.train import run_train
-    from mode_ray.storage import read_json
 
     run = root / f"seed-{seed}"
     sets = seed_settings(held_out, seed, run, extra)
@@ -92,7 +92,7 @@ def one_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]
 
 
 def seed_settings(held_out: str, seed: int, run: Path, extra: list[str]) -> list[str]:
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
 
     kept = [d for d in demo_data.DOMAINS if d != held_out]
     sets = [*extra, f"run_root={run}", f"training.seed={seed}", f"data.demo.domains={json.dumps(kept)}"]
@@ -102,14 +102,14 @@ def seed_settings(held_out: str, seed: int, run: Path, extra: list[str]) -> list
 def refresh_seed(config: str, held_out: str, seed: int, root: Path, extra: list[str]) -> dict[str, Any]:
     """As much new data again from the built-on domains, added with --refresh-experts; the old tasks
     evaluated before and after."""
-    from mode_ray import demo_data
     from mode_ray.config import load_config
-    from mode_ray.layout import RunPaths
-    from mode_ray.names import expert_id
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.demo import demo_data
+    from mode_ray.ray_env.runtime import ray_runtime
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.names import expert_id
+    from mode_ray.run_root.storage import read_json
     from mode_ray.stages.evaluate import run_eval
     from mode_ray.stages.grow import run_add_data
-    from mode_ray.storage import read_json
 
     run = root / f"seed-{seed}"
     sets = seed_settings(held_out, seed, run, extra)
@@ -160,7 +160,7 @@ def refresh_tables(held_out: str, per_seed: dict[int, dict[str, Any]], grown: di
 
 def added_task_routing(run: Path, task: str) -> dict[str, Any]:
     """Per routing method, where the added domain's task is routed: top expert, its weight, expert-max's pick."""
-    from mode_ray.storage import read_json
+    from mode_ray.run_root.storage import read_json
 
     return {
         r["method"]: {
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--refresh", action="store_true", help="then more known-domain data, --refresh-experts")
     parser.add_argument("--report-only", action="store_true", help="print the tables of ROOT/*.json again")
     args = parser.parse_args(argv)
-    from mode_ray.ownership import claim
+    from mode_ray.run_root.ownership import claim
 
     root = Path(args.root).resolve()
     claim(str(root), "bench/grow.py")  # never a folder of someone else's

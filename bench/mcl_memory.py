@@ -47,12 +47,12 @@ def build_base(root: Path) -> None:
     import torch
 
     from mode_ray.data.train_data import build_input_cache
-    from mode_ray.layout import RunPaths
     from mode_ray.models.clip import build_clip, export_open_clip
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.storage import read_json
     from mode_ray.stages.demo import run_demo_data
     from mode_ray.stages.prep import run_prep
-    from mode_ray.storage import read_json
 
     cfg = bench_config(root / "1x")
     if not (root / "base-export").exists():
@@ -72,8 +72,8 @@ def replicate(root: Path, scale: int) -> Path:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from mode_ray.layout import ROW_GROUP_ROWS
-    from mode_ray.ownership import claim_run_root
+    from mode_ray.run_root.layout import ROW_GROUP_ROWS
+    from mode_ray.run_root.ownership import claim_run_root
 
     run = root / f"{scale}x"
     done = run / "train_inputs" / "_BENCH_COMPLETE"
@@ -106,7 +106,7 @@ def child(run: Path, shards: Path, model_url: str, sample_rows: int | None) -> N
 
     from mode_ray import kmeans
     from mode_ray.data import mcl_plan as mcl
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.train import sampler  # noqa: F401
 
     cfg = bench_config(run, shards)

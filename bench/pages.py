@@ -101,7 +101,7 @@ def main() -> None:
     from ray import serve
 
     from mode_ray.config import load_config
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.stages.serve import deploy
 
     cfg = load_config(args.config, [f"run_root={args.run_root}", f"serve.port={_free_port()}"])

@@ -36,7 +36,7 @@ def bench_embedding(cfg, captions: list[str], half_shards: list[str], half_capti
     import ray
 
     from mode_ray.encoders import build_encoder
-    from mode_ray.layout import RunPaths
+    from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.prep import embed_stage, load_cluster_sample
 
     emb = cfg.embedding
@@ -150,9 +150,9 @@ def main() -> None:
 
     from pathlib import Path
 
-    from mode_ray import demo_data
     from mode_ray.config import load_config
-    from mode_ray.shards import iter_tar_rows
+    from mode_ray.demo import demo_data
+    from mode_ray.samples.shards import iter_tar_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = f"{tmp}/shards"

@@ -42,11 +42,11 @@ def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
     """Prep once in ROOT/prep; returns the overrides that point every seed's run at its data."""
     from mode_ray.config import load_config
     from mode_ray.data.train_data import build_input_cache
-    from mode_ray.layout import RunPaths
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.storage import read_json
     from mode_ray.stages.demo import run_demo_data
     from mode_ray.stages.prep import run_prep
-    from mode_ray.storage import read_json
 
     cfg = load_config(config, [*overrides, f"run_root={root / 'prep'}"])
     run_demo_data(cfg, False)
@@ -59,7 +59,7 @@ def prepare(config: str, overrides: list[str], root: Path) -> list[str]:
 
 def seed_root(root: Path, seed: int, name: str | None = None) -> Path:
     """ROOT/seed-K (or ROOT/name), its prep outputs linked from ROOT/prep (the completion markers come along)."""
-    from mode_ray.ownership import claim_run_root
+    from mode_ray.run_root.ownership import claim_run_root
 
     run = root / (name or f"seed-{seed}")
     claim_run_root(str(run))  # before the links: a run root holding them must already be ours
@@ -72,11 +72,11 @@ def seed_root(root: Path, seed: int, name: str | None = None) -> Path:
 
 def train_and_evaluate(config: str, overrides: list[str], run: Path, seed: int) -> dict[str, Any]:
     from mode_ray.config import load_config
-    from mode_ray.layout import RunPaths
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.storage import read_json
     from mode_ray.stages.evaluate import run_eval
     from mode_ray.stages.train import run_train
-    from mode_ray.storage import read_json
 
     cfg = load_config(config, [*overrides, f"run_root={run}", f"training.seed={seed}"])
     with ray_runtime(cfg):
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--root", default="runs/quality", help="where the prep and every seed's run go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = parser.parse_args(argv)
-    from mode_ray.ownership import claim
+    from mode_ray.run_root.ownership import claim
 
     root = Path(args.root).resolve()
     claim(str(root), "bench/quality.py")  # never a folder of someone else's

@@ -64,7 +64,7 @@ def free_port() -> int:
 
 
 def sample_images(run_root: str, n: int = 16) -> list[str]:
-    from mode_ray.shards import iter_tar_rows
+    from mode_ray.samples.shards import iter_tar_rows
 
     images = []
     for tar in sorted(Path(run_root, "data", "eval").rglob("*.tar")):

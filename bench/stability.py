@@ -40,7 +40,7 @@ from quality import AVERAGE, accuracy_rows, prepare, seed_root  # noqa: E402  (b
 def run_one(config: str, overrides: list[str], run: Path, seed: int, models: list[str] | None) -> dict[str, Any]:
     """Train (and evaluate, when there are experts to ensemble) one seed in its run root."""
     from mode_ray.config import load_config
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.stages.evaluate import run_eval
     from mode_ray.stages.train import run_train
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.compare:
         compare(args.compare, args.labels, Path(args.out), None if args.models == "all" else args.models.split(","))
         return args.out
-    from mode_ray.ownership import claim
+    from mode_ray.run_root.ownership import claim
 
     root = Path(args.root).resolve()
     claim(str(root), "bench/stability.py")

@@ -141,8 +141,8 @@ def main() -> None:
 
     from mode_ray.config import load_config
     from mode_ray.pipeline import run_all
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.runner.dag import max_concurrent
-    from mode_ray.runtime import ray_runtime
 
     root = args.root or tempfile.mkdtemp(prefix="bench-train-")
     cfg = load_config(
@@ -164,7 +164,7 @@ def main() -> None:
         tune_alone = floor_seconds(run.controller_poll_s, run.cpus_per_worker, tune=True)
         tune_floor = floor_seconds(run.controller_poll_s, run.cpus_per_worker, concurrent, tune=True)
         ray.shutdown()
-    from mode_ray.storage import read_json
+    from mode_ray.run_root.storage import read_json
 
     summary = read_json(f"{root}/experts/summary.json")
     models = summary["models"]

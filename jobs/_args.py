@@ -1,6 +1,6 @@
 """What every job entry point shares: --config, repeatable --set, --force, and how a job ends.
 
-A job joins the cluster it was submitted to (Ray sets RAY_ADDRESS for the driver; `mode_ray.runtime`), logs
+A job joins the cluster it was submitted to (Ray sets RAY_ADDRESS for the driver; `mode_ray.ray_env.runtime`), logs
 its stages to the job log, and on failure exits non-zero with a one-line reason as the log's last line (the
 traceback above it), so `ray job status` / `ray job logs` say why.
 """
@@ -35,7 +35,7 @@ def parse(description: str, stages: list[str] | None = None) -> tuple[Config, bo
 def run_job(description: str, stage: Callable[..., Any], stages: list[str] | None = None) -> None:
     """Parse the arguments, run one stage function (or the pipeline, whose `stages` --only may pick) on the
     cluster, end with a clear reason."""
-    from mode_ray.runtime import quiet_at_the_source, ray_runtime
+    from mode_ray.ray_env.runtime import quiet_at_the_source, ray_runtime
 
     quiet_at_the_source()
     cfg, force, only = parse(description, stages)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from mode_ray.config import Config, ConfigError, load_config
-from mode_ray.progress import VERBOSE_ENV, console
+from mode_ray.console.progress import VERBOSE_ENV, console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 
@@ -31,13 +31,13 @@ def main(
     """mode_ray: CLIP data experts (MoDE) and CLIP mixtures of experts on Ray."""
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    from mode_ray.runtime import quiet_at_the_source
+    from mode_ray.ray_env.runtime import quiet_at_the_source
 
     quiet_at_the_source()  # before any stage imports Ray Data, Ray Train or transformers
 
 
 def _fail(err: Exception, code: int) -> typer.Exit:
-    from mode_ray.runtime import log_hint
+    from mode_ray.ray_env.runtime import log_hint
 
     console.print(f"[red]{escape(str(err))}[/red]{log_hint()}")
     return typer.Exit(code)
@@ -133,9 +133,9 @@ app.add_typer(experts_app, name="experts")
 @experts_app.command("list")
 def experts_list(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Every trained model, whether it is in service, and when an added expert came."""
-    from mode_ray.layout import RunPaths
-    from mode_ray.registry import read_registry
-    from mode_ray.storage import read_json
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.registry import read_registry
+    from mode_ray.run_root.storage import read_json
 
     cfg = _load(config, set_)
     models = read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)["models"]
@@ -150,9 +150,9 @@ def experts_list(config: ConfigOpt, set_: SetOpt = None) -> None:
 
 
 def _set_active(config: Path, name: str, set_: list[str] | None, active: bool) -> None:
-    from mode_ray.layout import RunPaths
-    from mode_ray.registry import set_active
-    from mode_ray.storage import read_json
+    from mode_ray.run_root.layout import RunPaths
+    from mode_ray.run_root.registry import set_active
+    from mode_ray.run_root.storage import read_json
 
     cfg = _load(config, set_)
     models = list(read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)["models"])
@@ -230,7 +230,7 @@ def demo_data_cmd(
     difficulty: Annotated[str, typer.Option(help="standard or hard (fine-grained classes in clutter)")] = "standard",
 ) -> None:
     """Write the multi-domain demo dataset as webdataset shards in the MoDE layout."""
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
 
     try:
         record = demo_data.generate(out, samples, shards, seed, split, faults, max_pixels, difficulty=difficulty)

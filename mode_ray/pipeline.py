@@ -6,16 +6,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 from mode_ray.config import Config, dump_config
-from mode_ray.ownership import claim_run_root
-from mode_ray.progress import console
-from mode_ray.runtime import ray_runtime
+from mode_ray.console.progress import console
+from mode_ray.ray_env.runtime import ray_runtime
+from mode_ray.run_root.ownership import claim_run_root
+from mode_ray.run_root.storage import exists, join, write_bytes
 from mode_ray.stages.demo import check_demo_locations, run_demo_data
 from mode_ray.stages.evaluate import check_eval_inputs, run_eval
 from mode_ray.stages.moe import run_moe_if_enabled
 from mode_ray.stages.prep import run_prep
 from mode_ray.stages.serve import run_serve
 from mode_ray.stages.train import run_train
-from mode_ray.storage import exists, join, write_bytes
 
 StageFn = Callable[[Config, bool], object]
 
@@ -65,9 +65,9 @@ def run_all(cfg: Config, force: bool = False, only: list[str] | None = None) -> 
 
 def print_closing_summary(cfg: Config) -> None:
     """Time per stage, and where the report and the logs are."""
-    from mode_ray.layout import RunPaths
-    from mode_ray.progress import STAGE_SECONDS
-    from mode_ray.runtime import LOG_DIR
+    from mode_ray.console.progress import STAGE_SECONDS
+    from mode_ray.ray_env.runtime import LOG_DIR
+    from mode_ray.run_root.layout import RunPaths
 
     total = sum(STAGE_SECONDS.values())
     parts = ", ".join(f"{name} {s:.0f}s" if s else f"{name} (already complete)" for name, s in STAGE_SECONDS.items())

@@ -46,7 +46,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> tuple[Path, dict]:
     """A small faulted demo dataset shared by the read-back tests."""
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
 
     out = tmp_path_factory.mktemp("demo")
     record = demo_data.generate(str(out), samples=300, shards=3, seed=7, faults=True, max_image_pixels=250_000)
@@ -152,7 +152,7 @@ TRAINED_RUN_SETTINGS = (
 def trained_run(ray_session, tmp_path_factory):
     """A small demo run, prepped and trained once per session (seed, 2 experts, generalist, generalist-matched);
     the generalist fails once on purpose, to exercise recovery. Eval and Serve tests reuse it."""
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
     from mode_ray.runner.trial import failure_marker_path
     from mode_ray.stages.prep import run_prep
     from mode_ray.stages.train import run_train
@@ -177,7 +177,7 @@ def _shape_folder(root: Path) -> Path:
     """An ImageFolder-style task: circle/ and square/ images, plus one file that is not an image."""
     import numpy as np
 
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
 
     rng = np.random.default_rng(3)
     counts = Counter()
@@ -194,7 +194,7 @@ def _shape_folder(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def evaluated_run(trained_run, tmp_path_factory):
     """The trained run evaluated on the five demo tasks, a folder task and retrieval."""
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
     from mode_ray.stages.evaluate import run_eval
 
     cfg, _, _ = trained_run

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_ray.layout import STATE_FILE
+from mode_ray.run_root.layout import STATE_FILE
 from mode_ray.train.checkpoints import load_state, restore_checkpoint, save_state
 from mode_ray.train.loop import new_state
 

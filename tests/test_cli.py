@@ -70,7 +70,7 @@ def test_the_embedded_ray_asks_for_token_auth_itself(monkeypatch):
     re-read; a mode the user set stays."""
     import ray._raylet
 
-    from mode_ray.runtime import _explicit_token_auth
+    from mode_ray.ray_env.runtime import _explicit_token_auth
 
     reread: list[str] = []
 
@@ -102,7 +102,7 @@ def test_an_error_with_markup_characters_is_printed_as_its_text():
     """An error's text reaches the console as written, brackets included (rich once read `[/:]` in an S3 error
     as a closing tag and raised MarkupError instead of printing the reason)."""
     from mode_ray.cli import _fail
-    from mode_ray.progress import console
+    from mode_ray.console.progress import console
 
     reason = 'Invalid bucket name "s3:": Bucket name must match the regex "^[a-zA-Z0-9.\\-_]{1,255}$" or [/:] [red]x'
     with console.capture() as captured:
@@ -113,7 +113,7 @@ def test_an_error_with_markup_characters_is_printed_as_its_text():
 def test_a_failed_jobs_reason_is_its_exception_line_not_the_last_line_of_a_traceback():
     """Ray's training errors end with a worker's traceback or an excerpt of one: the console once said only
     `seed failed:   File "/work/m` for an s3 endpoint error."""
-    from mode_ray.progress import error_reason
+    from mode_ray.console.progress import error_reason
 
     ray_error = (
         "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"

@@ -120,8 +120,8 @@ def two_worker_seeds(trained_run, tmp_path_factory):
     """The trained run's seed trained again at 2 workers in two fresh run roots on the same prep: in the
     first a worker raises after the first checkpoint (step 8 of 16) and the job resumes; the second runs
     undisturbed."""
-    from mode_ray.ownership import claim_run_root
-    from mode_ray.progress import StageLog
+    from mode_ray.console.progress import StageLog
+    from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.runner.dag import run_jobs
     from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
     from mode_ray.runner.trial import failure_marker_path

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mode_ray import demo_data
+from mode_ray.demo import demo_data
 
 
 def _healthy_shards(root: Path, record: dict) -> list[str]:
@@ -146,7 +146,7 @@ def test_generation_is_fast(tmp_path):
 def test_the_hard_demo_has_fine_grained_tasks_its_images_carry(tmp_path):
     """difficulty=hard: four other domains, deterministic for a seed, every clean sample labelled with one of
     its task's 26-42 classes, and its dataset.json naming those tasks (not the standard demo's)."""
-    from mode_ray import demo_hard
+    from mode_ray.demo import demo_hard
 
     kwargs = dict(samples=400, shards=2, seed=5, difficulty="hard")
     record = demo_data.generate(str(tmp_path / "a"), **kwargs)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mode_ray import demo_data
-from mode_ray.layout import RunPaths
+from mode_ray.demo import demo_data
+from mode_ray.run_root.layout import RunPaths
 from mode_ray.stages.prep import run_prep
 from tests.conftest import demo_config
 
@@ -87,7 +87,7 @@ def _label_only_shards(out: Path, n: int = 24) -> list[str]:
 def test_eval_on_label_only_shards_has_no_retrieval_corpus_and_says_so(trained_run, tmp_path, capsys):
     import os
 
-    from mode_ray.ownership import claim_run_root
+    from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.stages.evaluate import run_eval
 
     cfg, _, _ = trained_run

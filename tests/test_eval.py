@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from mode_ray import demo_data
+from mode_ray.demo import demo_data
 from mode_ray.eval.retrieval import ensemble_retrieval
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import ensemble_logits

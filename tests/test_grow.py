@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from mode_ray import demo_data
+from mode_ray.demo import demo_data
 from mode_ray.eval.router import TaskRouter
 from tests.conftest import TRAINED_RUN_SETTINGS, _free_port, demo_config
 
@@ -86,7 +86,7 @@ def test_known_domains_make_no_new_expert(ray_session, grown_run, tmp_path):
 
 
 def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run, tmp_path):
-    from mode_ray.registry import read_registry
+    from mode_ray.run_root.registry import read_registry
     from mode_ray.stages.grow import run_add_data
 
     root, config = grown_run
@@ -131,7 +131,7 @@ def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_sess
 
     from ray import serve
 
-    from mode_ray.registry import set_active
+    from mode_ray.run_root.registry import set_active
     from mode_ray.stages.serve import deploy
 
     root, config = grown_run
@@ -205,7 +205,7 @@ def _files(folder: Path) -> dict[str, str]:
 
 
 def test_refresh_retrains_only_the_grown_experts_and_rolls_back(ray_session, grown_run, tmp_path):
-    from mode_ray.registry import read_registry
+    from mode_ray.run_root.registry import read_registry
     from mode_ray.stages.grow import rollback_expert, run_add_data
     from mode_ray.stages.train import run_train
 

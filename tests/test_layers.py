@@ -2,15 +2,16 @@
 
 - the package is in layers, and no module imports a module of a higher layer (function-level imports
   included). Bottom to top (LAYERS below names every module):
-  1. foundation: what every layer shares, Ray-free — the package (its version), config, names, layout (paths
-     of a run), storage (file systems, markers), ownership, registry (experts in service), rejects, samples
-     (the sample rules), shards (reading tars), progress (the console, stage lines), resources (what a stage
-     asks of a cluster), compute (training-compute bookkeeping);
+  1. foundation: what every layer shares, Ray-free — the package (its version), config, mode_ray/run_root/
+     (a run's layout, file systems and markers, ownership, the registry of experts in service, model names,
+     training-compute bookkeeping), mode_ray/samples/ (reading shards, the sample rules, reject reasons),
+     mode_ray/console/progress (the console, stage lines), mode_ray/ray_env/resources (what a stage asks of a
+     cluster);
   2. algorithms: plain-Python computation, Ray-free — mode_ray/models/, mode_ray/train/ but ray_adapter,
-     mode_ray/eval/, kmeans, routing, encoders, hash_sample, demo_data, demo_hard;
-  3. Ray adapters: what puts the algorithms on Ray — runtime (the cluster), progress_bars (a named actor the
-     workers report to), train/ray_adapter (Ray Train's worker entry), mode_ray/data/ (Ray Data: reads,
-     the decoded-input cache, rank streams, MCL plans), mode_ray/serve/ (the Serve app);
+     mode_ray/eval/, kmeans, routing, encoders, samples/hash_sample, mode_ray/demo/ (the demo datasets);
+  3. Ray adapters: what puts the algorithms on Ray — ray_env/runtime (the cluster), console/progress_bars (a
+     named actor the workers report to), train/ray_adapter (Ray Train's worker entry), mode_ray/data/ (Ray
+     Data: reads, the decoded-input cache, rank streams, MCL plans), mode_ray/serve/ (the Serve app);
   4. runner: the job plans, the DAG of jobs and one job's trial, mode_ray/runner/;
   5. stages: the Ray drivers of the pipeline's stages, mode_ray/stages/;
   6. entry points: pipeline, cli;
@@ -38,34 +39,26 @@ ROOT = Path(REPO) / PACKAGE
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": (
         "mode_ray",
-        "mode_ray.compute",
         "mode_ray.config",
-        "mode_ray.layout",
-        "mode_ray.names",
-        "mode_ray.ownership",
-        "mode_ray.progress",
-        "mode_ray.registry",
-        "mode_ray.rejects",
-        "mode_ray.resources",
-        "mode_ray.samples",
-        "mode_ray.shards",
-        "mode_ray.storage",
+        "mode_ray.console",  # but progress_bars
+        "mode_ray.ray_env",  # resources; runtime is an adapter
+        "mode_ray.run_root",
+        "mode_ray.samples",  # but hash_sample
     ),
     "algorithms": (
-        "mode_ray.demo_data",
-        "mode_ray.demo_hard",
+        "mode_ray.demo",
         "mode_ray.encoders",
         "mode_ray.eval",
-        "mode_ray.hash_sample",
         "mode_ray.kmeans",
         "mode_ray.models",
         "mode_ray.routing",
+        "mode_ray.samples.hash_sample",
         "mode_ray.train",
     ),
     "Ray adapters": (
+        "mode_ray.console.progress_bars",
         "mode_ray.data",
-        "mode_ray.progress_bars",
-        "mode_ray.runtime",
+        "mode_ray.ray_env.runtime",
         "mode_ray.serve",
         "mode_ray.train.ray_adapter",
     ),

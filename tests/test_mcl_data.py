@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from mode_ray.ownership import claim_run_root
+from mode_ray.run_root.ownership import claim_run_root
 from tests.conftest import demo_config
 
 SETTINGS = (
@@ -27,7 +27,7 @@ SETTINGS = (
 @pytest.fixture(scope="module")
 def mcl_run(ray_session, tmp_path_factory):
     """A prepped tiny run and a random-init dense model to embed with (memory and bookkeeping, not quality)."""
-    from mode_ray import demo_data
+    from mode_ray.demo import demo_data
     from mode_ray.models.clip import build_clip, export_open_clip
     from mode_ray.stages.prep import run_prep
 

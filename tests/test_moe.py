@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_ray.ownership import claim_run_root
+from mode_ray.run_root.ownership import claim_run_root
 from tests.conftest import demo_config
 
 MOE_SETTINGS = (
@@ -65,9 +65,9 @@ def _state(url: str) -> dict[str, torch.Tensor]:
 
 
 def test_moe_builds_resumes_and_loads_back(moe_run) -> None:
-    from mode_ray.layout import RunPaths
     from mode_ray.models import load_model
     from mode_ray.models.moe import expert_usage, moe_layers, track_usage
+    from mode_ray.run_root.layout import RunPaths
 
     cfg, summary, marker = moe_run
     paths = RunPaths(cfg.run_root)
@@ -96,9 +96,9 @@ def test_moe_builds_resumes_and_loads_back(moe_run) -> None:
 
 
 def test_mcl_stage_changes_only_mlps_and_router_tuning_only_routers(moe_run) -> None:
-    from mode_ray.layout import RunPaths
     from mode_ray.models import load_model
     from mode_ray.models.moe import MoESpec, mlp_state, upcycle
+    from mode_ray.run_root.layout import RunPaths
 
     cfg, _, _ = moe_run
     paths = RunPaths(cfg.run_root)
@@ -120,7 +120,7 @@ def test_mcl_stage_changes_only_mlps_and_router_tuning_only_routers(moe_run) -> 
 
 
 def test_moe_rerun_trains_nothing(moe_run) -> None:
-    from mode_ray.layout import RunPaths
+    from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.moe import run_moe
 
     cfg, summary, _ = moe_run
@@ -156,7 +156,7 @@ def test_mcl_batches_come_from_one_cluster_on_every_worker() -> None:
 def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None:
     """The CLIP-MoE branch again in another run root, undisturbed: both MCL stages (their clustering, plans and
     planned batches) and the router — whose worker failed once in the first run — end equal, bit for bit."""
-    from mode_ray.layout import RunPaths
+    from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.moe import run_moe
 
     cfg, _, _ = moe_run

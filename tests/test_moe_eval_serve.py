@@ -16,18 +16,18 @@ import pandas as pd
 import pytest
 import torch
 
-from mode_ray import demo_data
+from mode_ray.demo import demo_data
 from mode_ray.eval.tasks import configured_tasks, templates_of
 from mode_ray.eval.zero_shot import class_text_features, image_features, preprocess
-from mode_ray.layout import MOE, RunPaths
 from mode_ray.models import load_model
 from mode_ray.models.clip import model_config
 from mode_ray.models.moe import MoESpec, mlp_state, moe_layers, save_moe, track_usage, upcycle
-from mode_ray.ownership import claim_run_root
-from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image
-from mode_ray.shards import iter_tar_rows
+from mode_ray.run_root.layout import MOE, RunPaths
+from mode_ray.run_root.ownership import claim_run_root
+from mode_ray.run_root.storage import MARKER
+from mode_ray.samples.shards import iter_tar_rows
+from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits, Rejected, check_image
 from mode_ray.stages.evaluate import run_eval
-from mode_ray.storage import MARKER
 from tests.conftest import _free_port, demo_config
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]

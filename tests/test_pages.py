@@ -12,7 +12,7 @@ import pytest
 
 from bench.pages import CHROMEDRIVER, CHROMIUM, wait
 from bench.pages import browser as headless_chromium
-from mode_ray.shards import iter_tar_rows
+from mode_ray.samples.shards import iter_tar_rows
 from tests.conftest import served_config
 
 pytestmark = pytest.mark.skipif(

@@ -9,7 +9,7 @@ def test_a_dead_actors_placement_group_is_released_and_a_drivers_is_kept(ray_ses
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from mode_ray.runtime import release_orphaned_placement_groups
+    from mode_ray.ray_env.runtime import release_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Controller:  # as Ray Train's controller: an actor that reserves its workers' CPUs

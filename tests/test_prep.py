@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from mode_ray import demo_data
 from mode_ray.config import S3Config
-from mode_ray.layout import RunPaths, read_centroids
-from mode_ray.ownership import STAMP, claim
+from mode_ray.demo import demo_data
+from mode_ray.run_root.layout import RunPaths, read_centroids
+from mode_ray.run_root.ownership import STAMP, claim
 from mode_ray.stages.prep import run_prep
 from tests.conftest import demo_config, pids_naming
 
@@ -201,7 +201,7 @@ def _outage_after_listing(monkeypatch, s3_server, restart_after_s: float | None)
     after `restart_after_s` (None: not during the run). Returns the shards listed, once it went down."""
     import threading
 
-    from mode_ray.shards import list_shards as listed
+    from mode_ray.samples.shards import list_shards as listed
     from mode_ray.stages import prep
 
     down: list[str] = []
@@ -223,7 +223,7 @@ def test_s3_outage_is_ridden_out_or_each_shard_rejected_with_its_reason(
 ):
     import time
 
-    from mode_ray.rejects import Reason
+    from mode_ray.samples.rejects import Reason
 
     _, summary = local_run
     s3 = S3Config(endpoint_url=s3_server.endpoint, region="us-east-1")
@@ -300,7 +300,7 @@ def test_pool_actors_killed_mid_run_lose_nothing(ray_session, shards, local_run,
 def test_the_clustering_sample_is_bounded_while_it_streams_and_is_the_first_by_hash(local_run):
     """`clustering.max_sample` bounds what the driver holds: the bounded sample is exactly the first rows of
     the unbounded one (smallest seeded hashes, ties by key)."""
-    from mode_ray.layout import RunPaths
+    from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.prep import load_cluster_sample
 
     cfg, _ = local_run

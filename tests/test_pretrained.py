@@ -11,7 +11,7 @@ import torch
 
 from mode_ray.models.clip import build_clip, model_config
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
-from mode_ray.ownership import claim_run_root
+from mode_ray.run_root.ownership import claim_run_root
 from tests.conftest import demo_config
 
 PREP = ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects")  # a trained run's prep, linked

@@ -300,9 +300,9 @@ def test_captions_drawn_per_read_as_the_reference(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mode_ray import demo_data
     from mode_ray.data.train_data import Source, _inputs, _read_groups, decode_to_cache
-    from mode_ray.samples import Limits, validate_row
+    from mode_ray.demo import demo_data
+    from mode_ray.samples.validate import Limits, validate_row
     from mode_ray.train.transforms import input_spec, tokenize
 
     img, _ = demo_data.DRAW["shapes"](np.random.default_rng(0), "train")
@@ -359,11 +359,11 @@ def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path)
     import numpy as np
     import pyarrow.dataset as pads
 
-    from mode_ray import demo_data
     from mode_ray.config import RoutingConfig
+    from mode_ray.demo import demo_data
     from mode_ray.eval.router import TaskRouter
-    from mode_ray.layout import RunPaths, read_centroids
     from mode_ray.routing import reference_weights
+    from mode_ray.run_root.layout import RunPaths, read_centroids
     from mode_ray.stages.moe import run_moe
     from mode_ray.stages.prep import run_prep
     from mode_ray.stages.train import run_train

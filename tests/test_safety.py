@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from mode_ray import demo_data
 from mode_ray.config import load_config
-from mode_ray.ownership import STAMP, NotOursError, claim, claim_run_root, fresh_dir, remove_owned_tree
+from mode_ray.demo import demo_data
 from mode_ray.pipeline import run_all
-from mode_ray.resources import Need, shortfalls
+from mode_ray.ray_env.resources import Need, shortfalls
+from mode_ray.run_root.ownership import STAMP, NotOursError, claim, claim_run_root, fresh_dir, remove_owned_tree
 from tests.conftest import REPO, pids_naming
 
 DEMO = REPO / "configs/demo.yaml"
@@ -160,9 +160,9 @@ def test_bench_quality_refuses_a_users_data_untouched(tmp_path):
     assert _tree_digest(user) == before
 
 
-# Deleting goes through mode_ray.ownership alone (and the completion-marker reset in storage.clear_marker).
+# Deleting goes through mode_ray.run_root.ownership alone (and the completion-marker reset in storage.clear_marker).
 DELETES = {"rm", "rmtree", "remove", "unlink", "rmdir", "removedirs", "rm_file", "delete"}
-MAY_DELETE = {"mode_ray/ownership.py": {"rm"}, "mode_ray/storage.py": {"rm"}}
+MAY_DELETE = {"mode_ray/run_root/ownership.py": {"rm"}, "mode_ray/run_root/storage.py": {"rm"}}
 
 
 def test_nothing_outside_ownership_deletes_files():
@@ -201,7 +201,7 @@ def test_a_gpu_setting_on_a_machine_without_one_fails_fast_and_leaves_no_process
 
 
 def test_training_on_a_gpu_the_embedded_ray_lacks_fails_before_anything_is_written(trained_run):
-    from mode_ray.runtime import ResourceError
+    from mode_ray.ray_env.runtime import ResourceError
     from mode_ray.stages.train import run_train
 
     cfg, _, _ = trained_run
@@ -225,7 +225,7 @@ def test_shortfalls_name_what_can_never_be_placed():
 
 
 def test_on_a_cluster_a_stage_waits_for_the_autoscaler_bounded_and_says_so(ray_session, monkeypatch, capsys):
-    from mode_ray import runtime
+    from mode_ray.ray_env import runtime
 
     cfg = load_config(DEMO, ["ray.resource_wait_s=1.5"])
     monkeypatch.setattr(runtime, "cluster_address", lambda _cfg: "auto")  # as if joined to a cluster

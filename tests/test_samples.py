@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mode_ray.rejects import Reason
-from mode_ray.samples import RAW_SCHEMA, Limits, validate_batch
-from mode_ray.shards import iter_tar_rows, list_shards
+from mode_ray.samples.rejects import Reason
+from mode_ray.samples.shards import iter_tar_rows, list_shards
+from mode_ray.samples.validate import RAW_SCHEMA, Limits, validate_batch
 
 
 def _jpeg(size=(8, 8)) -> bytes:

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mode_ray import demo_data
-from mode_ray.shards import iter_tar_rows
+from mode_ray.demo import demo_data
+from mode_ray.samples.shards import iter_tar_rows
 from tests.conftest import served_config
 
 MAX_REQUEST_BYTES = 300_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from mode_ray.config import S3Config
-from mode_ray.storage import exists, ray_storage, read_bytes
+from mode_ray.run_root.storage import exists, ray_storage, read_bytes
 
 
 def test_ray_storage_on_s3_is_the_bucket_path_in_its_own_file_system(s3_endpoint):
@@ -32,7 +32,7 @@ def test_training_curves_on_an_s3_run_root_land_in_the_bucket_and_read_in_tensor
     own S3 client ignored `data.s3.endpoint_url`). TensorBoard's reader is the oracle."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mode_ray.storage import get_fs
+    from mode_ray.run_root.storage import get_fs
     from mode_ray.train.tracking import Tracker
 
     s3 = S3Config(endpoint_url=s3_endpoint, region="us-east-1")

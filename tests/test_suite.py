@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mode_ray import demo_data
 from mode_ray.config import EvalTaskConfig
+from mode_ray.demo import demo_data
 from mode_ray.eval.suite import as_webdataset_task, read_dataset
-from mode_ray.ownership import claim_run_root
+from mode_ray.run_root.ownership import claim_run_root
 from tests.conftest import demo_config
 
 CLASSES = ["circle", "square", "triangle", "star"]
@@ -139,7 +139,7 @@ def _clip_benchmark(runs: list[tuple[Path, Path, Path, str]]) -> list[dict]:
 def test_mode_ray_and_clip_benchmark_agree_on_the_same_export(trained_run, tmp_path):
     """One `eval.benchmark` over a classification, a retrieval and a multi-label dataset (and one that is not
     there); CLIP_benchmark's CLI on the same exports and folders gives the same numbers."""
-    from mode_ray.layout import RunPaths
+    from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.evaluate import run_eval
 
     cfg, _, _ = trained_run
@@ -195,7 +195,7 @@ def test_mode_ray_and_clip_benchmark_agree_on_the_same_export(trained_run, tmp_p
 
 def test_a_dataset_on_s3_reads_like_a_local_one(s3_endpoint, tmp_path):
     from mode_ray.config import S3Config
-    from mode_ray.storage import get_fs
+    from mode_ray.run_root.storage import get_fs
 
     local = suite_dataset(tmp_path / "wds_shapes", n=12)
     s3 = S3Config(endpoint_url=s3_endpoint, region="us-east-1")

@@ -20,9 +20,9 @@ from mode_ray.data.train_data import (
     read_job_rows,
     row_groups,
 )
+from mode_ray.run_root.storage import read_json
 from mode_ray.runner.trial import failure_marker_path
 from mode_ray.stages.train import experts_dir, run_train, with_ancestors
-from mode_ray.storage import read_json
 from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
 from tests.conftest import TRAIN_BATCH as BATCH
@@ -200,8 +200,8 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
 def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undisturbed(trained, tmp_path):
     """The seed trained again from scratch in another run root, and the generalist — whose worker failed after
     its first checkpoint in the shared run — trained again undisturbed: every tensor equal, bit for bit."""
-    from mode_ray.ownership import claim_run_root
-    from mode_ray.progress import StageLog
+    from mode_ray.console.progress import StageLog
+    from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.runner.dag import run_jobs
     from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
 

@@ -18,7 +18,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from mode_ray.config import S3Config
-from mode_ray.storage import get_fs, is_local
+from mode_ray.run_root.storage import get_fs, is_local
 
 
 def keep_order() -> None:

@@ -40,10 +40,10 @@ from mode_ray.data.train_data import (
     parquet_files,
     read_rows,
 )
-from mode_ray.hash_sample import hash_positions
-from mode_ray.layout import RunPaths
-from mode_ray.ownership import claim, fresh_dir
-from mode_ray.storage import get_fs, join, read_bytes, write_bytes, write_json
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.ownership import claim, fresh_dir
+from mode_ray.run_root.storage import get_fs, join, read_bytes, write_bytes, write_json
+from mode_ray.samples.hash_sample import hash_positions
 from mode_ray.train.inputs import input_spec
 
 SAMPLE_MARGIN = 1.1  # the hash sample aims this much above the bound, which the driver then trims to

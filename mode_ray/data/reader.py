@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from mode_ray.samples import RAW_SCHEMA
-from mode_ray.shards import iter_tar_rows
+from mode_ray.samples.shards import iter_tar_rows
+from mode_ray.samples.validate import RAW_SCHEMA
 
 ROWS_PER_BLOCK = 256
 

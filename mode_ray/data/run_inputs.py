@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from mode_ray.config import Config
+from mode_ray.console.progress import stage_log
 from mode_ray.data.train_data import build_generation_caches, build_input_cache, input_cache_dir
-from mode_ray.layout import RunPaths
-from mode_ray.ownership import claim_run_root
-from mode_ray.progress import stage_log
-from mode_ray.storage import exists, read_json
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.ownership import claim_run_root
+from mode_ray.run_root.storage import exists, read_json
 
 
 def read_prep(cfg: Config) -> dict[str, Any]:

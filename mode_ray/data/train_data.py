@@ -35,10 +35,9 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, S3Config
-from mode_ray.layout import ROW_GROUP_ROWS, RunPaths
-from mode_ray.ownership import fresh_dir
-from mode_ray.samples import seeded_key_hash
-from mode_ray.storage import (
+from mode_ray.run_root.layout import ROW_GROUP_ROWS, RunPaths
+from mode_ray.run_root.ownership import fresh_dir
+from mode_ray.run_root.storage import (
     exists,
     get_fs,
     join,
@@ -47,6 +46,7 @@ from mode_ray.storage import (
     settings_hash,
     stage_done,
 )
+from mode_ray.samples.validate import seeded_key_hash
 
 if TYPE_CHECKING:  # read tasks import this module: no torch or open_clip at import time
     from mode_ray.train.inputs import InputSpec

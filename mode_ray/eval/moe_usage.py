@@ -19,16 +19,16 @@ import pyarrow as pa
 
 from mode_ray.config import S3Config
 from mode_ray.eval.plots import png_bytes, share_heatmap
-from mode_ray.layout import RunPaths
-from mode_ray.storage import exists, join, read_json
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.storage import exists, join, read_json
 
 Counts = dict[str, dict[str, list[float]]]  # {tower: {block index: [routed slots per expert]}}
 
 
 def trained_moe(paths: RunPaths, s3: S3Config | None = None) -> dict[str, Any] | None:
     """The MoE stage's summary when the run has a finished CLIP-MoE (its summary and its model folder)."""
-    from mode_ray.layout import MOE
     from mode_ray.models.moe import MOE_CONFIG_FILE
+    from mode_ray.run_root.layout import MOE
 
     if exists(paths.moe_summary, s3) and exists(join(paths.export(MOE), MOE_CONFIG_FILE), s3):
         return read_json(paths.moe_summary, s3)

@@ -18,9 +18,9 @@ from mode_ray.eval import moe_usage
 from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
 from mode_ray.eval.plots import png_bytes, share_heatmap
 from mode_ray.eval.scoring import ALL_UNIT, EXPERT_MAX, METHODS, RETRIEVAL_TASK, Scores, ensemble_name
-from mode_ray.layout import MOE
-from mode_ray.names import GENERALIST, MATCHED, expert_name
-from mode_ray.storage import join, write_bytes, write_json
+from mode_ray.run_root.layout import MOE
+from mode_ray.run_root.names import GENERALIST, MATCHED, expert_name
+from mode_ray.run_root.storage import join, write_bytes, write_json
 
 CSV_COLUMNS = [
     "model",

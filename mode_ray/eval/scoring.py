@@ -20,9 +20,9 @@ from mode_ray.eval.metrics import ACCURACY, MEAN_AVERAGE_PRECISION, MEAN_PER_CLA
 from mode_ray.eval.retrieval import Corpus, ensemble_retrieval, recall_at_k
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits, mean_average_precision
-from mode_ray.layout import MOE
-from mode_ray.names import expert_id, expert_name
 from mode_ray.routing import Routing, distance_from_uniform
+from mode_ray.run_root.layout import MOE
+from mode_ray.run_root.names import expert_id, expert_name
 
 METHODS = ("reference", "calibrated")
 ALL_UNIT = "all_unit"

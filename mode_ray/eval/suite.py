@@ -21,7 +21,7 @@ from typing import Any
 from mode_ray.config import BenchmarkConfig, EvalTaskConfig, S3Config
 from mode_ray.eval.benchmarks import COMPUTED, suite_average, suite_entries
 from mode_ray.eval.metrics import ACCURACY, MEAN_AVERAGE_PRECISION, MEAN_RECALL_AT_1
-from mode_ray.storage import exists, join, read_bytes
+from mode_ray.run_root.storage import exists, join, read_bytes
 
 CLASSIFICATION, RETRIEVAL, MULTILABEL = "classification", "retrieval", "multilabel"
 KINDS = (CLASSIFICATION, RETRIEVAL, MULTILABEL)

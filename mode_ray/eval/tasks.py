@@ -24,7 +24,7 @@ def configured_tasks(cfg: Config, suite: Suite | None = None) -> list[EvalTaskCo
     if cfg.eval.demo_tasks:
         if not cfg.eval.shards:
             raise ValueError("eval.demo_tasks needs eval.shards (the demo's eval split)")
-        from mode_ray.demo_data import eval_tasks
+        from mode_ray.demo.demo_data import eval_tasks
 
         tasks += eval_tasks(cfg.eval.shards, cfg.data.demo.difficulty if cfg.data.demo else "standard")
     names = [t.name for t in tasks]

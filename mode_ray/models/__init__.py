@@ -16,7 +16,7 @@ def load_model(url: str, s3: S3Config | None = None, device: str = "cpu") -> tup
     any other an open_clip export (`load_exported`)."""
     from mode_ray.models.clip import load_exported
     from mode_ray.models.moe import MOE_CONFIG_FILE, load_moe
-    from mode_ray.storage import exists, join
+    from mode_ray.run_root.storage import exists, join
 
     if exists(join(url, MOE_CONFIG_FILE), s3):
         model, _, eval_tf, tokenizer = load_moe(url, s3, device)

@@ -103,9 +103,9 @@ def moe_card(facts: dict[str, Any], report: dict[str, float] | None = None) -> s
 def write_card(cfg: Any, name: str, report: dict[str, float] | None = None) -> None:
     """Write (or refresh, once evaluated) the card of one model of a run into its export folder, from what the
     run recorded: the model's metrics.json (a dense model) or moe/summary.json (the CLIP-MoE)."""
-    from mode_ray.layout import MOE, RunPaths
     from mode_ray.models.clip import CARD_FILE
-    from mode_ray.storage import exists, join, read_json, write_bytes
+    from mode_ray.run_root.layout import MOE, RunPaths
+    from mode_ray.run_root.storage import exists, join, read_json, write_bytes
 
     paths, s3 = RunPaths(cfg.run_root), cfg.data.s3
     if name == MOE:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.storage import get_fs, is_local, join, read_bytes, write_bytes
+from mode_ray.run_root.storage import get_fs, is_local, join, read_bytes, write_bytes
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HF_CONFIG_FILE = "open_clip_config.json"  # open_clip's HF_CONFIG_NAME

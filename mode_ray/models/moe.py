@@ -266,7 +266,7 @@ def build_moe_skeleton(spec: MoESpec) -> nn.Module:
 
 def save_moe(model: nn.Module, spec: MoESpec, out_dir: str, s3: Any = None) -> str:
     """`moe_config.json` (the spec, base config included) + `moe_model.pt` (a plain state dict) under out_dir."""
-    from mode_ray.storage import join, write_bytes
+    from mode_ray.run_root.storage import join, write_bytes
 
     write_bytes(join(out_dir, MOE_CONFIG_FILE), spec_json(spec).encode(), s3)
     write_bytes(join(out_dir, MOE_WEIGHTS_FILE), moe_state_bytes(model), s3)
@@ -277,7 +277,7 @@ def load_moe(model_dir: str, s3: Any = None, device: str = "cpu") -> tuple[nn.Mo
     """(model in eval mode, spec, eval transform, tokenizer) from a folder `save_moe` wrote, local or remote."""
     import open_clip
 
-    from mode_ray.storage import join, read_bytes
+    from mode_ray.run_root.storage import join, read_bytes
 
     spec = MoESpec(**json.loads(read_bytes(join(model_dir, MOE_CONFIG_FILE), s3)))
     model = build_moe_skeleton(spec)

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from mode_ray.config import S3Config
-from mode_ray.storage import exists, join, settings_hash
+from mode_ray.run_root.storage import exists, join, settings_hash
 
 LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 ARCH_FIELDS = {  # what decides the shapes of the weights: an init must match training.model on these

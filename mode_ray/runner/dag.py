@@ -19,13 +19,13 @@ from typing import Any
 from rich.markup import escape
 
 from mode_ray.config import Config
-from mode_ray.ownership import claim, remove_owned_tree
-from mode_ray.progress import StageLog, error_reason
-from mode_ray.progress_bars import progress_bars
-from mode_ray.resources import training_needs
+from mode_ray.console.progress import StageLog, error_reason
+from mode_ray.console.progress_bars import progress_bars
+from mode_ray.ray_env.resources import training_needs
+from mode_ray.ray_env.runtime import cluster_address, release_orphaned_placement_groups, require_resources
+from mode_ray.run_root.ownership import claim, remove_owned_tree
+from mode_ray.run_root.storage import join, marker_info, stage_done
 from mode_ray.runner.trial import TrialSpec, fit_job, train_run_name
-from mode_ray.runtime import cluster_address, release_orphaned_placement_groups, require_resources
-from mode_ray.storage import join, marker_info, stage_done
 from mode_ray.train.inputs import InputSpec, input_spec
 from mode_ray.train.job import TrainJob, critical_path, job_hashes
 

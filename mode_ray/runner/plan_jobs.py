@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from mode_ray.config import Config, OptimConfig
 from mode_ray.data.mcl_plan import stage_name
-from mode_ray.layout import MOE, STATE_FILE, RunPaths
-from mode_ray.names import SEED
-from mode_ray.storage import join
+from mode_ray.run_root.layout import MOE, STATE_FILE, RunPaths
+from mode_ray.run_root.names import SEED
+from mode_ray.run_root.storage import join
 from mode_ray.train.job import (
     Balance,
     Data,

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mode_ray.config import Config, TrainingConfig
-from mode_ray.layout import TRAIN_RECORD
 from mode_ray.models.card import write_card
-from mode_ray.runtime import release_orphaned_placement_groups
-from mode_ray.storage import join, mark_done, ray_storage, read_json, settings_hash, write_json
+from mode_ray.ray_env.runtime import release_orphaned_placement_groups
+from mode_ray.run_root.layout import TRAIN_RECORD
+from mode_ray.run_root.storage import join, mark_done, ray_storage, read_json, settings_hash, write_json
 from mode_ray.train.inputs import InputSpec
 from mode_ray.train.job import LoopRun, TrainJob
 

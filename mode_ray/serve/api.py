@@ -19,8 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
-from mode_ray.layout import MOE
-from mode_ray.names import expert_name
+from mode_ray.run_root.layout import MOE
+from mode_ray.run_root.names import expert_name
 from mode_ray.serve.middleware import ERRORS, api
 from mode_ray.serve.schemas import (
     BatchZeroShotRequest,

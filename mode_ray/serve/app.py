@@ -31,9 +31,10 @@ from ray.serve.handle import DeploymentHandle
 
 from mode_ray.config import Config, load_config
 from mode_ray.eval.router import TaskRouter
-from mode_ray.layout import MOE, RunPaths
-from mode_ray.names import expert_id, expert_ids
-from mode_ray.registry import in_service, read_registry
+from mode_ray.run_root.layout import MOE, RunPaths
+from mode_ray.run_root.names import expert_id, expert_ids
+from mode_ray.run_root.registry import in_service, read_registry
+from mode_ray.run_root.storage import exists, join, read_json
 from mode_ray.serve.api import ApiRoutes
 from mode_ray.serve.contract import stated_limits
 from mode_ray.serve.experts import ExpertDeployment
@@ -42,7 +43,6 @@ from mode_ray.serve.page_routes import PageRoutes
 from mode_ray.serve.pages import page_files
 from mode_ray.serve.schemas import ExpertInfo, ExpertsResponse
 from mode_ray.serve.validation import RequestLimits
-from mode_ray.storage import exists, join, read_json
 
 INGRESS_DRAIN_SLACK_S = 10.0  # beyond request_timeout_s: decoding, routing and answering around the expert call
 

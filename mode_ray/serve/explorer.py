@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from mode_ray.config import Config
-from mode_ray.layout import RunPaths
-from mode_ray.names import expert_name
-from mode_ray.storage import arrow_filesystem, exists, get_fs, join, read_bytes, read_json
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.names import expert_name
+from mode_ray.run_root.storage import arrow_filesystem, exists, get_fs, join, read_bytes, read_json
 
 EXAMPLES_PER_EXPERT = 8
 THUMB_PX = 64
@@ -140,7 +140,7 @@ def explorer_data(cfg: Config, n_experts: int, fine_to_coarse: np.ndarray, prese
 
 
 def _eval_rows(location: str | list[str], cfg: Config) -> Iterator[dict[str, Any]]:
-    from mode_ray.shards import iter_tar_rows, list_shards
+    from mode_ray.samples.shards import iter_tar_rows, list_shards
 
     shards, _ = list_shards(location, cfg.data.s3)
     for url in shards[:1]:

@@ -17,14 +17,14 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from mode_ray.eval.scoring import restrict
-from mode_ray.layout import RunPaths
-from mode_ray.names import expert_name
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.names import expert_name
+from mode_ray.run_root.storage import exists, join, read_bytes
 from mode_ray.serve.explorer import REPORT_FILES, explorer_data, try_images
 from mode_ray.serve.middleware import ERRORS, api
 from mode_ray.serve.pages import PAGE_HEADERS
 from mode_ray.serve.schemas import LabelRoute, RouteRequest, RouteResponse, TryImage, ZeroShotParameters
 from mode_ray.serve.validation import RequestError, check_parameters
-from mode_ray.storage import exists, join, read_bytes
 
 
 class PageRoutes:

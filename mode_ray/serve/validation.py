@@ -7,8 +7,8 @@ import binascii
 from dataclasses import dataclass
 
 from mode_ray.config import ServeConfig
-from mode_ray.rejects import Reason
-from mode_ray.samples import Limits, Rejected, check_image
+from mode_ray.samples.rejects import Reason
+from mode_ray.samples.validate import Limits, Rejected, check_image
 from mode_ray.serve.schemas import ZeroShotParameters
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mode_ray import demo_data
 from mode_ray.config import Config
-from mode_ray.layout import STAGE_FOLDERS
-from mode_ray.ownership import claim_run_root, entries, listing
-from mode_ray.progress import stage_log
-from mode_ray.storage import mark_done, stage_done
+from mode_ray.console.progress import stage_log
+from mode_ray.demo import demo_data
+from mode_ray.run_root.layout import STAGE_FOLDERS
+from mode_ray.run_root.ownership import claim_run_root, entries, listing
+from mode_ray.run_root.storage import mark_done, stage_done
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from mode_ray.config import Config, EvalTaskConfig, S3Config
+from mode_ray.console.progress import StageLog, console, stage_log
+from mode_ray.console.progress_bars import progress_bars
+from mode_ray.console.progress_bars import report as report_progress
 from mode_ray.eval import moe_usage
 from mode_ray.eval.assemble import (
     EvalPlan,
@@ -35,18 +38,11 @@ from mode_ray.eval.assemble import (
 from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import RETRIEVAL_TASK
 from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, RETRIEVAL, Suite, resolve_benchmark
-from mode_ray.layout import MOE, RunPaths
-from mode_ray.names import GENERALIST, MATCHED, SEED, expert_ids
-from mode_ray.ownership import claim_run_root
-from mode_ray.progress import StageLog, console, stage_log
-from mode_ray.progress_bars import progress_bars
-from mode_ray.progress_bars import report as report_progress
-from mode_ray.registry import in_service
-from mode_ray.rejects import Reason
-from mode_ray.samples import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
-from mode_ray.shards import list_shards
-from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
-from mode_ray.storage import (
+from mode_ray.run_root.layout import MOE, RunPaths
+from mode_ray.run_root.names import GENERALIST, MATCHED, SEED, expert_ids
+from mode_ray.run_root.ownership import claim_run_root
+from mode_ray.run_root.registry import in_service
+from mode_ray.run_root.storage import (
     arrow_filesystem,
     exists,
     get_fs,
@@ -57,6 +53,10 @@ from mode_ray.storage import (
     settings_hash,
     stage_done,
 )
+from mode_ray.samples.rejects import Reason
+from mode_ray.samples.shards import list_shards
+from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
+from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
 
 ROW_SCHEMA = pa.schema(
     [
@@ -332,8 +332,8 @@ def plan_eval(cfg: Config) -> EvalPlan:
 def featurize_all(cfg: Config, plan: EvalPlan, log: StageLog) -> Features:
     """On Ray: every image source through every model (each source once, however many tasks read it), then
     the class prompts and captions of the tasks read from them."""
-    from mode_ray.resources import eval_needs
-    from mode_ray.runtime import ray_runtime, require_resources
+    from mode_ray.ray_env.resources import eval_needs
+    from mode_ray.ray_env.runtime import ray_runtime, require_resources
 
     exports = {m: RunPaths(cfg.run_root).export(m) for m in plan.models}
     with ray_runtime(cfg):

@@ -31,27 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mode_ray import kmeans
-from mode_ray.compute import model_compute
 from mode_ray.config import Config
+from mode_ray.console.progress import console, stage_log
 from mode_ray.data.train_data import build_generation_caches, generation_roots
-from mode_ray.hash_sample import HashSample
-from mode_ray.layout import RunPaths, centroid_geometry, read_centroids
-from mode_ray.names import SEED, expert_id, expert_name
-from mode_ray.ownership import claim, claim_run_root, remove_owned_tree
-from mode_ray.progress import console, stage_log
-from mode_ray.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
-from mode_ray.runner.dag import job_done, run_jobs
-from mode_ray.runner.plan_jobs import inputs_of, model_job
-from mode_ray.stages.prep import (
-    _only_valid,
-    assign_stage,
-    embed_stage,
-    embeddings_to_numpy,
-    print_summary,
-    summarise,
-)
-from mode_ray.stages.train import experts_dir
-from mode_ray.storage import (
+from mode_ray.run_root.compute import model_compute
+from mode_ray.run_root.layout import RunPaths, centroid_geometry, read_centroids
+from mode_ray.run_root.names import SEED, expert_id, expert_name
+from mode_ray.run_root.ownership import claim, claim_run_root, remove_owned_tree
+from mode_ray.run_root.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
+from mode_ray.run_root.storage import (
     MARKER,
     arrow_filesystem,
     clear_marker,
@@ -67,6 +55,18 @@ from mode_ray.storage import (
     write_bytes,
     write_json,
 )
+from mode_ray.runner.dag import job_done, run_jobs
+from mode_ray.runner.plan_jobs import inputs_of, model_job
+from mode_ray.samples.hash_sample import HashSample
+from mode_ray.stages.prep import (
+    _only_valid,
+    assign_stage,
+    embed_stage,
+    embeddings_to_numpy,
+    print_summary,
+    summarise,
+)
+from mode_ray.stages.train import experts_dir
 from mode_ray.train.job import TrainJob, job_hashes
 from mode_ray.train.schedule import Plan, Schedule
 
@@ -307,7 +307,7 @@ def update_summary(cfg: Config, experts: list[str]) -> dict[str, Any]:
 def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
     """The whole `add-data` for `continual.shards` as generation `continual.name`; every part skips itself
     when complete, so a rerun trains nothing."""
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
     claim_run_root(cfg.run_root, cfg.data.s3)

@@ -20,16 +20,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from mode_ray.compute import moe_compute
 from mode_ray.config import Config
+from mode_ray.console.progress import console, stage_log
 from mode_ray.data.mcl_plan import stage_name
-from mode_ray.layout import MOE, RunPaths
 from mode_ray.models.card import write_card
 from mode_ray.models.clip import export_info
 from mode_ray.models.pretrained import is_identifier, resolve_pretrained
-from mode_ray.progress import console, stage_log
+from mode_ray.run_root.compute import moe_compute
+from mode_ray.run_root.layout import MOE, RunPaths
+from mode_ray.run_root.storage import exists, join, marker_info, read_bytes, read_json, write_json
 from mode_ray.runner.plan_jobs import ROUTER, MoEBase, inputs_of, moe_jobs, samples_per_epoch
-from mode_ray.storage import exists, join, marker_info, read_bytes, read_json, write_json
 from mode_ray.train.inputs import input_spec
 from mode_ray.train.job import Inputs, TrainJob
 
@@ -81,8 +81,8 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     """`mode-ray moe`: MCL stages 1..N-1, then router fine-tuning of the upcycled MoE, from a base that is
     complete already; skips whatever is complete."""
     from mode_ray.data.run_inputs import decoded_inputs, read_prep
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.runner.dag import run_jobs
-    from mode_ray.runtime import ray_runtime
 
     prep = read_prep(cfg)
     manifest_run = prep.get("manifest_run_id", "")

@@ -23,18 +23,15 @@ import pyarrow.compute as pc
 
 from mode_ray import kmeans
 from mode_ray.config import Config, without_added_neutral
+from mode_ray.console.progress import console, stage_log
+from mode_ray.console.progress_bars import progress_bars
+from mode_ray.console.progress_bars import report as report_progress
 from mode_ray.encoders import build_encoder, encoder_id_for
-from mode_ray.hash_sample import HashSample
-from mode_ray.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
-from mode_ray.ownership import claim_run_root, fresh_dir
-from mode_ray.progress import console, stage_log
-from mode_ray.progress_bars import progress_bars
-from mode_ray.progress_bars import report as report_progress
-from mode_ray.resources import assignment_needs, clustering_needs, embedding_needs
-from mode_ray.runtime import require_resources, wait_for_released_cpus
-from mode_ray.samples import Limits, validate_batch
-from mode_ray.shards import list_shards
-from mode_ray.storage import (
+from mode_ray.ray_env.resources import assignment_needs, clustering_needs, embedding_needs
+from mode_ray.ray_env.runtime import require_resources, wait_for_released_cpus
+from mode_ray.run_root.layout import ROW_GROUP_ROWS, RunPaths, centroid_geometry, read_centroids
+from mode_ray.run_root.ownership import claim_run_root, fresh_dir
+from mode_ray.run_root.storage import (
     arrow_filesystem,
     exists,
     join,
@@ -46,6 +43,9 @@ from mode_ray.storage import (
     write_bytes,
     write_json,
 )
+from mode_ray.samples.hash_sample import HashSample
+from mode_ray.samples.shards import list_shards
+from mode_ray.samples.validate import Limits, validate_batch
 
 REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
 
@@ -217,7 +217,7 @@ def _write_table(url: str, table: pa.Table, cfg: Config) -> None:
 
 def load_cluster_sample(cfg: Config, paths: RunPaths) -> np.ndarray:
     """The k-means sample: the valid samples whose seeded key hash falls under `sample_fraction`, at most
-    `max_sample` of them (mode_ray.hash_sample: bounded while it streams in)."""
+    `max_sample` of them (mode_ray.samples.hash_sample: bounded while it streams in)."""
     import ray
 
     ccfg = cfg.clustering
@@ -402,7 +402,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run_prep(cfg: Config, force: bool = False) -> dict[str, Any]:
     """MoDE steps 0–3 end to end; complete stages are skipped."""
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
 
     paths = RunPaths(cfg.run_root)
     claim_run_root(cfg.run_root, cfg.data.s3)

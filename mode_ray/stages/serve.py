@@ -14,12 +14,12 @@ from typing import Any
 from rich.markup import escape
 
 from mode_ray.config import Config
+from mode_ray.console.progress import console, stage_log, verbose
 from mode_ray.eval.tasks import configured_tasks, is_classification, templates_of, webdataset_label
-from mode_ray.progress import console, stage_log, verbose
-from mode_ray.resources import serve_needs
-from mode_ray.runtime import require_resources, started_here
-from mode_ray.shards import iter_tar_rows, list_shards
-from mode_ray.storage import get_fs
+from mode_ray.ray_env.resources import serve_needs
+from mode_ray.ray_env.runtime import require_resources, started_here
+from mode_ray.run_root.storage import get_fs
+from mode_ray.samples.shards import iter_tar_rows, list_shards
 
 CHECK_IMAGES_PER_TASK = 4
 
@@ -123,7 +123,7 @@ def self_check(cfg: Config, url: str) -> dict[str, Any]:
 def serve_until_interrupted(cfg: Config, log: Any, poll_s: float = 5.0) -> None:
     """Serve; when experts/registry.json changes (`mode-ray add-data`, `mode-ray experts remove`), redeploy
     the app in place: Serve brings the new version's replicas up and only then retires the old ones."""
-    from mode_ray.registry import read_registry
+    from mode_ray.run_root.registry import read_registry
 
     seen = read_registry(cfg)["version"]
     while True:
@@ -146,7 +146,7 @@ def run_serve(
     cluster (detach: a job's driver exits, Serve stays), or shut Serve down."""
     from ray import serve
 
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
 
     keep = cfg.serve.keep_running if keep_running is None else keep_running
     with ray_runtime(cfg), stage_log("serve") as log:

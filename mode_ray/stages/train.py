@@ -18,17 +18,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from mode_ray.compute import model_compute
 from mode_ray.config import Config
+from mode_ray.console.progress import console, stage_log, verbose
 from mode_ray.data.run_inputs import decoded_inputs, read_prep
-from mode_ray.layout import RunPaths
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
-from mode_ray.progress import console, stage_log, verbose
-from mode_ray.resources import training_needs
+from mode_ray.ray_env.resources import training_needs
+from mode_ray.ray_env.runtime import require_resources
+from mode_ray.run_root.compute import model_compute
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.storage import join, read_json, write_json
 from mode_ray.runner.dag import pending_jobs, run_jobs
 from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
-from mode_ray.runtime import require_resources
-from mode_ray.storage import join, read_json, write_json
 from mode_ray.train.job import TrainJob
 from mode_ray.train.schedule import Plan
 
@@ -52,7 +52,7 @@ def run_train(
     """Seed, every data expert and both generalists (and, `with_moe`, the CLIP-MoE's jobs) as one DAG of
     Ray Train trials; skips finished models. `models`: only these and the models they continue (a dense
     baseline alone: seed and generalist)."""
-    from mode_ray.runtime import ray_runtime
+    from mode_ray.ray_env.runtime import ray_runtime
     from mode_ray.stages import moe
 
     prep = read_prep(cfg)
@@ -110,7 +110,7 @@ def with_ancestors(jobs: list[TrainJob], names: list[str]) -> list[TrainJob]:
 
 
 def training_summary(cfg: Config, plan: Plan, jobs: list[TrainJob]) -> dict[str, Any]:
-    from mode_ray.registry import read_registry
+    from mode_ray.run_root.registry import read_registry
 
     models = {j.name: read_json(join(experts_dir(cfg, j.name), "metrics.json"), cfg.data.s3) for j in jobs}
     for name, entry in read_registry(cfg)["experts"].items():  # experts `mode-ray add-data` trained stay listed

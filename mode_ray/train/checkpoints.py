@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.layout import STATE_FILE
-from mode_ray.storage import get_fs
+from mode_ray.run_root.layout import STATE_FILE
+from mode_ray.run_root.storage import get_fs
 
 
 def save_state(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, state: dict) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from mode_ray.storage import settings_hash
+from mode_ray.run_root.storage import settings_hash
 from mode_ray.train.schedule import Schedule
 
 

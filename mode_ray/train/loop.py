@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.layout import STATE_FILE
+from mode_ray.run_root.layout import STATE_FILE
 from mode_ray.train import rng
 from mode_ray.train.batches import Batches, job_batches
 from mode_ray.train.build import build_job_model

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from mode_ray.config import S3Config
-from mode_ray.layout import STATE_FILE, TRAIN_RECORD
-from mode_ray.storage import join, write_bytes, write_json
+from mode_ray.run_root.layout import STATE_FILE, TRAIN_RECORD
+from mode_ray.run_root.storage import join, write_bytes, write_json
 from mode_ray.train.checkpoints import save_state
 from mode_ray.train.job import TrainJob
 

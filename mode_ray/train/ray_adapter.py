@@ -54,7 +54,7 @@ class RayTrainRuntime:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def progress(self, bar: str, **update: Any) -> None:
-        from mode_ray.progress_bars import report
+        from mode_ray.console.progress_bars import report
 
         report(self.board, bar, **update)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mode_ray.names import GENERALIST, MATCHED, SEED, expert_name
+from mode_ray.run_root.names import GENERALIST, MATCHED, SEED, expert_name
 
 
 @dataclass(frozen=True)

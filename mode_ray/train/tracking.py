@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from mode_ray.config import S3Config
-from mode_ray.storage import get_fs, is_local, join
+from mode_ray.run_root.storage import get_fs, is_local, join
 
 MIRROR_EVERY_S = 30.0
 

@@ -4,7 +4,7 @@ Four visual domains whose captions also differ (handwritten digits, coloured sha
 textures, printed letters) plus a few uninformative web-style captions, so caption
 clustering has real structure to find and a data expert has something to specialise on.
 `difficulty="hard"`: four other domains of many fine-grained, compositional classes in
-clutter (mode_ray.demo_hard), where a small model's capacity is stretched.
+clutter (mode_ray.demo.demo_hard), where a small model's capacity is stretched.
 Deterministic for a seed; `faults=True` adds damage at known places, recorded in
 `dataset.json`, so the data pipeline's reject accounting can be checked.
 """
@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mode_ray import demo_hard
 from mode_ray.config import EvalTaskConfig, S3Config
-from mode_ray.ownership import claim, remove_owned_tree, stamp_of
-from mode_ray.rejects import Reason
-from mode_ray.storage import MARKER, get_fs, join, read_json
+from mode_ray.demo import demo_hard
+from mode_ray.run_root.ownership import claim, remove_owned_tree, stamp_of
+from mode_ray.run_root.storage import MARKER, get_fs, join, read_json
+from mode_ray.samples.rejects import Reason
 
 GENERATOR_VERSION = 2
-STAMP_WHAT = "demo data"  # what the generator's folders say made them (mode_ray.ownership)
+STAMP_WHAT = "demo data"  # what the generator's folders say made them (mode_ray.run_root.ownership)
 IMAGE_SIZE = 64
 DOMAINS = ("digits", "shapes", "textures", "letters")
 WEB_SHARE = 0.05

@@ -8,7 +8,7 @@ run_root/ embeddings/ rejects/ clusters/centroids.npz manifest/ prep/summary.jso
           clusters/versions/centroids-vN.npz, experts/registry.json   (centroids before each growth; experts in service)
           experts/versions/E-before-NAME/   (an expert as it was before generation NAME refreshed it)
           tracking/JOB/ (TensorBoard; mlruns/ for MLflow)   pretrained/ARCH-HASH/ (ARCH:TAG weights, Hub layout)
-          _MODE_RAY in the root and in every folder a stage writes: what mode_ray may delete (mode_ray/ownership.py)
+          _MODE_RAY in the root and in every folder a stage writes: what mode_ray may delete (run_root/ownership.py)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mode_ray.config import S3Config
-from mode_ray.storage import get_fs, join
+from mode_ray.run_root.storage import get_fs, join
 
 # The manifest and the decoded-input cache are written in row groups this small, so that one training read
 # task (row groups in a shuffled order, ~1,000 rows) holds rows of several partitions and a dense model's

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mode_ray.names import SEED, expert_id
+from mode_ray.run_root.names import SEED, expert_id
 
 
 def cost(models: dict[str, dict[str, Any]], names: list[str]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mode_ray.samples import seeded_key_hash
+from mode_ray.samples.validate import seeded_key_hash
 
 
 def hash_positions(keys: list[str], seed: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mode_ray.progress import console
+from mode_ray.console.progress import console
 
 NAMESPACE = "mode_ray_progress"
 POLL_SECONDS = 0.5

@@ -57,7 +57,7 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     # once; tell the raylet (its default expects one per CPU and warns on the console at every multiple).
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(IDLE_WORKERS))
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
-    from mode_ray.progress import verbose
+    from mode_ray.console.progress import verbose
 
     # Worker output goes to Ray's log folder; streamed to the driver only when asked for (--verbose).
     kwargs: dict = {
@@ -70,7 +70,7 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
         kwargs["address"] = address
         ignored = [k for k in ("num_cpus", "object_store_memory_mb") if getattr(cfg.ray, k) is not None]
         if ignored:
-            from mode_ray.progress import console
+            from mode_ray.console.progress import console
 
             console.print(f"  joining the Ray cluster at {address}: ray.{', ray.'.join(ignored)} ignored")
     else:
@@ -120,7 +120,7 @@ def quiet_at_the_source() -> None:
     """Unless verbose: Ray Data's console logging at WARNING (its documented RAY_DATA_LOGGING_CONFIG; the full
     log still goes to Ray's session folder), Tune's silent output engine (its new one prints a header per
     experiment whatever the verbosity), no Hugging Face download/loading bars."""
-    from mode_ray.progress import verbose
+    from mode_ray.console.progress import verbose
 
     if verbose():
         return
@@ -131,7 +131,7 @@ def quiet_at_the_source() -> None:
 
 def _quiet_after_init() -> None:
     """Ray's loggers after `ray.init` (which sets them up), Ray Data's progress bars off, the log folder noted."""
-    from mode_ray.progress import console, quiet_ray_logs
+    from mode_ray.console.progress import console, quiet_ray_logs
 
     quiet_ray_logs()
     try:  # no public accessor for the session folder
@@ -158,15 +158,15 @@ def _alive_nodes() -> list[dict[str, float]]:
 
 
 def require_resources(cfg: Config, needs: list, stage: str, poll_s: float = 2.0, report_s: float = 30.0) -> None:
-    """Before a stage starts: its requests (`mode_ray.resources.Need`) fit what Ray reports. An embedded Ray
+    """Before a stage starts: its requests (`mode_ray.ray_env.resources.Need`) fit what Ray reports. An embedded Ray
     never grows, so a misfit is an error at once naming the setting; on a cluster the autoscaler is asked for
     them (`request_resources`) and the stage waits, saying so, for at most `ray.resource_wait_s`."""
     import time
 
     from rich.markup import escape
 
-    from mode_ray.progress import console
-    from mode_ray.resources import shortfalls
+    from mode_ray.console.progress import console
+    from mode_ray.ray_env.resources import shortfalls
 
     problems = shortfalls(needs, _alive_nodes())
     if not problems:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from mode_ray.rejects import Reason
+from mode_ray.samples.rejects import Reason
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 

@@ -14,8 +14,8 @@ import datetime as dt
 from typing import Any
 
 from mode_ray.config import Config
-from mode_ray.layout import RunPaths
-from mode_ray.storage import exists, join, read_json, write_json
+from mode_ray.run_root.layout import RunPaths
+from mode_ray.run_root.storage import exists, join, read_json, write_json
 
 
 def registry_url(cfg: Config) -> str:

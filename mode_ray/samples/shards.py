@@ -13,8 +13,8 @@ from typing import IO, Any
 from braceexpand import braceexpand
 
 from mode_ray.config import S3Config
-from mode_ray.samples import IMAGE_SUFFIXES
-from mode_ray.storage import get_fs
+from mode_ray.run_root.storage import get_fs
+from mode_ray.samples.validate import IMAGE_SUFFIXES
 
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: the key ends at the first dot
 

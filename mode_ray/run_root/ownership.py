@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from mode_ray.config import S3Config
-from mode_ray.storage import MARKER, exists, get_fs, join, read_bytes, read_json, write_json
+from mode_ray.run_root.storage import MARKER, exists, get_fs, join, read_bytes, read_json, write_json
 
 STAMP = "_MODE_RAY"  # '_' first: Ray Data, pyarrow datasets and webdataset readers all skip it
 RUN_ROOT = "run-root"

@@ -2,7 +2,7 @@
 
 Ray waits for a request it cannot place ("The job may hang forever unless the cluster scales up"): right on a
 cluster whose autoscaler adds nodes, a silent hang on an embedded Ray that never grows. So every stage states
-its requests here, from the config, and `mode_ray.runtime.require_resources` checks them before the stage
+its requests here, from the config, and `mode_ray.ray_env.runtime.require_resources` checks them before the stage
 starts. Ray-free: plain arithmetic over the config and the nodes' totals.
 """
 
