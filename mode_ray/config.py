@@ -422,7 +422,7 @@ class ServeConfig(Section):
 
 
 class RoutingConfig(Section):
-    """How task metadata becomes expert weights (mode_ray.routing); the report shows both methods."""
+    """How task metadata becomes expert weights (mode_ray.routing.weights); the report shows both methods."""
 
     method: Literal["reference", "calibrated"] = Field(
         default="reference", description="The default ensemble for serving; eval reports both."

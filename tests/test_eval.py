@@ -16,8 +16,8 @@ import pytest
 
 from mode_ray.demo import demo_data
 from mode_ray.eval.retrieval import ensemble_retrieval
-from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import ensemble_logits
+from mode_ray.routing.router import TaskRouter
 from mode_ray.stages.evaluate import run_eval
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]

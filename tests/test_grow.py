@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from mode_ray.demo import demo_data
-from mode_ray.eval.router import TaskRouter
+from mode_ray.routing.router import TaskRouter
 from tests.conftest import TRAINED_RUN_SETTINGS, _free_port, demo_config
 
 DISHES = ("ramen", "sushi", "pizza", "tacos", "curry", "dumplings")

@@ -8,7 +8,8 @@
      mode_ray/console/progress (the console, stage lines), mode_ray/ray_env/resources (what a stage asks of a
      cluster);
   2. algorithms: plain-Python computation, Ray-free — mode_ray/models/, mode_ray/train/ but ray_adapter,
-     mode_ray/eval/, kmeans, routing, encoders, samples/hash_sample, mode_ray/demo/ (the demo datasets);
+     mode_ray/eval/, kmeans, mode_ray/routing/ (the weights and the task router), encoders,
+     samples/hash_sample, mode_ray/demo/ (the demo datasets);
   3. Ray adapters: what puts the algorithms on Ray — ray_env/runtime (the cluster), console/progress_bars (a
      named actor the workers report to), train/ray_adapter (Ray Train's worker entry), mode_ray/data/ (Ray
      Data: reads, the decoded-input cache, rank streams, MCL plans), mode_ray/serve/ (the Serve app);

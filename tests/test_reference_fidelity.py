@@ -266,7 +266,7 @@ def test_the_reference_router_on_raw_member_means_is_the_released_formula() -> N
     import numpy as np
 
     from mode_ray.config import RoutingConfig
-    from mode_ray.eval.router import TaskRouter
+    from mode_ray.routing.router import TaskRouter
     from tests.test_routing import FINE, FINE_TO_COARSE, LABELS, _by_hand
 
     raw = FINE * np.array([[0.7], [0.8], [0.65], [0.9]])  # member means of unit points: shorter than 1
@@ -361,8 +361,8 @@ def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path)
 
     from mode_ray.config import RoutingConfig
     from mode_ray.demo import demo_data
-    from mode_ray.eval.router import TaskRouter
-    from mode_ray.routing import reference_weights
+    from mode_ray.routing.router import TaskRouter
+    from mode_ray.routing.weights import reference_weights
     from mode_ray.run_root.layout import RunPaths, read_centroids
     from mode_ray.stages.moe import run_moe
     from mode_ray.stages.prep import run_prep

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mode_ray.config import EmbeddingConfig, RoutingConfig
-from mode_ray.eval.router import EncoderMismatch, TaskRouter
 from mode_ray.eval.scoring import restrict
 from mode_ray.eval.zero_shot import ensemble_logits
-from mode_ray.routing import calibrated_weights, distance_from_uniform, keep_top_k, reference_weights, route
+from mode_ray.routing.router import EncoderMismatch, TaskRouter
+from mode_ray.routing.weights import calibrated_weights, distance_from_uniform, keep_top_k, reference_weights, route
 
 
 def _unit(x):

@@ -25,11 +25,11 @@ from mode_ray.eval import moe_usage
 from mode_ray.eval.metrics import MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
 from mode_ray.eval.report import accuracy_table, best_routing, retrieval_table, routing_hit_rates, write_report
 from mode_ray.eval.retrieval import Corpus, build_corpus
-from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import ENSEMBLE_MODELS, Scores, TaskData, merge, score_retrieval, score_task
 from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, MULTILABEL, RETRIEVAL, Suite, describe, summarize
 from mode_ray.eval.tasks import SKIP_NO_LABEL, SKIP_UNKNOWN_LABEL, folder_classes, templates_of, webdataset_label
 from mode_ray.models.card import write_card
+from mode_ray.routing.router import TaskRouter
 from mode_ray.run_root.compute import report_rows
 from mode_ray.run_root.layout import MOE, RunPaths
 from mode_ray.run_root.storage import join, write_json

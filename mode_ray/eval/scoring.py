@@ -18,9 +18,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from mode_ray.eval.metrics import ACCURACY, MEAN_AVERAGE_PRECISION, MEAN_PER_CLASS_RECALL
 from mode_ray.eval.retrieval import Corpus, ensemble_retrieval, recall_at_k
-from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.zero_shot import accuracy, cosine_logits, ensemble_logits, mean_average_precision
-from mode_ray.routing import Routing, distance_from_uniform
+from mode_ray.routing.router import TaskRouter
+from mode_ray.routing.weights import Routing, distance_from_uniform
 from mode_ray.run_root.layout import MOE
 from mode_ray.run_root.names import expert_id, expert_name
 

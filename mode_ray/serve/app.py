@@ -30,7 +30,7 @@ from ray import cloudpickle, serve
 from ray.serve.handle import DeploymentHandle
 
 from mode_ray.config import Config, load_config
-from mode_ray.eval.router import TaskRouter
+from mode_ray.routing.router import TaskRouter
 from mode_ray.run_root.layout import MOE, RunPaths
 from mode_ray.run_root.names import expert_id, expert_ids
 from mode_ray.run_root.registry import in_service, read_registry

@@ -35,9 +35,9 @@ from mode_ray.eval.assemble import (
     task_inputs,
     write_results,
 )
-from mode_ray.eval.router import TaskRouter
 from mode_ray.eval.scoring import RETRIEVAL_TASK
 from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, RETRIEVAL, Suite, resolve_benchmark
+from mode_ray.routing.router import TaskRouter
 from mode_ray.run_root.layout import MOE, RunPaths
 from mode_ray.run_root.names import GENERALIST, MATCHED, SEED, expert_ids
 from mode_ray.run_root.ownership import claim_run_root

@@ -17,7 +17,7 @@ from mode_ray.config import EmbeddingConfig, RoutingConfig, S3Config
 from mode_ray.console.progress import console
 from mode_ray.encoders import TextEncoder, build_encoder, encoder_id_for
 from mode_ray.eval.zero_shot import template_averaged
-from mode_ray.routing import Routing, route
+from mode_ray.routing.weights import Routing, route
 from mode_ray.run_root.layout import RunPaths, read_centroids
 
 CACHE_SIZE = 1024
