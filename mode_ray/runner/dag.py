@@ -19,7 +19,7 @@ from typing import Any
 from rich.markup import escape
 
 from mode_ray.config import Config
-from mode_ray.console.progress import StageLog, error_reason
+from mode_ray.console.progress import StageLog, error_reason, stage_log
 from mode_ray.console.progress_bars import progress_bars
 from mode_ray.ray_env.resources import training_needs
 from mode_ray.ray_env.runtime import cluster_address, release_orphaned_placement_groups, require_resources
@@ -153,6 +153,27 @@ def run_jobs(
         finally:  # a killed trial's worker group would hold its CPUs until the command ends
             if released := release_orphaned_placement_groups():
                 log.info(f"released {released} placement group(s) left by killed trials")
+
+
+def train_stage(
+    cfg: Config,
+    title: str,
+    jobs: list[TrainJob],
+    spe: float,
+    force: bool,
+    what: str,
+    complete: str,
+    known: dict[str, str] | None = None,
+) -> list[str]:
+    """The one way a stage trains (train, moe, add-data): its console line, the jobs of the DAG not complete
+    trained (`run_jobs`), and what it did — "N `what`" — or `complete` when nothing was left."""
+    with stage_log(title) as log:
+        trained = run_jobs(cfg, jobs, spe, force, log, known)
+        if trained:
+            log.done(f"{len(trained)} {what}")
+        else:
+            log.skip(complete)
+    return trained
 
 
 def drive(

@@ -55,7 +55,7 @@ from mode_ray.run_root.storage import (
     write_bytes,
     write_json,
 )
-from mode_ray.runner.dag import job_done, run_jobs
+from mode_ray.runner.dag import job_done, train_stage
 from mode_ray.runner.plan_jobs import inputs_of, model_job
 from mode_ray.samples.hash_sample import HashSample
 from mode_ray.stages.prep import (
@@ -284,12 +284,10 @@ def train_generation(
         if job.name in refresh and (force or not job_done(cfg, job, hashes[job.name])):
             claim(job.paths.out_dir, f"model {job.name}", cfg.data.s3)  # still ours without a marker
             clear_marker(job.paths.out_dir, cfg.data.s3)
-    with stage_log("add-data: train") as log:
-        done = run_jobs(cfg, jobs, plan.samples_per_epoch, force, log, known)
-        if done:
-            log.done(f"{len(done)} experts, from the seed")
-        else:
-            log.skip("new and refreshed experts complete")
+    complete = "new and refreshed experts complete"
+    done = train_stage(
+        cfg, "add-data: train", jobs, plan.samples_per_epoch, force, "experts, from the seed", complete, known
+    )
     return [e for e in new if e in done], [e for e in refresh if e in done]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mode_ray.config import Config
-from mode_ray.console.progress import console, stage_log
+from mode_ray.console.progress import console
 from mode_ray.data.mcl_plan import stage_name
 from mode_ray.models.card import write_card
 from mode_ray.models.clip import export_info
@@ -82,7 +82,7 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     complete already; skips whatever is complete."""
     from mode_ray.data.run_inputs import decoded_inputs, read_prep
     from mode_ray.ray_env.runtime import ray_runtime
-    from mode_ray.runner.dag import run_jobs
+    from mode_ray.runner.dag import train_stage
 
     prep = read_prep(cfg)
     manifest_run = prep.get("manifest_run_id", "")
@@ -91,12 +91,8 @@ def run_moe(cfg: Config, force: bool = False) -> dict[str, Any]:
     branch = Branch(base, moe_jobs(cfg, base, inputs_of(cfg, manifest_run), spe), known)
     with ray_runtime(cfg):
         decoded_inputs(cfg, manifest_run, force)
-        with stage_log("moe") as log:
-            trained = run_jobs(cfg, branch.jobs, spe, force, log, known=branch.known)
-            if trained:
-                log.done(f"{len(trained)} jobs: {cfg.moe.stages} experts a layer, top-{cfg.moe.top_k}")
-            else:
-                log.skip("moe/ complete")
+        what = f"jobs: {cfg.moe.stages} experts a layer, top-{cfg.moe.top_k}"
+        train_stage(cfg, "moe", branch.jobs, spe, force, what, "moe/ complete", branch.known)
     return finish(cfg, branch)
 
 

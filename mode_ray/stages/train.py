@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from mode_ray.config import Config
-from mode_ray.console.progress import console, stage_log, verbose
+from mode_ray.console.progress import console, verbose
 from mode_ray.data.run_inputs import decoded_inputs, read_prep
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
 from mode_ray.ray_env.resources import training_needs
@@ -27,7 +27,7 @@ from mode_ray.ray_env.runtime import require_resources
 from mode_ray.run_root.compute import model_compute
 from mode_ray.run_root.layout import RunPaths
 from mode_ray.run_root.storage import join, read_json, write_json
-from mode_ray.runner.dag import pending_jobs, run_jobs
+from mode_ray.runner.dag import pending_jobs, train_stage
 from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
 from mode_ray.train.job import TrainJob
 from mode_ray.train.schedule import Plan
@@ -71,12 +71,8 @@ def run_train(
         if pending_jobs(cfg, every, force, branch.known if branch else None)[1]:  # before decoding anything:
             require_resources(cfg, training_needs(cfg), "train")  # a trial this Ray can never place fails now
         decoded_inputs(cfg, manifest_run, force)
-        with stage_log("train + moe" if branch else "train") as log:
-            trained = run_jobs(cfg, every, plan.samples_per_epoch, force, log, branch.known if branch else None)
-            if trained:
-                log.done(f"{len(trained)} jobs")
-            else:
-                log.skip("all models complete")
+        title, known = ("train + moe", branch.known) if branch else ("train", None)
+        train_stage(cfg, title, every, plan.samples_per_epoch, force, "jobs", "all models complete", known)
     summary = training_summary(cfg, plan, jobs)
     write_json(RunPaths(cfg.run_root).experts_summary, summary, cfg.data.s3)
     print_training_summary(summary)
