@@ -38,6 +38,7 @@ from mode_ray.data.train_data import (
     make_source,
     own_root,
     parquet_files,
+    read_calls,
     read_rows,
 )
 from mode_ray.run_root.layout import RunPaths
@@ -89,7 +90,7 @@ def stage_rows(cfg: Config) -> StageRows:
 
 
 class PairEmbedder:
-    """Ray Data actor: a dense CLIP loaded once; CLIP inputs in → unit image and text embeddings out."""
+    """A dense CLIP loaded once (the base of the stage's actor); CLIP inputs in → unit image and text embeddings out."""
 
     def __init__(self, model_url: str, source: Source, holdout: float, s3: dict[str, Any]) -> None:
         import torch
@@ -254,9 +255,7 @@ def stage_embedder(cfg: Config, rows: StageRows, model_url: str) -> Any:
 
 def file_batches(files: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The files in consecutive calls of about ROWS_PER_READ_TASK rows each (a file is never split)."""
-    rows = sum(f["rows"] for f in files)
-    calls = max(1, min(len(files), math.ceil(rows / ROWS_PER_READ_TASK)))
-    size = math.ceil(len(files) / calls)
+    size = math.ceil(len(files) / read_calls(files))  # as the Ray Data reads split them
     return [files[i : i + size] for i in range(0, len(files), size)]
 
 

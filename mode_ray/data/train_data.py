@@ -326,6 +326,12 @@ def decode_to_cache(items: dict[str, np.ndarray], source: Source) -> pa.Table:
     return pa.table(columns)
 
 
+def read_calls(items: list[dict[str, Any]]) -> int:
+    """How many calls read `items` (each with its `rows`): about ROWS_PER_READ_TASK rows a call, no item split."""
+    rows = sum(i["rows"] for i in items)
+    return max(1, min(len(items), math.ceil(rows / ROWS_PER_READ_TASK)))
+
+
 @dataclass(frozen=True)
 class DataTasks:
     """A trial's read tasks: few of them, so the same worker processes run one task after another and pay
@@ -343,8 +349,7 @@ class DataTasks:
         size Ray Data would bundle them all into one task — one block, nothing streamed."""
         import ray
 
-        rows = sum(i["rows"] for i in items)
-        blocks = max(1, min(len(items), math.ceil(rows / ROWS_PER_READ_TASK)))
+        blocks = read_calls(items)
         size = min(self.concurrency, blocks)  # no more tasks than blocks
         if isinstance(fn, type):
             pool = {"compute": ray.data.ActorPoolStrategy(size=size), "fn_constructor_kwargs": constructor or {}}
