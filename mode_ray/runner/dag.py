@@ -142,11 +142,12 @@ def run_jobs(
         return []
     require_resources(cfg, training_needs(cfg), log.name)
     claim_job_folders(cfg, todo, hashes, force)
-    concurrent = min(len(todo), max_concurrent(cfg))
+    most = max_concurrent(cfg)
+    concurrent = min(len(todo), most)
     spec, embedded = input_spec(cfg.training.model), cluster_address(cfg) is None
     with progress_bars(log.name) as board:
         # Threads from the whole DAG, not what is left of it: a resumed run keeps them, and with them its bytes.
-        threads = torch_threads(cfg, min(len(jobs), max_concurrent(cfg)))
+        threads = torch_threads(cfg, min(len(jobs), most))
         shared = Shared(cfg.model_dump_json(), float(spe), threads, spec, embedded, board)
         try:
             return drive(todo, hashes, shared, concurrent, log, cfg.training.run.max_failures)
