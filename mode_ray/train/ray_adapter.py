@@ -65,7 +65,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (open_clip alone is ~3 s of a core) is imported here, on the worker, after its data stream has started."""
     started = time.time()
     rt = RayTrainRuntime(config.get("progress_board"))
-    batches = job_batches(config["job"], rt)  # its first blocks are read while this worker imports the loop
+    job = config["job"]
+    batches = job_batches(job, rt)  # its first blocks are read while this worker imports the loop
+    if job.start.identity is None:  # the run's own architecture throughout: open_clip without unused towers
+        from mode_ray.models.lean_import import import_open_clip_for
+
+        import_open_clip_for(job.inputs.model)
     from mode_ray.train.loop import train
 
-    train(config["job"], config["run"], rt, started, batches)
+    train(job, config["run"], rt, started, batches)

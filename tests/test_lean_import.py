@@ -1,0 +1,34 @@
+"""open_clip imported for one model without the tower libraries that model does not use (a training worker's
+import): what is hidden, that the model still builds, and that the libraries import normally afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mode_ray.models.lean_import import unused_tower_libraries
+
+
+def test_only_the_towers_a_config_does_not_name_are_left_out() -> None:
+    assert unused_tower_libraries("mode-tiny") == ["transformers", "timm"]  # ours: open_clip's own towers
+    assert unused_tower_libraries("roberta-ViT-B-32") == ["timm"]  # open_clip's bundled HF text tower
+    assert unused_tower_libraries("convnext_base") == ["transformers"]  # a timm image tower
+    assert unused_tower_libraries("no-such-model") == []  # unknown here: open_clip imported whole
+
+
+def test_a_lean_import_builds_the_model_and_leaves_the_libraries_importable() -> None:
+    script = """
+import sys
+from mode_ray.models.lean_import import import_open_clip_for
+import_open_clip_for("mode-tiny")
+import open_clip.hf_model, open_clip.timm_model
+assert open_clip.hf_model.transformers is None and open_clip.timm_model.timm is None
+assert "transformers" not in sys.modules and "timm" not in sys.modules
+from mode_ray.models.clip import build_clip
+model = build_clip("mode-tiny")[0]
+assert sum(p.numel() for p in model.parameters()) > 0
+import transformers, timm  # after the import, both load as usual (sentence-transformers, HF tokenizers)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
