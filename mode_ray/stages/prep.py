@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mode_ray import kmeans
-from mode_ray.config import Config, without_added_neutral
+from mode_ray.config import Config, S3Config, without_added_neutral
 from mode_ray.console.progress import console, stage_log
 from mode_ray.console.progress_bars import progress_bars
 from mode_ray.console.progress_bars import report as report_progress
@@ -34,6 +34,7 @@ from mode_ray.run_root.ownership import claim_run_root, fresh_dir
 from mode_ray.run_root.storage import (
     arrow_filesystem,
     exists,
+    get_fs,
     join,
     mark_done,
     marker_info,
@@ -327,16 +328,20 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
         return run_id
 
 
-def _value_counts(ds: Any, label: Any) -> dict[str, int]:
-    """Counts per label (`label(batch) -> array`), per block then summed on the driver: no shuffle."""
+def _value_counts(url: str, columns: list[str], label: Any, s3: S3Config) -> dict[str, int]:
+    """Counts per label (`label(batch) -> array`) over a Parquet folder, streamed batch by batch here: only
+    `columns` are read, by pyarrow's scanner (files in parallel threads). Not Ray Data: for counts, starting
+    its tasks cost more than the read (3-9 s against 0.02 s for the demo's 8,000-row manifest)."""
+    import pyarrow.dataset as pads
 
-    def count_block(batch: pa.Table) -> pa.Table:
-        counts = pc.value_counts(label(batch))
-        return pa.table({"value": counts.field("values").cast(pa.string()), "count": counts.field("counts")})
-
+    fs = arrow_filesystem(url, s3)
+    data = pads.dataset(url if fs is None else get_fs(url, s3)[1], format="parquet", filesystem=fs)
+    if not set(columns) <= set(data.schema.names):  # a folder with no files: nothing to count
+        return {}
     totals: dict[str, int] = {}
-    for batch in ds.map_batches(count_block, batch_format="pyarrow").iter_batches(batch_format="pyarrow"):
-        for value, count in zip(batch["value"].to_pylist(), batch["count"].to_pylist(), strict=True):
+    for batch in data.to_batches(columns=columns):
+        counts = pc.value_counts(label(batch))
+        for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
             totals[str(value)] = totals.get(str(value), 0) + int(count)
     return totals
 
@@ -349,12 +354,7 @@ def _reject_label(batch: pa.Table) -> pa.Array:
 
 def summarise(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """Samples in, rejects by reason, cluster size histogram, per-expert counts → prep/summary.json."""
-    import ray
-
-    fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
-    rejects = ray.data.read_parquet(paths.rejects, columns=["key", "reason"], filesystem=fs)
-    manifest = ray.data.read_parquet(paths.manifest, columns=["fine_id"], filesystem=fs)
-    labels = _value_counts(rejects, _reject_label)
+    labels = _value_counts(paths.rejects, ["key", "reason"], _reject_label, cfg.data.s3)
     by_reason: dict[str, int] = {}
     for label, count in labels.items():
         reason = label.removesuffix("/shard")
@@ -364,7 +364,7 @@ def summarise(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     cents = read_centroids(paths.centroids, cfg.data.s3)
     n_fine, f2c = len(cents["fine"]), cents["fine_to_coarse"]
     fine_counts = np.zeros(n_fine, dtype=np.int64)
-    for fine_id, count in _value_counts(manifest, lambda b: b["fine_id"]).items():
+    for fine_id, count in _value_counts(paths.manifest, ["fine_id"], lambda b: b["fine_id"], cfg.data.s3).items():
         fine_counts[int(fine_id)] = count
     per_expert = np.bincount(f2c, weights=fine_counts, minlength=len(cents["coarse"])).astype(np.int64)
     used = fine_counts[fine_counts > 0]
