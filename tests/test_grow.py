@@ -177,6 +177,23 @@ def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_sess
         serve.shutdown()
 
 
+def test_a_run_without_a_seed_is_refused_before_its_new_data_is_read(grown_run, tmp_path):
+    from mode_ray.run_root.ownership import claim_run_root
+    from mode_ray.stages.grow import run_add_data
+
+    root, config = grown_run
+    seedless = tmp_path / "run"
+    claim_run_root(str(seedless))
+    summary = json.loads((root / "experts/summary.json").read_text())
+    summary["models"].pop("seed")
+    (seedless / "experts").mkdir()
+    (seedless / "experts/summary.json").write_text(json.dumps(summary))
+    cfg = config(f"continual.shards={tmp_path / 'new'}").model_copy(update={"run_root": str(seedless)})
+    with pytest.raises(ValueError, match="trained from a seed"):
+        run_add_data(cfg)
+    assert not (seedless / "generations").exists()  # nothing embedded first
+
+
 def test_experts_command_lists_and_refuses_unknown_names(grown_run):
     import subprocess
     import sys

@@ -1,5 +1,6 @@
 """`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root (killed,
-resubmitted, resumed from the bucket), and a job that must fail clearly.
+resubmitted, resumed from the bucket, then grown with new data from the bucket), and a job that must fail
+clearly.
 
 The head is this module's own (`ray start --head` on 127.0.0.1 with the dashboard and its own temp dir), so
 the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir. Its
@@ -41,7 +42,7 @@ TINY = (
     "training.batch_size=32",
     "training.warmup_steps=2",
     "training.run.checkpoint_every_epochs=2",
-    "training.use_seed=false",  # experts and generalist from scratch, side by side: the job's wiring, not the recipe
+    "training.seed_fraction=0.5",  # the seed's 4 steps, then each tail's 4: add-data's new experts start from it
     "moe.enabled=false",  # its two trials in a row would add a minute: tests/test_moe.py builds one
     "eval.retrieval=false",
 )
@@ -156,8 +157,9 @@ def test_whole_pipeline_as_a_job_on_s3_is_killed_resumes_from_the_bucket_and_wri
     head, s3_server, tmp_path
 ):
     """The pipeline as a job on an s3:// run root: stopped once prep is done, resubmitted, and finished from
-    what the bucket holds (prep is not run again); every output is in the bucket (prep, models, tracking, the
-    report) and no file the run made is on this machine's disk. (tests/test_train.py shows a job
+    what the bucket holds (prep is not run again); then `add-data` as a job grows it with a new domain from the
+    bucket (a new expert). Every output is in the bucket (prep, models, tracking, the report, the new
+    generation and expert) and no file the runs made is on this machine's disk. (tests/test_train.py shows a job
     resuming from its checkpoint, tests/test_storage.py that checkpoints go to the run root's own store.)"""
     url, temp = head
     client, run = _bucket(s3_server), f"job-{uuid.uuid4().hex[:8]}"
@@ -183,7 +185,29 @@ def test_whole_pipeline_as_a_job_on_s3_is_killed_resumes_from_the_bucket_and_wri
     lines = logs.strip().splitlines()
     assert len(lines) < 100 and "Traceback" not in logs, "\n".join(lines)
     assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), logs[-3000:]
+
+    # New data from the bucket grows the run in the bucket (`mode-ray add-data` as a job): a domain its
+    # clusters do not cover becomes a new expert, trained, exported and registered there.
+    _upload_food_shard(client, tmp_path, f"{run}-food/0.tar")
+    food = (f"continual.shards=s3://mode-test/{run}-food", "continual.name=food", "continual.min_expert_samples=40")
+    grow = ("python", "-m", "jobs.add_data", "--config", "configs/demo.yaml", *_sets(*settings, *food))
+    status, logs = _wait(url, _submit(url, *grow), timeout=600)
+    assert status == "SUCCEEDED", logs[-3000:]
+    objects = _keys(client, f"{run}/")
+    for output in ("generations/food/manifest/_SUCCESS", "experts/expert-2/_SUCCESS", "experts/expert-2/export/"):
+        assert any(k.startswith(f"{run}/{output}") for k in objects), output
+    registry = json.loads(client.get_object(Bucket="mode-test", Key=f"{run}/experts/registry.json")["Body"].read())
+    assert "expert-2" in registry["experts"], registry
     assert _written_here(temp, started) == [] and not any(tmp_path.iterdir())
+
+
+def _upload_food_shard(client: Any, tmp_path: Path, key: str) -> None:
+    """tests/test_grow.py's new domain (food photo captions) as one shard in the bucket; the local copy goes."""
+    from tests.test_grow import _food_shards
+
+    _food_shards(tmp_path / "food", 160)
+    client.upload_file(str(tmp_path / "food" / "0.tar"), "mode-test", key)
+    shutil.rmtree(tmp_path / "food")
 
 
 def _wait_for(client: Any, prefix: str, suffix: str, timeout: float) -> str | None:

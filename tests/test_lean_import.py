@@ -6,14 +6,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from mode_ray.models.lean_import import unused_tower_libraries
+from mode_ray.models.lean_import import named_config, unused_tower_libraries
 
 
-def test_only_the_towers_a_config_does_not_name_are_left_out() -> None:
-    assert unused_tower_libraries("mode-tiny") == ["transformers", "timm"]  # ours: open_clip's own towers
-    assert unused_tower_libraries("roberta-ViT-B-32") == ["timm"]  # open_clip's bundled HF text tower
-    assert unused_tower_libraries("convnext_base") == ["transformers"]  # a timm image tower
-    assert unused_tower_libraries("no-such-model") == []  # unknown here: open_clip imported whole
+def unused(*names: str) -> list[str]:
+    return unused_tower_libraries(named_config(n) for n in names)
+
+
+def test_only_the_towers_no_config_names_are_left_out() -> None:
+    assert unused("mode-tiny") == ["transformers", "timm"]  # ours: open_clip's own towers
+    assert unused("roberta-ViT-B-32") == ["timm"]  # open_clip's bundled HF text tower
+    assert unused("convnext_base") == ["transformers"]  # a timm image tower
+    assert unused("mode-tiny", "convnext_base") == ["transformers"]  # an actor for both: what neither uses
+    assert unused("no-such-model") == [] == unused("mode-tiny", "no-such-model")  # unknown: imported whole
 
 
 def test_a_lean_import_builds_the_model_and_leaves_the_libraries_importable() -> None:
@@ -32,3 +37,12 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:
+    from mode_ray.models.clip import build_clip, export_open_clip, model_config
+    from mode_ray.models.lean_import import export_config
+
+    export_open_clip(build_clip("mode-tiny")[0], "mode-tiny", str(tmp_path / "export"))
+    assert export_config(str(tmp_path / "export")) == model_config("mode-tiny")
+    assert export_config(str(tmp_path / "nowhere")) is None  # unreadable: open_clip imported whole

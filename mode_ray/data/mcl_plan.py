@@ -96,8 +96,10 @@ class PairEmbedder:
         import torch
 
         from mode_ray.models import load_model
+        from mode_ray.models.lean_import import import_open_clip_for_exports
 
         torch.set_num_threads(1)
+        import_open_clip_for_exports([model_url], S3Config(**s3))  # an actor for this model alone
         self.model = load_model(model_url, S3Config(**s3))[0]
         self.source, self.holdout = source, holdout
         with torch.no_grad():

@@ -1,13 +1,15 @@
-"""Import open_clip without the optional tower libraries a process's model does not use.
+"""Import open_clip without the optional tower libraries a process's models do not use.
 
 Importing open_clip imports transformers (for Hugging Face text towers) and timm (for timm image towers)
 whenever they are installed: ~2.3 s of a core of its ~4.5 s on the 2-core machine, paid again by every fresh
-Ray worker process that builds a model — each training job's workers, at every trial. open_clip itself treats
-both as optional (`try: import … except ImportError`) and has no lazy mode, so a process that will only ever
-build one known model without such towers imports open_clip with the two hidden from the import system for
-that moment: open_clip then takes them as absent, as on an install without them, and they import normally
-afterwards (sentence-transformers, a tokenizer that needs them). Only for processes that build that one model
-for their whole life (a training job's workers): open_clip, once imported, cannot build those towers there.
+Ray process that builds a model — each training job's workers at every trial, the evaluation's and the MCL
+stages' embedding actors, Serve's expert replicas. open_clip itself treats both as optional (`try: import …
+except ImportError`) and has no lazy mode, so a process that will only ever build models it knows beforehand,
+none with such towers, imports open_clip with the two hidden from the import system for that moment: open_clip
+then takes them as absent, as on an install without them, and they import normally afterwards
+(sentence-transformers, a tokenizer that needs them). Only for processes that live for those models (actors,
+a training job's workers), never for pooled task workers: once imported, open_clip cannot build those
+towers in that process.
 """
 
 from __future__ import annotations
@@ -15,33 +17,52 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from mode_ray.config import S3Config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TOWER_LIBRARIES = {"transformers": ("text_cfg", "hf_model_name"), "timm": ("vision_cfg", "timm_model_name")}
 
 
-def _config_file(model_name: str) -> Path | None:
-    """The model's config file, ours or open_clip's bundled one, found without importing open_clip."""
+def named_config(model_name: str) -> dict[str, Any] | None:
+    """A model's config file, ours or open_clip's bundled one, read without importing open_clip."""
     spec = importlib.util.find_spec("open_clip")
     folders = [CONFIG_DIR] + [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])]
-    return next((f for d in folders if (f := d / f"{model_name}.json").is_file()), None)
+    path = next((f for d in folders if (f := d / f"{model_name}.json").is_file()), None)
+    return json.loads(path.read_text()) if path else None
 
 
-def unused_tower_libraries(model_name: str) -> list[str]:
-    """The tower libraries `model_name`'s config does not use; [] where the config cannot be read here."""
-    path = _config_file(model_name)
-    if path is None:
+def export_config(url: str, s3: S3Config | None = None) -> dict[str, Any] | None:
+    """An export's open_clip model config (a CLIP-MoE's: its base's); None where it cannot be read."""
+    from mode_ray.models.clip import export_info
+    from mode_ray.models.moe import MOE_CONFIG_FILE
+    from mode_ray.run_root.storage import exists, join, read_bytes
+
+    try:
+        if exists(join(url, MOE_CONFIG_FILE), s3):
+            return json.loads(read_bytes(join(url, MOE_CONFIG_FILE), s3))["open_clip_config"]
+        return export_info(url, s3)[1]
+    except (OSError, ValueError, KeyError):  # the load itself will say what is wrong
+        return None
+
+
+def unused_tower_libraries(configs: Iterable[dict[str, Any] | None]) -> list[str]:
+    """The tower libraries none of `configs` uses; [] if one of them is unknown (None)."""
+    configs = list(configs)
+    if any(c is None for c in configs):
         return []
-    config = json.loads(path.read_text())
-    return [lib for lib, (tower, key) in TOWER_LIBRARIES.items() if not config.get(tower, {}).get(key)]
+    used = {lib for c in configs for lib, (tower, key) in TOWER_LIBRARIES.items() if c.get(tower, {}).get(key)}
+    return [lib for lib in TOWER_LIBRARIES if lib not in used]
 
 
-def import_open_clip_for(model_name: str) -> None:
-    """Import open_clip for a process that only builds `model_name` (see the module's docstring)."""
+def import_open_clip_without(libraries: list[str]) -> None:
+    """Import open_clip with `libraries` hidden while it imports (see the module's docstring)."""
     if "open_clip" in sys.modules:
         return
-    hidden = [lib for lib in unused_tower_libraries(model_name) if lib not in sys.modules]
+    hidden = [lib for lib in libraries if lib not in sys.modules]
     for lib in hidden:
         sys.modules[lib] = None  # type: ignore[assignment]  # `import lib` now raises ImportError
     try:
@@ -49,3 +70,14 @@ def import_open_clip_for(model_name: str) -> None:
     finally:
         for lib in hidden:
             del sys.modules[lib]
+
+
+def import_open_clip_for(model_name: str) -> None:
+    """For a process that builds only `model_name` (a training job's workers)."""
+    import_open_clip_without(unused_tower_libraries([named_config(model_name)]))
+
+
+def import_open_clip_for_exports(urls: Iterable[str], s3: S3Config | None = None) -> None:
+    """For an actor that loads only these exports (evaluation, an MCL stage's embedder, Serve's experts)."""
+    if "open_clip" not in sys.modules:
+        import_open_clip_without(unused_tower_libraries(export_config(u, s3) for u in urls))

@@ -130,6 +130,16 @@ def arrow_filesystem(url: str, s3: S3Config | None = None) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def parquet_dataset(url: str, s3: S3Config | None = None) -> Any:
+    """A pyarrow dataset of the Parquet files under `url`, local or remote, read on this process. With a file
+    system of its own pyarrow wants the path inside it, without the scheme: given the whole URL it lists
+    `bucket/p/…` and refuses them as "outside base dir s3://bucket/p"."""
+    import pyarrow.dataset as pads
+
+    filesystem = arrow_filesystem(url, s3)
+    return pads.dataset(url if filesystem is None else get_fs(url, s3)[1], format="parquet", filesystem=filesystem)
+
+
 def ray_storage(url: str, s3: S3Config | None = None) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for a Ray Train RunConfig at `url`. With a file system of its
     own Ray wants the path inside it, without the scheme (`s3://bucket/p` → `bucket/p`, as Ray's docs say):

@@ -81,7 +81,10 @@ class ExpertDeployment:
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
+        from mode_ray.models.lean_import import import_open_clip_for_exports
+
         torch.set_num_threads(torch_threads)
+        import_open_clip_for_exports(exports.values(), S3Config(**(s3 or {})))  # a replica for these models alone
         self.models = ExpertModels(exports, S3Config(**(s3 or {})), device)
         self.names = list(exports)
         self.logits_batched.set_max_batch_size(max_batch_size)

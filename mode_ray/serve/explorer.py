@@ -22,7 +22,7 @@ from PIL import Image
 from mode_ray.config import Config
 from mode_ray.run_root.layout import RunPaths
 from mode_ray.run_root.names import expert_name
-from mode_ray.run_root.storage import arrow_filesystem, exists, get_fs, join, read_bytes, read_json
+from mode_ray.run_root.storage import exists, get_fs, join, parquet_dataset, read_bytes, read_json
 
 EXAMPLES_PER_EXPERT = 8
 THUMB_PX = 64
@@ -54,14 +54,10 @@ def data_url(image: bytes, side: int) -> str:
 
 def _partition(cfg: Config, expert: int, columns: list[str], rows: int) -> dict[str, list[Any]]:
     """The first `rows` rows of one coarse partition of the manifest (empty when it has none)."""
-    import pyarrow.dataset as pads
-
     folder = join(RunPaths(cfg.run_root).manifest, f"coarse_id={expert}")
     if not exists(folder, cfg.data.s3):
         return {c: [] for c in columns}
-    fs = arrow_filesystem(folder, cfg.data.s3)
-    path = get_fs(folder, cfg.data.s3)[1] if fs is not None else folder
-    return pads.dataset(path, format="parquet", filesystem=fs).head(rows, columns=columns).to_pydict()
+    return parquet_dataset(folder, cfg.data.s3).head(rows, columns=columns).to_pydict()
 
 
 def _examples(cfg: Config, expert: int) -> list[dict[str, Any]]:

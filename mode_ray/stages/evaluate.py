@@ -145,9 +145,11 @@ class ImageFeaturizer:
 
     def __init__(self, exports: dict[str, str], s3: dict[str, Any] | None, device: str, board: str | None) -> None:
         from mode_ray.models import load_model
+        from mode_ray.models.lean_import import import_open_clip_for_exports
         from mode_ray.models.moe import track_usage
 
         self.device, self.board = device, board
+        import_open_clip_for_exports(exports.values(), S3Config(**(s3 or {})))  # an actor for these models alone
         self.models = {name: load_model(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
         self.moes = [name for name, (model, _) in self.models.items() if moe_usage.is_moe(model)]
         for name in self.moes:

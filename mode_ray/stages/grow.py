@@ -48,6 +48,7 @@ from mode_ray.run_root.storage import (
     join,
     mark_done,
     marker_info,
+    parquet_dataset,
     read_bytes,
     read_json,
     settings_hash,
@@ -85,11 +86,8 @@ def coverage_threshold(cfg: Config, cents: dict[str, Any]) -> float:
     """The run's own low percentile of assignment scores (computed once, then read from the centroids)."""
     if "coverage_threshold" in cents:
         return float(cents["coverage_threshold"])
-    import pyarrow.dataset as pads
-
     manifest = RunPaths(cfg.run_root).manifest
-    fs = arrow_filesystem(manifest, cfg.data.s3)
-    scores = pads.dataset(manifest, format="parquet", filesystem=fs).to_table(columns=["score"])["score"]
+    scores = parquet_dataset(manifest, cfg.data.s3).to_table(columns=["score"])["score"]
     return float(np.percentile(scores.to_numpy(), cfg.continual.coverage_percentile))
 
 
@@ -268,10 +266,7 @@ def train_generation(
 ) -> tuple[list[str], list[str]]:
     """The new experts, from the seed on an existing expert's budget, and (when asked) the grown ones, as
     one DAG of Ray Train trials after the seed; no other model is loaded. Returns (new trained, refreshed) now."""
-    summary = read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3)
-    if SEED not in summary["models"]:
-        raise ValueError("add-data needs a run trained from a seed (training.use_seed): new experts start from it")
-    plan = _plan_from_summary(summary)
+    plan = _plan_from_summary(read_json(RunPaths(cfg.run_root).experts_summary, cfg.data.s3))
     if cfg.training.batch_size != plan.batch_size:
         raise ValueError(
             f"training.batch_size is {cfg.training.batch_size} here but the run's experts trained with "
@@ -315,6 +310,8 @@ def run_add_data(cfg: Config, force: bool = False) -> dict[str, Any]:
     name = cfg.continual.name or f"gen-{settings_hash(shards)[:8]}"
     if not exists(paths.experts_summary, cfg.data.s3):
         raise ValueError(f"no trained experts under {cfg.run_root}: add-data grows a trained run")
+    if SEED not in read_json(paths.experts_summary, cfg.data.s3)["models"]:  # said before any new data is read
+        raise ValueError("add-data needs a run trained from a seed (training.use_seed): new experts start from it")
     gen_cfg = generation_config(cfg, name, shards)
     gen = generation_paths(cfg, name)
     with ray_runtime(cfg):
