@@ -1,6 +1,6 @@
-"""`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root (killed,
-resubmitted, resumed from the bucket, then grown with new data from the bucket), and a job that must fail
-clearly.
+"""`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root, the MoE
+included (killed, resubmitted, resumed from the bucket, then grown with new data from the bucket), and a job
+that must fail clearly.
 
 The head is this module's own (`ray start --head` on 127.0.0.1 with the dashboard and its own temp dir), so
 the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir. Its
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ TINY = (
     "training.warmup_steps=2",
     "training.run.checkpoint_every_epochs=2",
     "training.seed_fraction=0.5",  # the seed's 4 steps, then each tail's 4: add-data's new experts start from it
-    "moe.enabled=false",  # its two trials in a row would add a minute: tests/test_moe.py builds one
+    "moe.stages=2",  # one MCL stage and the router, upcycling the seed: a chain beside the experts' tails
+    "moe.base=seed",
+    "moe.image_clusters=2",
+    "moe.text_clusters=2",
+    "moe.mcl_optim.warmup_steps=1",
+    "moe.router_optim.warmup_steps=1",
+    "moe.router_epochs=0.25",
     "eval.retrieval=false",
 )
 # What Ray itself keeps on a node's disk while a job runs on an s3:// run root, none of it run output: its logs,
@@ -153,14 +160,24 @@ def _written_here(temp: Path, since: float) -> list[str]:
     return out
 
 
-def test_whole_pipeline_as_a_job_on_s3_is_killed_resumes_from_the_bucket_and_writes_nothing_here(
-    head, s3_server, tmp_path
-):
-    """The pipeline as a job on an s3:// run root: stopped once prep is done, resubmitted, and finished from
-    what the bucket holds (prep is not run again); then `add-data` as a job grows it with a new domain from the
-    bucket (a new expert). Every output is in the bucket (prep, models, tracking, the report, the new
-    generation and expert) and no file the runs made is on this machine's disk. (tests/test_train.py shows a job
-    resuming from its checkpoint, tests/test_storage.py that checkpoints go to the run root's own store.)"""
+@dataclass(frozen=True)
+class BucketRun:
+    url: str  # the head's job API
+    temp: Path  # the head's temp dir: its processes' TMPDIR and HOME
+    client: Any  # boto3, on the test server
+    run: str  # the run root's key prefix in the bucket
+    settings: tuple[str, ...]
+    started: float
+    prep_marker: str  # manifest/_SUCCESS, and its finished_at before the resubmission
+    prep_finished: str
+    status: str
+    logs: str
+
+
+@pytest.fixture(scope="module")
+def bucket_run(head, s3_server) -> BucketRun:
+    """The pipeline as a job on an s3:// run root (the MoE included, upcycling the seed beside the tails):
+    stopped once prep is done, then resubmitted."""
     url, temp = head
     client, run = _bucket(s3_server), f"job-{uuid.uuid4().hex[:8]}"
     settings = (*TINY, f"run_root=s3://mode-test/{run}", f"data.s3.endpoint_url={s3_server.endpoint}",
@@ -173,32 +190,48 @@ def test_whole_pipeline_as_a_job_on_s3_is_killed_resumes_from_the_bucket_and_wri
     _stop(url, first)
     finished_before = json.loads(client.get_object(Bucket="mode-test", Key=done)["Body"].read())["finished_at"]
     status, logs = _wait(url, _submit(url, *args), timeout=900)
-    assert status == "SUCCEEDED", logs[-3000:]
-    objects = _keys(client, f"{run}/")
-    for output in ("manifest/_SUCCESS", "experts/generalist/_SUCCESS", "eval/report.md", "eval/report.png"):
-        assert f"{run}/{output}" in objects, output
-    assert any(k.startswith(f"{run}/tracking/generalist/events.out.tfevents") for k in objects)  # mirrored up
-    resumed = json.loads(client.get_object(Bucket="mode-test", Key=done)["Body"].read())["finished_at"]
-    assert resumed == finished_before, f"{done} was written again after the resubmission"
-    assert "serve self-check" in logs
-    # What an operator reads: a line per stage, a bar per trial with its loss, no traceback, under 100 lines.
-    lines = logs.strip().splitlines()
-    assert len(lines) < 100 and "Traceback" not in logs, "\n".join(lines)
-    assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), logs[-3000:]
+    return BucketRun(url, temp, client, run, settings, started, done, finished_before, status, logs)
 
-    # New data from the bucket grows the run in the bucket (`mode-ray add-data` as a job): a domain its
-    # clusters do not cover becomes a new expert, trained, exported and registered there.
-    _upload_food_shard(client, tmp_path, f"{run}-food/0.tar")
-    food = (f"continual.shards=s3://mode-test/{run}-food", "continual.name=food", "continual.min_expert_samples=40")
-    grow = ("python", "-m", "jobs.add_data", "--config", "configs/demo.yaml", *_sets(*settings, *food))
-    status, logs = _wait(url, _submit(url, *grow), timeout=600)
+
+def test_whole_pipeline_as_a_job_on_s3_is_killed_and_resumes_from_the_bucket(bucket_run: BucketRun):
+    """Resubmitted, the job finishes from what the bucket holds (prep is not run again); every output is in
+    the bucket (prep, models, the MoE, tracking, the report). (tests/test_train.py shows a job resuming from
+    its checkpoint, tests/test_storage.py that checkpoints go to the run root's own store.)"""
+    b = bucket_run
+    assert b.status == "SUCCEEDED", b.logs[-3000:]
+    objects = _keys(b.client, f"{b.run}/")
+    outputs = ("manifest/_SUCCESS", "experts/generalist/_SUCCESS", "moe/summary.json", "eval/report.md",
+               "eval/report.png")  # fmt: skip
+    for output in outputs:
+        assert f"{b.run}/{output}" in objects, output
+    assert any(k.startswith(f"{b.run}/moe/model/") for k in objects)  # the upcycled CLIP-MoE, in the bucket
+    assert any(k.startswith(f"{b.run}/tracking/generalist/events.out.tfevents") for k in objects)  # mirrored up
+    resumed = json.loads(b.client.get_object(Bucket="mode-test", Key=b.prep_marker)["Body"].read())["finished_at"]
+    assert resumed == b.prep_finished, f"{b.prep_marker} was written again after the resubmission"
+    assert "serve self-check" in b.logs and "| moe " in b.logs.replace("│", "|")  # the MoE evaluated
+    # What an operator reads: a line per stage, a bar per trial with its loss, no traceback, under 100 lines.
+    lines = b.logs.strip().splitlines()
+    assert len(lines) < 100 and "Traceback" not in b.logs, "\n".join(lines)
+    assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), b.logs[-3000:]
+
+
+def test_new_data_in_the_bucket_grows_the_run_there_and_nothing_is_written_here(bucket_run: BucketRun, tmp_path):
+    """`mode-ray add-data` as a job: a domain the run's clusters do not cover, read from the bucket, becomes a
+    new expert trained, exported and registered in the bucket; over both jobs, no file they made is on this
+    machine's disk."""
+    b = bucket_run
+    assert b.status == "SUCCEEDED", "the pipeline job failed (see the test before)"
+    _upload_food_shard(b.client, tmp_path, f"{b.run}-food/0.tar")
+    food = (f"continual.shards=s3://mode-test/{b.run}-food", "continual.name=food", "continual.min_expert_samples=40")
+    grow = ("python", "-m", "jobs.add_data", "--config", "configs/demo.yaml", *_sets(*b.settings, *food))
+    status, logs = _wait(b.url, _submit(b.url, *grow), timeout=600)
     assert status == "SUCCEEDED", logs[-3000:]
-    objects = _keys(client, f"{run}/")
+    objects = _keys(b.client, f"{b.run}/")
     for output in ("generations/food/manifest/_SUCCESS", "experts/expert-2/_SUCCESS", "experts/expert-2/export/"):
-        assert any(k.startswith(f"{run}/{output}") for k in objects), output
-    registry = json.loads(client.get_object(Bucket="mode-test", Key=f"{run}/experts/registry.json")["Body"].read())
-    assert "expert-2" in registry["experts"], registry
-    assert _written_here(temp, started) == [] and not any(tmp_path.iterdir())
+        assert any(k.startswith(f"{b.run}/{output}") for k in objects), output
+    key = f"{b.run}/experts/registry.json"
+    assert "expert-2" in json.loads(b.client.get_object(Bucket="mode-test", Key=key)["Body"].read())["experts"]
+    assert _written_here(b.temp, b.started) == [] and not any(tmp_path.iterdir())
 
 
 def _upload_food_shard(client: Any, tmp_path: Path, key: str) -> None:
