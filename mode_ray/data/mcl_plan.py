@@ -99,8 +99,9 @@ class PairEmbedder:
         from mode_ray.models.lean_import import import_open_clip_for_exports
 
         torch.set_num_threads(1)
-        import_open_clip_for_exports([model_url], S3Config(**s3))  # an actor for this model alone
-        self.model = load_model(model_url, S3Config(**s3))[0]
+        store = S3Config(**s3)
+        import_open_clip_for_exports([model_url], store)  # an actor for this model alone
+        self.model = load_model(model_url, store)[0]
         self.source, self.holdout = source, holdout
         with torch.no_grad():
             self.dim = int(self.model.encode_text(torch.zeros((1, source.context_length), dtype=torch.long)).shape[1])

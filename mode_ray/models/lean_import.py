@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mode_ray.config import S3Config
+from mode_ray.models.clip import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 TOWER_LIBRARIES = {"transformers": ("text_cfg", "hf_model_name"), "timm": ("vision_cfg", "timm_model_name")}
 
 

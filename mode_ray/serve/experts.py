@@ -84,8 +84,9 @@ class ExpertDeployment:
         from mode_ray.models.lean_import import import_open_clip_for_exports
 
         torch.set_num_threads(torch_threads)
-        import_open_clip_for_exports(exports.values(), S3Config(**(s3 or {})))  # a replica for these models alone
-        self.models = ExpertModels(exports, S3Config(**(s3 or {})), device)
+        store = S3Config(**(s3 or {}))
+        import_open_clip_for_exports(exports.values(), store)  # a replica for these models alone
+        self.models = ExpertModels(exports, store, device)
         self.names = list(exports)
         self.logits_batched.set_max_batch_size(max_batch_size)
         self.logits_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)

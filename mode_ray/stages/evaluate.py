@@ -149,8 +149,9 @@ class ImageFeaturizer:
         from mode_ray.models.moe import track_usage
 
         self.device, self.board = device, board
-        import_open_clip_for_exports(exports.values(), S3Config(**(s3 or {})))  # an actor for these models alone
-        self.models = {name: load_model(url, S3Config(**(s3 or {})), device)[:2] for name, url in exports.items()}
+        store = S3Config(**(s3 or {}))
+        import_open_clip_for_exports(exports.values(), store)  # an actor for these models alone
+        self.models = {name: load_model(url, store, device)[:2] for name, url in exports.items()}
         self.moes = [name for name, (model, _) in self.models.items() if moe_usage.is_moe(model)]
         for name in self.moes:
             track_usage(self.models[name][0], True)
