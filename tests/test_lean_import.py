@@ -46,3 +46,27 @@ def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:
     export_open_clip(build_clip("mode-tiny")[0], "mode-tiny", str(tmp_path / "export"))
     assert export_config(str(tmp_path / "export")) == model_config("mode-tiny")
     assert export_config(str(tmp_path / "nowhere")) is None  # unreadable: open_clip imported whole
+
+
+def test_a_models_input_spec_is_open_clips_preprocessing_read_without_importing_it() -> None:
+    """What an MCL stage's driver task needs to size its rows, without the ~4.5 s import of open_clip (and
+    torch) on the MoE chain's critical path; equal to open_clip's own `PreprocessCfg` for every kind of config."""
+    script = """
+import sys
+from mode_ray.train.inputs import input_spec
+names = ("mode-tiny", "ViT-B-32", "ViT-SO400M-14-SigLIP", "convnext_base", "RN50")
+specs = {name: input_spec(name) for name in names}
+assert "open_clip" not in sys.modules and "torch" not in sys.modules, "imported"
+from open_clip.transform import PreprocessCfg
+from mode_ray.models.clip import model_config
+for name, spec in specs.items():
+    cfg = model_config(name)
+    pre = PreprocessCfg(**cfg.get("preprocess_cfg", {}))
+    assert (spec.mean, spec.std) == (tuple(pre.mean), tuple(pre.std)), name
+    side = cfg["vision_cfg"]["image_size"]
+    assert spec.size == (side if isinstance(side, int) else side[0]), name
+    assert spec.context_length == cfg["text_cfg"]["context_length"], name
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

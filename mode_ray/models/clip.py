@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mode_ray.config import S3Config
 from mode_ray.run_root.storage import get_fs, is_local, join, read_bytes, write_bytes
+
+if TYPE_CHECKING:  # torch only in annotations: `CONFIG_DIR` and the file names are read without it
+    import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HF_CONFIG_FILE = "open_clip_config.json"  # open_clip's HF_CONFIG_NAME

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,29 @@ from mode_ray.models.clip import CONFIG_DIR
 TOWER_LIBRARIES = {"transformers": ("text_cfg", "hf_model_name"), "timm": ("vision_cfg", "timm_model_name")}
 
 
+def _open_clip_folders() -> list[Path]:
+    """open_clip's package folder, found without importing it (`find_spec` of a top-level name imports nothing)."""
+    spec = importlib.util.find_spec("open_clip")
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
 def named_config(model_name: str) -> dict[str, Any] | None:
     """A model's config file, ours or open_clip's bundled one, read without importing open_clip."""
-    spec = importlib.util.find_spec("open_clip")
-    folders = [CONFIG_DIR] + [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])]
+    folders = [CONFIG_DIR] + [p / "model_configs" for p in _open_clip_folders()]
     path = next((f for d in folders if (f := d / f"{model_name}.json").is_file()), None)
     return json.loads(path.read_text()) if path else None
+
+
+@cache
+def open_clip_constants() -> dict[str, Any]:
+    """open_clip's `constants.py` (the default normalisation of its `PreprocessCfg`), run alone: importing
+    `open_clip.constants` would run the package's `__init__` — torch, torchvision and every model, ~4.5 s of a
+    core — in a process that only needs two tuples (an MCL stage's driver task, a trial's driver)."""
+    path = next(f for d in _open_clip_folders() if (f := d / "constants.py").is_file())
+    module_spec = importlib.util.spec_from_file_location("_open_clip_constants", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return {name: value for name, value in vars(module).items() if name.isupper()}
 
 
 def export_config(url: str, s3: S3Config | None = None) -> dict[str, Any] | None:

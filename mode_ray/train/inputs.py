@@ -21,12 +21,15 @@ class InputSpec:
 
 @cache
 def input_spec(model_name: str) -> InputSpec:
-    from open_clip.transform import PreprocessCfg
+    from mode_ray.models.lean_import import named_config, open_clip_constants
 
-    from mode_ray.models.clip import model_config
+    cfg = named_config(model_name)
+    if cfg is None:  # not a config file: open_clip's registry knows it (added at run time), or says it does not
+        from mode_ray.models.clip import model_config
 
-    cfg = model_config(model_name)
+        cfg = model_config(model_name)
     size = cfg["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
-    pre = PreprocessCfg(**cfg.get("preprocess_cfg", {}))
-    return InputSpec(size, math.ceil(size * LOAD_RATIO), pre.mean, pre.std, cfg["text_cfg"]["context_length"])
+    pre, default = cfg.get("preprocess_cfg", {}), open_clip_constants()  # PreprocessCfg's defaults
+    mean, std = pre.get("mean", default["OPENAI_DATASET_MEAN"]), pre.get("std", default["OPENAI_DATASET_STD"])
+    return InputSpec(size, math.ceil(size * LOAD_RATIO), tuple(mean), tuple(std), cfg["text_cfg"]["context_length"])
