@@ -146,6 +146,7 @@ TRAINED_RUN_SETTINGS = (
     "training.run.checkpoint_every_epochs=1",
     "training.matched_control=true",  # off in the demo config, checked here
 )
+TWO_WORKERS = ("training.run.num_workers=2", "training.run.cpus_per_worker=0.5")  # data-parallel jobs (gloo)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import TRAINED_RUN_SETTINGS, _free_port, demo_config
+from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, _free_port, demo_config
 
 GLOBAL_BATCH = 8
 
@@ -74,7 +74,6 @@ def test_two_ranks_give_the_one_rank_gradient_on_one_global_batch(smoothing: flo
 
 # --------------------------------------------------------------------------- jobs at 2 workers, on real Ray Train
 
-TWO_WORKERS = ("training.run.num_workers=2", "training.run.cpus_per_worker=0.5")
 PREPPED = ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects")
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from mode_ray.demo import demo_data
 from mode_ray.routing.router import TaskRouter
-from tests.conftest import TRAINED_RUN_SETTINGS, _free_port, demo_config
+from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, _free_port, demo_config
 
 DISHES = ("ramen", "sushi", "pizza", "tacos", "curry", "dumplings")
 SIDES = ("with a fried egg", "on a wooden table", "in a paper box", "with chopsticks", "next to a glass of beer")
@@ -93,7 +93,7 @@ def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run,
     old = _digests(root, ["seed", "expert-0", "expert-1", "generalist"])
     food = tmp_path / "food"
     keys = _food_shards(food, 160)
-    cfg = config(f"continual.shards={food}", "continual.name=food")
+    cfg = config(f"continual.shards={food}", "continual.name=food", *TWO_WORKERS)  # the seed's run had 1 worker
     out = run_add_data(cfg)
     assert out["new_experts"] == ["expert-2"] and out["uncovered"] > 80, out  # most below the run's own p1
     assert out["per_expert"]["2"] > 150  # and nearly all nearest to the new centres once they exist
@@ -111,6 +111,8 @@ def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run,
     assert new["end_step"] == summary["models"]["expert-0"]["end_step"]
     own = new["samples_seen_by_cluster"].get("2", 0)
     assert own > 0.9 * new["samples_seen"]
+    digests = json.loads((root / "experts/expert-2/metrics.json").read_text())["weights_sha256_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # trained data-parallel, its ranks equal bit for bit
     assert read_registry(cfg)["experts"]["expert-2"]["cluster_size"] == out["new_expert_sizes"]["expert-2"]
 
     router = TaskRouter.from_run(str(root), cfg.embedding, cfg.eval.routing)

@@ -70,3 +70,16 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_our_models_tokenizer_has_its_configs_context_length() -> None:
+    """In a fresh process (a read task's), the tokenizer of one of our configs pads to that config's context,
+    not open_clip's default 77 for a name it does not know."""
+    script = """
+from mode_ray.train.inputs import input_spec
+from mode_ray.train.transforms import tokenize
+assert tokenize(["a red circle"], "mode-tiny").shape == (1, input_spec("mode-tiny").context_length) == (1, 32)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,15 +1,18 @@
-"""`mode-ray moe` end to end on the session's trained run: MCL stages and router fine-tuning as Ray trials."""
+"""`mode-ray moe` end to end on the session's trained run: MCL stages and router fine-tuning as Ray trials, each
+data-parallel at 2 workers (the dense jobs at 2 workers are tests/test_ddp.py's)."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mode_ray.run_root.ownership import claim_run_root
-from tests.conftest import demo_config
+from tests.conftest import TWO_WORKERS, demo_config
 
 MOE_SETTINGS = (
     "moe.stages=3",
@@ -27,7 +30,7 @@ LINKED = ("prep", "manifest", "train_inputs", "experts", "clusters", "embeddings
 @pytest.fixture(scope="module")
 def moe_run(trained_run, tmp_path_factory):
     """The trained run's outputs linked into a fresh run root, so building the MoE leaves the shared run alone;
-    the router job fails once on purpose and must resume."""
+    every MoE job at 2 workers; the router job fails once on purpose and must resume."""
     from mode_ray.runner.trial import failure_marker_path
     from mode_ray.stages.moe import run_moe
 
@@ -36,7 +39,7 @@ def moe_run(trained_run, tmp_path_factory):
     claim_run_root(str(root))  # a run root of ours before the links go in
     for name in LINKED:
         os.symlink(os.path.join(cfg.run_root, name), root / name)
-    settings = (*MOE_SETTINGS, "clustering.n_coarse=2", *trained_settings(cfg))
+    settings = (*MOE_SETTINGS, "clustering.n_coarse=2", *trained_settings(cfg), *TWO_WORKERS)
     moe_cfg = demo_config(root, cfg.data.shards, *settings, "training.run.fail_once_at_step={moe-router: 5}")
     marker = failure_marker_path(moe_cfg, "moe-router")
     if os.path.exists(marker):
@@ -82,6 +85,9 @@ def test_moe_builds_resumes_and_loads_back(moe_run) -> None:
         assert clustered == stage["rows"]
     assert summary["router"]["samples_seen"] > 0
     assert summary["compute"]["samples"] > summary["compute"]["moe_samples"] > 0
+    for job in ("stage-1", "stage-2", "router"):  # DDP kept the 2 ranks equal, bit for bit, in every MoE job
+        digests = json.loads(Path(paths.moe(job), "metrics.json").read_text())["weights_sha256_by_rank"]
+        assert len(digests) == 2 and digests[0] == digests[1], job
 
     model, transform, tokenizer = load_model(paths.export("moe"))
     layers = list(moe_layers(model))
@@ -154,8 +160,9 @@ def test_mcl_batches_come_from_one_cluster_on_every_worker() -> None:
 
 
 def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None:
-    """The CLIP-MoE branch again in another run root, undisturbed: both MCL stages (their clustering, plans and
-    planned batches) and the router — whose worker failed once in the first run — end equal, bit for bit."""
+    """The CLIP-MoE branch again in another run root, undisturbed, at the same 2 workers: both MCL stages (their
+    clustering, plans and planned batches) and the router — whose worker failed once in the first run — end
+    equal, bit for bit."""
     from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.moe import run_moe
 

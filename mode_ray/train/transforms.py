@@ -35,6 +35,9 @@ CROP_RATIO = (3 / 4, 4 / 3)
 def _tokenizer(model_name: str) -> Any:
     import open_clip
 
+    from mode_ray.models.clip import register_model_configs
+
+    register_model_configs()  # our configs' context lengths: an unknown name gets open_clip's default of 77
     return open_clip.get_tokenizer(model_name)
 
 
