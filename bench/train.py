@@ -37,15 +37,16 @@ def empty_loop(config: dict) -> None:
 
 
 def empty_fit(poll: float, cpus: float) -> float:
-    """The floor: fit a TorchTrainer whose loop does nothing, with the run's poll interval and worker size, in a
-    fresh temporary storage folder; returns its seconds."""
+    """The floor: fit the runner's TorchTrainer with a loop that does nothing, with the run's poll interval and
+    worker size, in a fresh temporary storage folder; returns its seconds."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from mode_ray.runner.trial import trainer_class
 
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(poll)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        TorchTrainer(
+        trainer_class(embedded_ray=True)(  # the runner's trainer on this embedded Ray
             empty_loop,
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(name="floor", storage_path=tmp),

@@ -1,4 +1,5 @@
-"""A killed trial driver's worker group must not hold its CPUs until the command ends (found by bench/chaos.py)."""
+"""A killed trial driver's worker group must not hold its CPUs until the command ends (found by bench/chaos.py),
+which on an embedded Ray is what Ray Train's own placement-group cleaner would do, at a cost to every trial."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def test_a_dead_actors_placement_group_is_released_and_a_drivers_is_kept(ray_ses
     assert placement_group_table()[drivers.id.hex()]["state"] == "CREATED"
     assert release_orphaned_placement_groups() == 0
     remove_placement_group(drivers)
+
+
+def test_an_embedded_rays_trainer_starts_no_placement_group_cleaner_and_keeps_every_other_callback(ray_session):
+    """The cleaner guards a worker group's placement group against a dead controller, which the check above
+    covers on an embedded Ray; started and awaited at every trial, it cost ~3 s of each. A cluster keeps it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mode_ray.runner.trial import trainer_class
+
+    def kinds(cls: type) -> list[str]:
+        trainer = cls(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return sorted(type(c).__name__ for c in trainer._create_default_callbacks())
+
+    assert trainer_class(embedded_ray=False) is TorchTrainer
+    stock, embedded = kinds(TorchTrainer), kinds(trainer_class(embedded_ray=True))
+    assert "PlacementGroupCleanerCallback" in stock and len(stock) > 3
+    assert embedded == [k for k in stock if k != "PlacementGroupCleanerCallback"]

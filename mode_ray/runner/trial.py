@@ -85,6 +85,29 @@ def set_train_environment(t: TrainingConfig, embedded_ray: bool) -> None:
         os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
 
 
+def trainer_class(embedded_ray: bool) -> type:
+    """`TorchTrainer`; on an embedded Ray, without its placement-group cleaner. The cleaner is a detached actor
+    that removes a worker group's placement group should the controller die: Train starts it — a fresh
+    process that imports Ray Train — and waits for it before the worker group starts, ~3 s of every trial
+    here (an empty fit: 12.3 → 9.2 s). On an embedded Ray nothing outlives the driver, and each trial already
+    releases an orphaned group first (`release_orphaned_placement_groups`); on a cluster the cleaner stays."""
+    from ray.train.torch import TorchTrainer
+
+    try:  # Ray Train's own callback, not public API: where it moves, every trial keeps its cleaner
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not embedded_ray or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """One job's trial, complete: what it trains, the samples per epoch its checkpoints count in, and what the
@@ -121,7 +144,6 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
     """Build and fit the job's TorchTrainer, then record what it did; returns its metrics.json."""
     trial_start = time.time()
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from mode_ray.data.data_backoff import quiet_training_data
     from mode_ray.data.rank_data import RankStreams
@@ -134,7 +156,7 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
     datasets, facts = job_data(cfg, job, spec.input_spec)
     run = loop_run(cfg, spec, holdout="holdout" in datasets)
     storage_path, filesystem = ray_storage(join(cfg.run_root, "train_runs"), cfg.data.s3)
-    trainer = TorchTrainer(
+    trainer = trainer_class(spec.embedded_ray)(
         train_loop_per_worker,
         train_loop_config={"job": job, "run": run, "progress_board": spec.progress_board},
         scaling_config=ray.train.ScalingConfig(
