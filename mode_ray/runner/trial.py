@@ -93,11 +93,11 @@ def trainer_class(embedded_ray: bool) -> type:
     releases an orphaned group first (`release_orphaned_placement_groups`); on a cluster the cleaner stays."""
     from ray.train.torch import TorchTrainer
 
+    if not embedded_ray:
+        return TorchTrainer
     try:  # Ray Train's own callback, not public API: where it moves, every trial keeps its cleaner
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
-        return TorchTrainer
-    if not embedded_ray or not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
 
     class EmbeddedTorchTrainer(TorchTrainer):
