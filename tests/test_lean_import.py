@@ -9,6 +9,12 @@ import sys
 from mode_ray.models.lean_import import named_config, unused_tower_libraries
 
 
+def _runs_in_a_fresh_process(script: str) -> None:
+    """`script` in a new interpreter (nothing imported yet, as a Ray worker starts); it prints "ok" when done."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def unused(*names: str) -> list[str]:
     return unused_tower_libraries(named_config(n) for n in names)
 
@@ -35,8 +41,7 @@ assert sum(p.numel() for p in model.parameters()) > 0
 import transformers, timm  # after the import, both load as usual (sentence-transformers, HF tokenizers)
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _runs_in_a_fresh_process(script)
 
 
 def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:
@@ -68,8 +73,7 @@ for name, spec in specs.items():
     assert spec.context_length == cfg["text_cfg"]["context_length"], name
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _runs_in_a_fresh_process(script)
 
 
 def test_our_models_tokenizer_has_its_configs_context_length() -> None:
@@ -81,5 +85,4 @@ from mode_ray.train.transforms import tokenize
 assert tokenize(["a red circle"], "mode-tiny").shape == (1, input_spec("mode-tiny").context_length) == (1, 32)
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    _runs_in_a_fresh_process(script)
