@@ -6,6 +6,7 @@ learns, and resumes from a failure to the bytes of an undisturbed run."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,42 +30,49 @@ def _global_batch(context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, texts
 
 
-def _gradients(rank: int, world: int, smoothing: float, port: int, out: dict) -> None:
-    """Rank `rank` of `world`: the same initial model, its contiguous share of the global batch, one backward
-    through DDP; its gradients by parameter name."""
+SMOOTHINGS = (0.0, 0.1)  # open_clip's loss, and the MCL stages' label smoothing
+
+
+def _gradients(rank: int, world: int, port: int, out: dict) -> None:
+    """Rank `rank` of `world`, for each label smoothing: the same initial model, its contiguous share of the
+    global batch, one backward through DDP; its gradients by parameter name, under (rank, smoothing)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from mode_ray.models.clip import build_clip
     from mode_ray.train.losses import global_batch_loss, training_loss
 
-    torch.manual_seed(0)
-    model = build_clip("mode-tiny")[0]
-    images, texts = _global_batch(model.context_length)
-    share = GLOBAL_BATCH // world
-    images, texts = images[rank * share : (rank + 1) * share], texts[rank * share : (rank + 1) * share]
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-        model = DistributedDataParallel(model)
-    loss = training_loss(global_batch_loss(smoothing, rank, world), model, model(images, texts), None)
-    loss.backward()
-    named = getattr(model, "module", model).named_parameters()
-    out[rank] = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
+    for smoothing in SMOOTHINGS:
+        torch.manual_seed(0)
+        model = build_clip("mode-tiny")[0]
+        images, texts = _global_batch(model.context_length)
+        share = GLOBAL_BATCH // world
+        images, texts = images[rank * share : (rank + 1) * share], texts[rank * share : (rank + 1) * share]
+        if world > 1:
+            model = DistributedDataParallel(model)
+        loss = training_loss(global_batch_loss(smoothing, rank, world), model, model(images, texts), None)
+        loss.backward()
+        named = getattr(model, "module", model).named_parameters()
+        out[(rank, smoothing)] = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
-def _ranks(world: int, smoothing: float) -> dict[int, dict[str, torch.Tensor]]:
+@functools.cache
+def _ranks(world: int) -> dict[tuple[int, float], dict[str, torch.Tensor]]:
+    """Every rank's gradients at every smoothing: one process per rank (spawned once for both smoothings)."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gradients, args=(world, smoothing, _free_port(), out), nprocs=world, join=True)
+        mp.spawn(_gradients, args=(world, _free_port(), out), nprocs=world, join=True)
         return dict(out)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])  # open_clip's loss, and the MCL stages' label smoothing
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
 def test_two_ranks_give_the_one_rank_gradient_on_one_global_batch(smoothing: float) -> None:
-    one = _ranks(1, smoothing)[0]
-    two = _ranks(2, smoothing)
+    one = _ranks(1)[(0, smoothing)]
+    two = {rank: _ranks(2)[(rank, smoothing)] for rank in (0, 1)}
     assert set(two[0]) == set(one) and len(one) > 10
     for name, grad in one.items():
         torch.testing.assert_close(two[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
