@@ -6,29 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mode_ray.models.lean_import import named_config, unused_tower_libraries
 
-
-def _runs_in_a_fresh_process(script: str) -> None:
-    """`script` in a new interpreter (nothing imported yet, as a Ray worker starts); it prints "ok" when done."""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
-def unused(*names: str) -> list[str]:
-    return unused_tower_libraries(named_config(n) for n in names)
-
-
-def test_only_the_towers_no_config_names_are_left_out() -> None:
-    assert unused("mode-tiny") == ["transformers", "timm"]  # ours: open_clip's own towers
-    assert unused("roberta-ViT-B-32") == ["timm"]  # open_clip's bundled HF text tower
-    assert unused("convnext_base") == ["transformers"]  # a timm image tower
-    assert unused("mode-tiny", "convnext_base") == ["transformers"]  # an actor for both: what neither uses
-    assert unused("no-such-model") == [] == unused("mode-tiny", "no-such-model")  # unknown: imported whole
-
-
-def test_a_lean_import_builds_the_model_and_leaves_the_libraries_importable() -> None:
-    script = """
+LEAN_IMPORT = """
 import sys
 from mode_ray.models.lean_import import import_open_clip_for
 import_open_clip_for("mode-tiny")
@@ -41,22 +23,7 @@ assert sum(p.numel() for p in model.parameters()) > 0
 import transformers, timm  # after the import, both load as usual (sentence-transformers, HF tokenizers)
 print("ok")
 """
-    _runs_in_a_fresh_process(script)
-
-
-def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:
-    from mode_ray.models.clip import build_clip, export_open_clip, model_config
-    from mode_ray.models.lean_import import export_config
-
-    export_open_clip(build_clip("mode-tiny")[0], "mode-tiny", str(tmp_path / "export"))
-    assert export_config(str(tmp_path / "export")) == model_config("mode-tiny")
-    assert export_config(str(tmp_path / "nowhere")) is None  # unreadable: open_clip imported whole
-
-
-def test_a_models_input_spec_is_open_clips_preprocessing_read_without_importing_it() -> None:
-    """What an MCL stage's driver task needs to size its rows, without the ~4.5 s import of open_clip (and
-    torch) on the MoE chain's critical path; equal to open_clip's own `PreprocessCfg` for every kind of config."""
-    script = """
+INPUT_SPEC = """
 import sys
 from mode_ray.train.inputs import input_spec
 names = ("mode-tiny", "ViT-B-32", "ViT-SO400M-14-SigLIP", "convnext_base", "RN50")
@@ -73,16 +40,65 @@ for name, spec in specs.items():
     assert spec.context_length == cfg["text_cfg"]["context_length"], name
 print("ok")
 """
-    _runs_in_a_fresh_process(script)
-
-
-def test_our_models_tokenizer_has_its_configs_context_length() -> None:
-    """In a fresh process (a read task's), the tokenizer of one of our configs pads to that config's context,
-    not open_clip's default 77 for a name it does not know."""
-    script = """
+TOKENIZER = """
 from mode_ray.train.inputs import input_spec
 from mode_ray.train.transforms import tokenize
 assert tokenize(["a red circle"], "mode-tiny").shape == (1, input_spec("mode-tiny").context_length) == (1, 32)
 print("ok")
 """
-    _runs_in_a_fresh_process(script)
+
+
+@pytest.fixture(scope="module")
+def fresh_processes() -> dict[str, subprocess.Popen]:
+    """Each script in a new interpreter of its own (nothing imported yet, as a Ray worker starts), all started
+    at once: each is mostly imports, one core's worth, so side by side they take the time of about one. Each
+    prints "ok" when done."""
+    scripts = {"lean_import": LEAN_IMPORT, "input_spec": INPUT_SPEC, "tokenizer": TOKENIZER}
+    procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, script in scripts.items()}  # fmt: skip
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+        proc.communicate()
+
+
+def _passed(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == "ok", err[-2000:]
+
+
+def unused(*names: str) -> list[str]:
+    return unused_tower_libraries(named_config(n) for n in names)
+
+
+def test_only_the_towers_no_config_names_are_left_out() -> None:
+    assert unused("mode-tiny") == ["transformers", "timm"]  # ours: open_clip's own towers
+    assert unused("roberta-ViT-B-32") == ["timm"]  # open_clip's bundled HF text tower
+    assert unused("convnext_base") == ["transformers"]  # a timm image tower
+    assert unused("mode-tiny", "convnext_base") == ["transformers"]  # an actor for both: what neither uses
+    assert unused("no-such-model") == [] == unused("mode-tiny", "no-such-model")  # unknown: imported whole
+
+
+def test_a_lean_import_builds_the_model_and_leaves_the_libraries_importable(fresh_processes) -> None:
+    _passed(fresh_processes["lean_import"])
+
+
+def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:
+    from mode_ray.models.clip import build_clip, export_open_clip, model_config
+    from mode_ray.models.lean_import import export_config
+
+    export_open_clip(build_clip("mode-tiny")[0], "mode-tiny", str(tmp_path / "export"))
+    assert export_config(str(tmp_path / "export")) == model_config("mode-tiny")
+    assert export_config(str(tmp_path / "nowhere")) is None  # unreadable: open_clip imported whole
+
+
+def test_a_models_input_spec_is_open_clips_preprocessing_read_without_importing_it(fresh_processes) -> None:
+    """What an MCL stage's driver task needs to size its rows, without the ~4.5 s import of open_clip (and
+    torch) on the MoE chain's critical path; equal to open_clip's own `PreprocessCfg` for every kind of config."""
+    _passed(fresh_processes["input_spec"])
+
+
+def test_our_models_tokenizer_has_its_configs_context_length(fresh_processes) -> None:
+    """In a fresh process (a read task's), the tokenizer of one of our configs pads to that config's context,
+    not open_clip's default 77 for a name it does not know."""
+    _passed(fresh_processes["tokenizer"])
