@@ -2,7 +2,7 @@
 decoded cache (`training.decode_cache: false`, as `configs/cloud.yaml` runs at web scale), against open_clip's
 own training loader on the same shards and cores.
 
-    python bench/feed.py [--samples 4000] [--shards 8] [--cores 2] [--batch 256] [--model ViT-B-16]
+    python bench/feed.py [--samples 4000] [--shards 8] [--passes 3] [--cores 2] [--batch 256] [--model ViT-B-16]
 
 Generated webdataset shards of photo-like JPEGs (256–512 px a side, smooth colour fields with sensor-like
 noise: what a JPEG decoder pays for in web images), prepped by mode_ray once (the manifest its reads decode).
@@ -15,9 +15,13 @@ noise: what a JPEG decoder pays for in web images), prepped by mode_ray once (th
   pipeline with the model's training `preprocess` (RandomResizedCrop, ToTensor, Normalize) and its tokenizer,
   and a torch DataLoader with `--workers` = cores (one shim for webdataset 1.0, in `open_clip_feed`).
 
-Both are timed from their first batch (pipeline start excluded, and printed apart) over one pass of the
-shards, each with its own read-ahead as training runs it (mode_ray: the trial's object-store budget for its
-training data, `data_buffer_mb`; open_clip: the DataLoader's 2 batches a worker); per core = images/s ÷ cores.
+Both are timed from their first batch (pipeline start excluded, and printed apart) over `--passes` passes of the
+shards, as a training job streams them (mode_ray: one dataset of that many draws; open_clip: that many epochs
+of its persistent workers): a single pass of a few thousand images is a handful of ~1,000-row read tasks,
+whose arrival in bursts the timing would measure rather than the rate. Each with its own read-ahead as training
+runs it: mode_ray the object-store budget `configs/cloud.yaml` gives each read task
+(`training.run.data_buffer_mb` ÷ `data_tasks_per_trial`) times `--cores` tasks, open_clip the DataLoader's 2
+batches a worker; per core = images/s ÷ cores.
 Cores per GPU: the GPU's training throughput ÷ the images/s one core feeds, for open_clip's own figures.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 import tarfile
@@ -36,6 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,11 +98,23 @@ def timed_pass(batches, count) -> tuple[int, float, float]:  # noqa: ANN001
     return images, end - (first or end), (first or end) - start
 
 
+def cloud_buffer_mb(cores: int) -> int:
+    """The object-store room configs/cloud.yaml gives a trial's read tasks, for `cores` of them."""
+    run = yaml.safe_load((REPO / "configs" / "cloud.yaml").read_text())["training"]["run"]
+    return int(run["data_buffer_mb"] / run["data_tasks_per_trial"] * cores)
+
+
 def mode_ray_feed(args: argparse.Namespace, root: Path, shards: Path) -> tuple[int, float, float]:
     import ray
 
     from mode_ray.config import load_config
-    from mode_ray.data.train_data import job_datasets
+    from mode_ray.data.train_data import (
+        draws_per_execution,
+        holdout_fraction,
+        job_datasets,
+        row_groups,
+        training_roots,
+    )
     from mode_ray.runner.plan_jobs import make_plan
     from mode_ray.runner.trial import ingest_options
     from mode_ray.stages.prep import run_prep
@@ -109,14 +127,19 @@ def mode_ray_feed(args: argparse.Namespace, root: Path, shards: Path) -> tuple[i
             "clustering.n_fine=8", "clustering.n_coarse=2", f"training.model={args.model}",
             "training.decode_cache=false", f"training.batch_size={args.batch}",
             f"training.run.data_cpus_per_trial={args.cores}", f"training.run.data_tasks_per_trial={args.cores}",
+            f"training.run.data_buffer_mb={args.buffer_mb}",
         ],
     )  # fmt: skip
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         prep = run_prep(cfg)
         seed = make_plan(cfg, prep["per_expert"]).seed
-        one_pass = replace(seed, end_step=seed.start_step + 1)  # a job smaller than its rows: one draw of them all
-        datasets, _ = job_datasets(cfg, one_pass, 0, input_spec(args.model))
+        groups = row_groups(training_roots(cfg), cfg.data.s3)
+        holdout = holdout_fraction(cfg, sum(g["rows"] for g in groups))
+        jobs = (replace(seed, end_step=seed.start_step + steps) for steps in itertools.count(1))
+        job = next(j for j in jobs if draws_per_execution(groups, j, cfg, holdout) >= args.passes)  # the smallest
+        datasets, facts = job_datasets(cfg, job, 0, input_spec(args.model))
+        assert facts["draws_per_execution"] == args.passes, facts
         train = datasets["train_rank0"]
         train.context.execution_options = ingest_options(cfg.training, datasets)["train_rank0"]  # as in a trial
         batches = train.iter_torch_batches(batch_size=args.batch, drop_last=True)
@@ -141,17 +164,26 @@ def open_clip_feed(args: argparse.Namespace, shards: list[str], samples: int) ->
     )  # fmt: skip
     tokenizer = open_clip.get_tokenizer(args.model)
     data = open_clip_data.get_wds_dataset(loader_args, preprocess_train, True, tokenizer=tokenizer)
-    return timed_pass(data.dataloader, lambda b: len(b[0]))
+
+    def epochs():  # as open_clip_train.main: set_epoch, then the loader's batches, once an epoch
+        for epoch in range(args.passes):
+            data.set_epoch(epoch)
+            yield from data.dataloader
+
+    return timed_pass(epochs(), lambda b: len(b[0]))
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3, help="passes over the shards, timed as one stream")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--buffer-mb", type=int, default=None, help="mode_ray's read-ahead (default: cloud.yaml's)")
     args = parser.parse_args(argv)
+    args.buffer_mb = args.buffer_mb or cloud_buffer_mb(args.cores)
     with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
         root = Path(tmp)
         shards = write_shards(root / "shards", args.samples, args.shards)
@@ -159,8 +191,8 @@ def main(argv: list[str] | None = None) -> str:
         theirs = open_clip_feed(args, shards, args.samples)
     rate = {name: images / seconds for name, (images, seconds, _) in (("mode_ray", ours), ("open_clip", theirs))}
     lines = [
-        f"bench/feed.py: {args.samples} JPEGs (256–512 px) in {args.shards} shards, {args.model}, batch {args.batch}, "
-        f"{args.cores} cores",
+        f"bench/feed.py: {args.samples} JPEGs (256–512 px) in {args.shards} shards, {args.passes} passes, "
+        f"{args.model}, batch {args.batch}, {args.cores} cores, mode_ray's read-ahead {args.buffer_mb} MB",
         f"  mode_ray training path (decode_cache: false)  {rate['mode_ray'] / args.cores:7.1f} images/s per core  "
         f"(pipeline start {ours[2]:.1f} s)",
         f"  open_clip's loader (open_clip_train)          {rate['open_clip'] / args.cores:7.1f} images/s per core  "

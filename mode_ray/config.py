@@ -162,7 +162,8 @@ class TrainingRunConfig(Section):
         default=512,
         ge=1,
         description="Object store a trial's data may fill ahead of training: the read tasks wait beyond it instead "
-        "of racing ahead (spilling, and taking the CPU the step needs).",
+        "of racing ahead (spilling, and taking the CPU the step needs). Each concurrent read task needs about 3 of "
+        "its outputs of room, or fewer run at once; a training stage says so when it is short.",
     )
     max_concurrent_trials: int | None = Field(default=None, ge=1, description="null: as many as resources allow.")
     controller_poll_s: float = Field(

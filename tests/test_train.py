@@ -25,8 +25,8 @@ from mode_ray.runner.trial import failure_marker_path
 from mode_ray.stages.train import experts_dir, run_train, with_ancestors
 from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
+from tests.conftest import REPO, TRAIN_EPOCH
 from tests.conftest import TRAIN_BATCH as BATCH
-from tests.conftest import TRAIN_EPOCH
 
 EXPERTS = ("expert-0", "expert-1")
 
@@ -273,6 +273,22 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(trained, caps
 
 
 # --------------------------------------------------------------------------- the plain pieces
+
+
+def test_a_data_buffer_too_small_for_its_reads_is_said_with_the_size_that_fits():
+    """The shipped configs feed their reads at full speed; 256 px reads (ViT-B-16) in the demo's 128 MB would
+    run about one read task at a time (bench/feed.py), and the message names the budget that fits."""
+    from mode_ray.config import load_config
+    from mode_ray.runner.trial import buffer_shortfall
+
+    for name in ("demo", "cloud"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert buffer_shortfall(cfg.training, input_spec(cfg.training.model)) is None, name
+    small = load_config(REPO / "configs" / "demo.yaml", ["training.model=ViT-B-16"]).training
+    said = buffer_shortfall(small, input_spec("ViT-B-16"))
+    assert said is not None and "data_buffer_mb=128" in said and "256 px" in said and "1154 or more" in said
+    assert buffer_shortfall(small.model_copy(update={"run": small.run.model_copy(update={"data_buffer_mb": 1154})}),
+                            input_spec("ViT-B-16")) is None  # fmt: skip
 
 
 def test_plan_counts_steps_for_every_job():

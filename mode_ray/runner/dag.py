@@ -25,7 +25,7 @@ from mode_ray.ray_env.resources import training_needs
 from mode_ray.ray_env.runtime import cluster_address, release_orphaned_placement_groups, require_resources
 from mode_ray.run_root.ownership import claim, remove_owned_tree
 from mode_ray.run_root.storage import join, marker_info, stage_done
-from mode_ray.runner.trial import TrialSpec, fit_job, train_run_name
+from mode_ray.runner.trial import TrialSpec, buffer_shortfall, fit_job, train_run_name
 from mode_ray.train.inputs import InputSpec, input_spec
 from mode_ray.train.job import TrainJob, critical_path, job_hashes
 
@@ -145,6 +145,8 @@ def run_jobs(
     most = max_concurrent(cfg)
     concurrent = min(len(todo), most)
     spec, embedded = input_spec(cfg.training.model), cluster_address(cfg) is None
+    if shortfall := buffer_shortfall(cfg.training, spec):
+        log.info(shortfall)
     with progress_bars(log.name) as board:
         # Threads from the whole DAG, not what is left of it: a resumed run keeps them, and with them its bytes.
         threads = torch_threads(cfg, min(len(jobs), most))

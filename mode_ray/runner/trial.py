@@ -13,6 +13,7 @@ name is the job's settings hash, so the same settings resume and changed ones st
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -61,6 +62,30 @@ def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any
             opts.preserve_order = True
         options[name] = opts
     return options
+
+
+# A read task's output waits in the object store until the loop takes it, and Ray Data gives the read operator
+# only part of the trial's budget: measured with bench/feed.py's stream (2 read tasks of ~1,000 rows of 256 px,
+# ~190 MB an output), a budget of 128, 512 or 768 MB decoded about one task at a time, 1,024 MB two at once.
+BUFFER_TASKS = 3  # task outputs of room the budget needs for each concurrent read task
+
+
+def buffer_shortfall(t: TrainingConfig, spec: InputSpec) -> str | None:
+    """Why the trial's read tasks would run fewer at once than `data_tasks_per_trial`, or None: each task's
+    output (ROWS_PER_READ_TASK rows of pixels and tokens) must fit the training data's object-store budget
+    with room to spare, or Ray Data holds back the next task until the loop has taken the last one."""
+    from mode_ray.data.train_data import ROWS_PER_READ_TASK
+
+    row = spec.load * spec.load * 3 + spec.context_length * 4 + 9  # uint8 pixels, int32 tokens, ok, coarse_id
+    task_mb = ROWS_PER_READ_TASK * row / 2**20
+    needed = math.ceil(BUFFER_TASKS * t.run.data_tasks_per_trial * task_mb)
+    if t.run.data_buffer_mb >= needed:
+        return None
+    return (
+        f"training.run.data_buffer_mb={t.run.data_buffer_mb} is short of what {t.run.data_tasks_per_trial} read "
+        f"tasks need at once ({ROWS_PER_READ_TASK:,} rows of {spec.load} px: ~{task_mb:.0f} MB a task): Ray Data will "
+        f"run fewer of a trial's reads at once; set it to {needed} or more to feed at full speed"
+    )
 
 
 def job_data(cfg: Config, job: TrainJob, spec: InputSpec) -> tuple[dict[str, Any], dict[str, Any]]:
