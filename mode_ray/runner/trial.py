@@ -64,9 +64,11 @@ def ingest_options(t: TrainingConfig, datasets: dict[str, Any]) -> dict[str, Any
     return options
 
 
-# A read task's output waits in the object store until the loop takes it, and Ray Data gives the read operator
-# only part of the trial's budget: measured with bench/feed.py's stream (2 read tasks of ~1,000 rows of 256 px,
-# ~190 MB an output), a budget of 128, 512 or 768 MB decoded about one task at a time, 1,024 MB two at once.
+# A read task's output waits in the object store until the loop takes it, and Ray Data's resource allocator
+# (`ReservationOpResourceAllocator`, op_resource_reservation_ratio 0.5) starts a task only when the operator's
+# share of the budget holds the task's expected output beside the outputs still waiting: measured with
+# bench/feed.py's stream (2 read tasks of ~1,000 rows of 256 px, ~190 MB an output), a budget of 128, 512 or 768 MB
+# decoded about one task at a time, 1,024 MB two at once.
 BUFFER_TASKS = 3  # task outputs of room the budget needs for each concurrent read task
 
 
