@@ -263,3 +263,38 @@ def test_refresh_retrains_only_the_grown_experts_and_rolls_back(ray_session, gro
     assert _files(root / "experts" / back) == before[back]
     with pytest.raises(ValueError, match="never refreshed"):
         rollback_expert(cfg, back)
+
+
+@pytest.mark.parametrize("geometry", ["spherical", "euclidean"])
+def test_the_run_own_coverage_threshold_leaves_a_new_domain_uncovered_in_either_geometry(geometry):
+    """add-data's coverage rule on real caption embeddings, without Ray: prep's assignment scores of a 240-pair
+    demo run (`CentroidAssigner`, as the manifest stores them) give the threshold, their 1st percentile;
+    add-data's scoring (`_score_rows`) must leave nearly every food caption uncovered and keep its embedding.
+    `euclidean` is the reference preset's geometry, where a score is x·c − ‖c‖²/2 to a raw member mean, not a
+    cosine: the rule must hold there too (the end-to-end add-data tests run the default, spherical)."""
+    import pyarrow as pa
+
+    from mode_ray import kmeans
+    from mode_ray.encoders import build_encoder
+    from mode_ray.stages.grow import _score_rows
+    from mode_ray.stages.prep import CentroidAssigner, embeddings_to_arrow
+
+    rng = np.random.default_rng(0)
+    own = [json.loads(demo_data.make_sample(f"k{i}", rng, "train").members[0][1])["caption"] for i in range(240)]
+    food = [f"a plate of {rng.choice(DISHES)} {rng.choice(SIDES)}" for _ in range(160)]
+    encoder = build_encoder("minilm", "cpu")
+    x, y = encoder.encode(own), encoder.encode(food)  # unit rows, as prep stores them
+
+    def table(vectors: np.ndarray) -> pa.Table:
+        keys = pa.array([f"t{i}" for i in range(len(vectors))])
+        return pa.table({"key": keys, "embedding": embeddings_to_arrow(vectors)})
+
+    fit = kmeans.two_step(x, 8, 2, geometry=geometry)
+    scores = CentroidAssigner(fit.fine, fit.fine_to_coarse, False, geometry)(table(x))["score"].to_numpy()
+    threshold = float(np.percentile(scores, 1))
+    scored = _score_rows(table(y), fit.fine, threshold, geometry)
+    covered = scored["covered"].to_numpy(zero_copy_only=False)
+    assert covered.mean() < 0.1, (geometry, threshold)
+    assert scored["embedding"].null_count == int(covered.sum())  # only the uncovered travel on
+    own_covered = _score_rows(table(x), fit.fine, threshold, geometry)["covered"].to_numpy(zero_copy_only=False)
+    assert own_covered.mean() >= 0.98  # the same scale as the manifest's: ~99% of the run's rows reach its p1
