@@ -41,7 +41,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,8 +99,10 @@ def timed_pass(batches, count) -> tuple[int, float, float]:  # noqa: ANN001
 
 def cloud_buffer_mb(cores: int) -> int:
     """The object-store room configs/cloud.yaml gives a trial's read tasks, for `cores` of them."""
-    run = yaml.safe_load((REPO / "configs" / "cloud.yaml").read_text())["training"]["run"]
-    return int(run["data_buffer_mb"] / run["data_tasks_per_trial"] * cores)
+    from mode_ray.config import load_config
+
+    run = load_config(REPO / "configs" / "cloud.yaml").training.run
+    return int(run.data_buffer_mb / run.data_tasks_per_trial * cores)
 
 
 def mode_ray_feed(args: argparse.Namespace, root: Path, shards: Path) -> tuple[int, float, float]:
