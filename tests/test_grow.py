@@ -35,11 +35,13 @@ def _food_shards(out: Path, n: int, seed: int = 0) -> set[str]:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for i in range(n):
             key = f"food{i:05d}"
-            caption = f"a plate of {rng.choice(DISHES)} {rng.choice(SIDES)}"
+            dish, side = rng.choice(DISHES), rng.choice(SIDES)
+            caption = f"a plate of {dish} {side}"
+            meta = {"caption": caption, "texts": [caption, f"{dish}, {side}"]}  # texts: the reference's form
             pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
             image = io.BytesIO()
             Image.fromarray(pixels).save(image, format="JPEG")
-            for suffix, payload in (("json", json.dumps({"caption": caption}).encode()), ("jpg", image.getvalue())):
+            for suffix, payload in (("json", json.dumps(meta).encode()), ("jpg", image.getvalue())):
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

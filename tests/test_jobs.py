@@ -1,6 +1,6 @@
-"""`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root, the MoE
-included (killed, resubmitted, resumed from the bucket, then grown with new data from the bucket), and a job
-that must fail clearly.
+"""`ray job submit` against a real local head: the whole pipeline as a job on an `s3://` run root under the
+reference preset, the MoE included (killed, resubmitted, resumed from the bucket, then grown with new data from
+the bucket), and a job that must fail clearly.
 
 The head is this module's own (`ray start --head` on 127.0.0.1 with the dashboard and its own temp dir), so
 the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir. Its
@@ -24,12 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, _free_port, pids_naming
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = (
+    # The reference's settings (DESIGN §7) on the bucket: Euclidean k-means on raw means, captions drawn per read
+    # from each sample's `texts`, the CLIP-MoE's optimizer, batches and balance loss, the reference router.
+    "preset=reference",
+    "data.caption_field=texts",
     "data.demo.samples=240",
     "data.demo.shards=2",
     "data.demo.eval_samples=60",
@@ -228,6 +233,51 @@ def test_whole_pipeline_as_a_job_on_s3_is_killed_and_resumes_from_the_bucket(buc
     lines = b.logs.strip().splitlines()
     assert len(lines) < 100 and "Traceback" not in b.logs, "\n".join(lines)
     assert any(line.strip().startswith("generalist") and "loss" in line for line in lines), b.logs[-3000:]
+
+
+def test_the_reference_preset_goes_end_to_end_in_the_bucket(bucket_run: BucketRun):
+    """The job ran under `preset: reference`: prep (Euclidean k-means, raw means), training (cosine after warmup,
+    captions drawn per read from the decoded cache's tokens), the CLIP-MoE (the reference's optimizer, pooled
+    balance loss, truncated round-robin MCL batches, router with label smoothing and a fixed temperature) and
+    the reference router on raw means, all on one tiny run: the switches work together, not only one by one
+    (tests/test_reference_fidelity.py checks each against the references' code). The MoE upcycles the seed (the
+    preset does not choose the base; the default's generalist is upcycled in tests/test_moe.py)."""
+    from mode_ray.config import RoutingConfig, load_config
+    from mode_ray.routing.router import TaskRouter
+    from mode_ray.routing.weights import reference_weights
+    from mode_ray.run_root.layout import RunPaths, read_centroids
+    from mode_ray.run_root.storage import parquet_dataset, read_json
+
+    b = bucket_run
+    assert b.status == "SUCCEEDED", "the pipeline job failed (see the test before)"
+    cfg = load_config(REPO / "configs/demo.yaml", list(b.settings))
+    assert (cfg.clustering.geometry, cfg.training.caption_draw, cfg.moe.balance_form) == (
+        "euclidean",
+        "per_read",
+        "reference",
+    )
+    paths, s3 = RunPaths(cfg.run_root), cfg.data.s3
+    assert read_json(paths.prep_summary, s3)["clustering"]["geometry"] == "euclidean"
+    cents = read_centroids(paths.centroids, s3)
+    np.testing.assert_allclose(cents["fine"], cents["fine_raw"], atol=1e-5)  # euclidean: the centres are the means
+    texts = parquet_dataset(paths.manifest, s3).to_table(columns=["texts"])["texts"].to_pylist()
+    assert texts and all(len(t) == 2 for t in texts)  # the demo's two phrasings, kept for reads
+    assert sorted(read_json(paths.experts_summary, s3)["models"]) == [
+        "expert-0",
+        "expert-1",
+        "generalist",
+        "seed",
+    ]
+    plan = read_json(f"{paths.moe('stage-1')}/plan.json", s3)
+    assert plan["rows_repeated_to_fill_batches"] == 0 and plan["rows_dropped_by_truncation"] > 0
+    moe = read_json(paths.moe_summary, s3)
+    assert moe["router"] and moe["stages"]
+    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, RoutingConfig(), s3)
+    labels = ["a red star", "a green circle", "the digit seven"]
+    got = router.route(labels, ("{}",), "reference")
+    emb = router._embed(tuple(labels), ("{}",))
+    expected = reference_weights(emb, cents["fine_raw"], cents["fine_to_coarse"], len(cents["coarse"]))
+    np.testing.assert_allclose(got.weights, expected.weights)
 
 
 def test_new_data_in_the_bucket_grows_the_run_there_and_nothing_is_written_here(bucket_run: BucketRun, tmp_path):

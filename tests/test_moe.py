@@ -160,9 +160,12 @@ def test_mcl_batches_come_from_one_cluster_on_every_worker() -> None:
 
 
 def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None:
-    """The CLIP-MoE branch again in another run root, undisturbed, at the same 2 workers: both MCL stages (their
-    clustering, plans and planned batches) and the router — whose worker failed once in the first run — end
-    equal, bit for bit."""
+    """The CLIP-MoE branch again in another run root, undisturbed, at the same 2 workers, from the first run's
+    stage 1 (copied: its rerun would be the same code as stage 2's): stage 2 — its clustering of pairs embedded
+    by stage 1's model, its plan and planned batches, its training — and the router, whose worker failed once in
+    the first run, end equal, bit for bit."""
+    import shutil
+
     from mode_ray.run_root.layout import RunPaths
     from mode_ray.stages.moe import run_moe
 
@@ -171,12 +174,15 @@ def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None
     claim_run_root(str(root))
     for name in LINKED:
         os.symlink(os.path.join(cfg.run_root, name), root / name)
+    first, second = RunPaths(cfg.run_root), RunPaths(str(root))
+    shutil.copytree(first.moe("stage-1"), second.moe("stage-1"))  # copy2: the files keep their times
+    kept = os.path.join(second.moe("stage-1"), "metrics.json")
+    stamp = os.path.getmtime(kept)
     run = cfg.training.run.model_copy(update={"fail_once_at_step": None})
     again = cfg.model_copy(update={"run_root": str(root), "training": cfg.training.model_copy(update={"run": run})})
     run_moe(again)
-    first, second = RunPaths(cfg.run_root), RunPaths(again.run_root)
-    for name in ("stage-1", "stage-2"):
-        a, b = (_state(os.path.join(p.moe(name), "export")) for p in (first, second))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert os.path.getmtime(kept) == stamp, "stage 1 was trained again: the copy was not taken as complete"
+    a, b = (_state(os.path.join(p.moe("stage-2"), "export")) for p in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a), "stage-2"
     a, b = _state(first.export("moe")), _state(second.export("moe"))
     assert all(torch.equal(a[k], b[k]) for k in a), "router"

@@ -4,7 +4,6 @@ the reference's own lines (cited per test; transcribed as arithmetic, not copied
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -346,60 +345,3 @@ def json_bytes(value: object) -> bytes:
     import json
 
     return json.dumps(value).encode()
-
-
-def test_a_run_under_the_reference_preset_goes_end_to_end(ray_session, tmp_path) -> None:
-    """prep (Euclidean k-means, raw means), training (cosine after warmup, captions drawn per read from the
-    decoded cache's tokens), the CLIP-MoE (the reference's optimizer, pooled balance loss, truncated
-    round-robin MCL batches, router with label smoothing and a fixed temperature) and the reference router on
-    raw means, all on one tiny run: the switches work together, not only one by one. The MoE upcycles the seed
-    (the preset does not choose the base; the default's generalist is upcycled in tests/test_moe.py)."""
-    import json
-
-    import numpy as np
-    import pyarrow.dataset as pads
-
-    from mode_ray.config import RoutingConfig
-    from mode_ray.demo import demo_data
-    from mode_ray.routing.router import TaskRouter
-    from mode_ray.routing.weights import reference_weights
-    from mode_ray.run_root.layout import RunPaths, read_centroids
-    from mode_ray.stages.moe import run_moe
-    from mode_ray.stages.prep import run_prep
-    from mode_ray.stages.train import run_train
-    from tests.conftest import demo_config
-
-    shards = tmp_path / "shards"
-    demo_data.generate(str(shards), samples=320, shards=1, seed=7)
-    sets = (
-        "preset=reference", "data.caption_field=texts", "clustering.n_coarse=2", "training.samples_per_epoch=64",
-        "training.epochs=2", "training.batch_size=32", "training.seed_fraction=0.5", "training.warmup_steps=1",
-        "training.matched_control=false", "training.decode_cache=true", "moe.stages=2", "moe.image_clusters=2",
-        "moe.text_clusters=2", "moe.mcl_optim.warmup_steps=1", "moe.router_optim.warmup_steps=1",
-        "moe.router_epochs=0.25",
-        "moe.base=seed",  # the MoE's chain starts beside the tails, not after the generalist: one trial shorter
-    )  # fmt: skip
-    cfg = demo_config(tmp_path / "run", shards, *sets)
-    assert (cfg.clustering.geometry, cfg.training.caption_draw, cfg.moe.balance_form) == (
-        "euclidean",
-        "per_read",
-        "reference",
-    )
-    summary = run_prep(cfg)
-    assert summary["clustering"]["geometry"] == "euclidean"
-    cents = read_centroids(RunPaths(cfg.run_root).centroids)
-    np.testing.assert_allclose(cents["fine"], cents["fine_raw"], atol=1e-5)  # euclidean: the centres are the means
-    manifest = pads.dataset(f"{cfg.run_root}/manifest", format="parquet", partitioning="hive").to_table()
-    assert all(len(t) == 2 for t in manifest["texts"].to_pylist())  # the demo's two phrasings, kept for reads
-    trained = run_train(cfg, with_moe=True)  # as `mode-ray run`: the MoE's branch beside the experts' tails
-    assert sorted(trained["models"]) == ["expert-0", "expert-1", "generalist", "seed"]
-    moe = run_moe(cfg)  # complete already: reads the branch's outputs back, trains nothing
-    plan = json.loads((Path(cfg.run_root) / "moe" / "stage-1" / "plan.json").read_text())
-    assert plan["rows_repeated_to_fill_batches"] == 0 and plan["rows_dropped_by_truncation"] > 0
-    assert moe["router"] and moe["stages"]
-    router = TaskRouter.from_run(cfg.run_root, cfg.embedding, RoutingConfig())
-    labels = ["a red star", "a green circle", "the digit seven"]
-    got = router.route(labels, ("{}",), "reference")
-    emb = router._embed(tuple(labels), ("{}",))
-    expected = reference_weights(emb, cents["fine_raw"], cents["fine_to_coarse"], len(cents["coarse"]))
-    np.testing.assert_allclose(got.weights, expected.weights)

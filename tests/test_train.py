@@ -197,9 +197,13 @@ def test_failed_worker_recovered_and_rerun_trains_nothing(trained, capsys):
     assert read_json(str(Path(experts_dir(cfg)) / "summary.json")) == again
 
 
-def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undisturbed(trained, tmp_path):
-    """The seed trained again from scratch in another run root, and the generalist — whose worker failed after
-    its first checkpoint in the shared run — trained again undisturbed: every tensor equal, bit for bit."""
+def test_a_failed_worker_ends_as_if_undisturbed(trained, tmp_path):
+    """The generalist — whose worker failed after its first checkpoint in the shared run — trained again
+    undisturbed in another run root, from a copy of the same seed: every tensor equal, bit for bit. (A model
+    trained twice from scratch is the same bytes at 1 worker in tests/test_bench_quality.py's stability run, the
+    seed's, and at 2 workers in tests/test_ddp.py.)"""
+    import shutil
+
     from mode_ray.console.progress import StageLog
     from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.runner.dag import run_jobs
@@ -212,14 +216,15 @@ def test_training_is_bitwise_reproducible_and_a_failed_worker_ends_as_if_undistu
         os.symlink(os.path.join(cfg.run_root, name), root / name)
     run = cfg.training.run.model_copy(update={"fail_once_at_step": None})
     again = cfg.model_copy(update={"run_root": str(root), "training": cfg.training.model_copy(update={"run": run})})
+    shutil.copytree(experts_dir(cfg, "seed"), experts_dir(again, "seed"))
     plan = make_plan(again, prep["per_expert"])
     jobs = training_jobs(again, plan, inputs_of(again, prep["manifest_run_id"]), None)
-    run_jobs(again, [j for j in jobs if j.name in ("seed", "generalist")], plan.samples_per_epoch, False, StageLog("t"))
-    for name in ("seed", "generalist"):
-        first, second = (
-            torch.load(Path(experts_dir(c, name)) / "state.pt", weights_only=True)["model"] for c in (cfg, again)
-        )
-        assert all(torch.equal(first[k], second[k]) for k in first), name
+    picked = [j for j in jobs if j.name in ("seed", "generalist")]
+    assert run_jobs(again, picked, plan.samples_per_epoch, False, StageLog("t")) == ["generalist"]  # the seed: complete
+    first, second = (
+        torch.load(Path(experts_dir(c, "generalist")) / "state.pt", weights_only=True)["model"] for c in (cfg, again)
+    )
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_dense_batches_mix_every_partition_and_expert_batches_hold_their_own(trained):

@@ -198,6 +198,8 @@ def decide_stage(cfg: Config, name: str, upstream: str, force: bool) -> dict[str
             decision["new_experts"] = [expert_name(e) for e in new_coarse]
             decision["new_fine_centres"] = int(len(grown["fine"]) - len(cents["fine"]))
             decision["why"] = f"{n_new} of {valid} samples below the coverage threshold: new experts"
+        elif valid == 0:  # e.g. shards without the run's data.caption_field: say so, not "0 of 0 … join"
+            decision["why"] = f"no new sample is valid: each is in {gen.rejects} with its reason"
         else:
             decision["why"] = (
                 f"{n_new} of {valid} samples below the coverage threshold, fewer than "
