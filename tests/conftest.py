@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mode_ray.ray_env.runtime import slow_log_folder_scan
+
 # Explicit, so local clusters started by tests do not switch token auth on behind our back.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+slow_log_folder_scan()  # for the session's Ray and the `ray start` heads the tests launch alike
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +117,20 @@ def demo_config(run_root, shards, *overrides: str):
             *overrides,
         ],
     )
+
+
+PREP_PARTS = ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects")
+
+
+def linked_run_root(source_root: str, root: Path, *more: str) -> Path:
+    """A run root of ours whose prep (and the `more` parts) are links into `source_root`: a test trains on a
+    shared run's prep without paying for a prep of its own, and leaves that run alone."""
+    from mode_ray.run_root.ownership import claim_run_root
+
+    claim_run_root(str(root))  # ours before the links go in
+    for name in (*PREP_PARTS, *more):
+        os.symlink(os.path.join(source_root, name), Path(root) / name)
+    return Path(root)
 
 
 def served_config(eval_cfg, *overrides: str):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, _free_port, demo_config
+from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, _free_port, demo_config, linked_run_root
 
 GLOBAL_BATCH = 8
 
@@ -82,8 +82,6 @@ def test_two_ranks_give_the_one_rank_gradient_on_one_global_batch(smoothing: flo
 
 # --------------------------------------------------------------------------- jobs at 2 workers, on real Ray Train
 
-PREPPED = ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects")
-
 
 def _row_prints(dataset) -> Counter:
     """Every row a dataset hands a worker, by its content (pixels and tokens), counted."""
@@ -128,7 +126,6 @@ def two_worker_seeds(trained_run, tmp_path_factory):
     first a worker raises after the first checkpoint (step 8 of 16) and the job resumes; the second runs
     undisturbed."""
     from mode_ray.console.progress import StageLog
-    from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.runner.dag import run_jobs
     from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
     from mode_ray.runner.trial import failure_marker_path
@@ -136,10 +133,7 @@ def two_worker_seeds(trained_run, tmp_path_factory):
     cfg, prep, _ = trained_run
     runs = []
     for name, fail in (("failed-once", "training.run.fail_once_at_step={seed: 11}"), ("undisturbed", None)):
-        root = tmp_path_factory.mktemp(name)
-        claim_run_root(str(root))
-        for part in PREPPED:
-            os.symlink(os.path.join(cfg.run_root, part), root / part)
+        root = linked_run_root(cfg.run_root, tmp_path_factory.mktemp(name))
         two = demo_config(root, cfg.data.shards, *TRAINED_RUN_SETTINGS, *TWO_WORKERS, *([fail] if fail else []))
         marker = failure_marker_path(two, "seed")
         if os.path.exists(marker):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_ray.run_root.ownership import claim_run_root
-from tests.conftest import TWO_WORKERS, demo_config
+from tests.conftest import TWO_WORKERS, demo_config, linked_run_root
 
 MOE_SETTINGS = (
     "moe.stages=3",
@@ -24,7 +23,6 @@ MOE_SETTINGS = (
     "moe.router_epochs=1",
     "moe.top_k=2",
 )
-LINKED = ("prep", "manifest", "train_inputs", "experts", "clusters", "embeddings", "rejects")
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +33,7 @@ def moe_run(trained_run, tmp_path_factory):
     from mode_ray.stages.moe import run_moe
 
     cfg, _, _ = trained_run
-    root = tmp_path_factory.mktemp("moe-run")
-    claim_run_root(str(root))  # a run root of ours before the links go in
-    for name in LINKED:
-        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    root = linked_run_root(cfg.run_root, tmp_path_factory.mktemp("moe-run"), "experts")
     settings = (*MOE_SETTINGS, "clustering.n_coarse=2", *trained_settings(cfg), *TWO_WORKERS)
     moe_cfg = demo_config(root, cfg.data.shards, *settings, "training.run.fail_once_at_step={moe-router: 5}")
     marker = failure_marker_path(moe_cfg, "moe-router")
@@ -170,10 +165,7 @@ def test_the_moe_branch_trains_to_the_same_bits_again(moe_run, tmp_path) -> None
     from mode_ray.stages.moe import run_moe
 
     cfg, _, _ = moe_run
-    root = tmp_path / "again"
-    claim_run_root(str(root))
-    for name in LINKED:
-        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    root = linked_run_root(cfg.run_root, tmp_path / "again", "experts")
     first, second = RunPaths(cfg.run_root), RunPaths(str(root))
     shutil.copytree(first.moe("stage-1"), second.moe("stage-1"))  # copy2: the files keep their times
     kept = os.path.join(second.moe("stage-1"), "metrics.json")

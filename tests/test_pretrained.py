@@ -11,10 +11,7 @@ import torch
 
 from mode_ray.models.clip import build_clip, model_config
 from mode_ray.models.pretrained import check_architecture, resolve_pretrained
-from mode_ray.run_root.ownership import claim_run_root
-from tests.conftest import demo_config
-
-PREP = ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects")  # a trained run's prep, linked
+from tests.conftest import demo_config, linked_run_root
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +75,7 @@ def init_run(trained_run, hub_weights, tmp_path_factory):
 
     cfg, _, _ = trained_run
     folder, _ = hub_weights
-    root = tmp_path_factory.mktemp("init-run")
-    claim_run_root(str(root))
-    for name in PREP:
-        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    root = linked_run_root(cfg.run_root, tmp_path_factory.mktemp("init-run"))
     sets = (
         "clustering.n_coarse=2", "training.samples_per_epoch=64", "training.epochs=1", "training.batch_size=32",
         "training.seed_fraction=0.5", "training.matched_control=false", "training.lr=1e-12",

@@ -25,7 +25,7 @@ from mode_ray.runner.trial import failure_marker_path
 from mode_ray.stages.train import experts_dir, run_train, with_ancestors
 from mode_ray.train.schedule import MATCHED, Schedule, Span, plan_training
 from mode_ray.train.transforms import augment, crop_boxes, decode_rows, input_spec
-from tests.conftest import REPO, TRAIN_EPOCH
+from tests.conftest import REPO, TRAIN_EPOCH, linked_run_root
 from tests.conftest import TRAIN_BATCH as BATCH
 
 EXPERTS = ("expert-0", "expert-1")
@@ -205,15 +205,11 @@ def test_a_failed_worker_ends_as_if_undisturbed(trained, tmp_path):
     import shutil
 
     from mode_ray.console.progress import StageLog
-    from mode_ray.run_root.ownership import claim_run_root
     from mode_ray.runner.dag import run_jobs
     from mode_ray.runner.plan_jobs import inputs_of, make_plan, training_jobs
 
     cfg, prep, _ = trained
-    root = tmp_path / "again"
-    claim_run_root(str(root))
-    for name in ("prep", "manifest", "train_inputs", "clusters", "embeddings", "rejects"):
-        os.symlink(os.path.join(cfg.run_root, name), root / name)
+    root = linked_run_root(cfg.run_root, tmp_path / "again")
     run = cfg.training.run.model_copy(update={"fail_once_at_step": None})
     again = cfg.model_copy(update={"run_root": str(root), "training": cfg.training.model_copy(update={"run": run})})
     shutil.copytree(experts_dir(cfg, "seed"), experts_dir(again, "seed"))

@@ -56,6 +56,7 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     # Fractional-CPU actors and tasks are this workload's design, so more worker processes than CPUs start at
     # once; tell the raylet (its default expects one per CPU and warns on the console at every multiple).
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(IDLE_WORKERS))
+    slow_log_folder_scan()
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     from mode_ray.console.progress import verbose
 
@@ -114,6 +115,14 @@ def _explicit_token_auth() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     Config.initialize("")
+
+
+def slow_log_folder_scan() -> None:
+    """Ray's log monitor (started by every local Ray, whatever `log_to_driver` says) globs the session's log
+    folder ten times a second until it holds 1,000 files; its own settings make that every 0.5 s from the
+    first file. A new worker's log is then picked up at most 0.5 s later; lines are never skipped (it reads
+    each file from its start). Measured on 2 cores with 400 log files: 1.1% → 0.5% of a core."""
+    os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 
 def quiet_at_the_source() -> None:
