@@ -6,9 +6,11 @@ pytest's `--durations` gives a phase's seconds; it cannot tell a phase that keep
 processes, trials or preps make it shorter) from one that waits (a timeout, a poll or a sleep does). This runs
 pytest in this process (default: the whole suite, `-q`; whatever follows `--` replaces that) with a plugin
 that times each setup, call and teardown, while a thread samples the machine's CPU counters (/proc/stat,
-Linux) twice a second. It prints the slowest phases with their busy cores, the phases that left the most
-core-seconds idle, and the suite's busy share of the machine — the ceiling on what running tests side by side
-(pytest-xdist) could win. The per-phase rows go to --out as JSON. The exit status is pytest's.
+Linux) twice a second, and every process's. It prints the slowest phases with their busy cores, the phases
+that left the most core-seconds idle, the suite's busy share of the machine (the ceiling on what running tests
+side by side, pytest-xdist, could win), and the CPU seconds by kind of process (Ray's worker titles: a Train
+controller, a caption encoder's actor, ...) with how many there were. The per-phase rows and the census go to
+--out as JSON. The exit status is pytest's.
 """
 
 from __future__ import annotations
@@ -36,17 +38,72 @@ def cpu_counters() -> tuple[float, int, int]:
     return time.time(), sum(fields) - idle, sum(fields)
 
 
+def process_kind(argv: list[str]) -> str:
+    """What a process is: Ray's title for its workers (`ray::TrainController`, `ray::MapWorker(MapBatches(
+    CaptionEmbedder))`, `ray::IDLE`), else its program (raylet, gcs_server) or the Python module or script."""
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(").")[0].split(".")[0] + (")" if ")." in argv[0] else "")
+    program = os.path.basename(argv[0])
+    if program.startswith("python"):
+        if "-m" in argv[1:-1]:
+            return f"python -m {argv[argv.index('-m') + 1]}"
+        scripts = [os.path.basename(a) for a in argv[1:] if a.endswith(".py")]
+        return f"python {scripts[0]}" if scripts else program
+    return program
+
+
+class Census:
+    """CPU seconds by process kind: at each tick, every process's CPU since the last tick goes to what it is
+    now (a Ray task worker changes its title with each task). A process that ends between two ticks loses at
+    most one tick of CPU; processes already running at the start count from then."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.last: dict[tuple[int, int], int] = {}  # (pid, start time) → CPU jiffies seen
+        self.seconds: dict[str, float] = {}
+        self.processes: dict[str, set[tuple[int, int]]] = {}
+        self.take(baseline=True)
+
+    def take(self, baseline: bool = False) -> None:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry.name}/cmdline") as f:
+                    argv = f.read().split("\0")
+            except OSError:  # it ended meanwhile
+                continue
+            key, cpu = (int(entry.name), int(fields[19])), int(fields[11]) + int(fields[12])
+            if not baseline:
+                kind = process_kind([a for a in argv if a] or [f"[{fields[0]}]"])
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + (cpu - self.last.get(key, 0)) / self.tick
+                self.processes.setdefault(kind, set()).add(key)
+            self.last[key] = cpu
+
+    def table(self, top: int) -> str:
+        lines = [f"{'core-s':>8} {'processes':>9} {'each':>6}  kind"]
+        for kind, sec in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
+            n = len(self.processes[kind])
+            lines.append(f"{sec:8.1f} {n:9d} {sec / n:6.2f}  {kind}")
+        return "\n".join(lines)
+
+
 class Sampler(threading.Thread):
-    """The machine's CPU counters every `every` seconds, until stopped."""
+    """The machine's CPU counters, and the processes' CPU by kind, every `every` seconds until stopped."""
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.samples = every, [cpu_counters()]
+        self.every, self.samples, self.census = every, [cpu_counters()], Census()
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             self.samples.append(cpu_counters())
+            self.census.take()
 
     def busy_cores(self, start: float, end: float) -> float | None:
         """Mean busy cores between two times; None for a phase shorter than two samples."""
@@ -129,8 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         p.busy_cores = sampler.busy_cores(p.start, p.start + p.seconds)
     busy = sampler.busy_cores(start, start + wall)
     print(report(timeline.phases, wall, busy, args.top))
+    print(f"\nwhere the CPU went, by process:\n{sampler.census.table(args.top)}")
     Path(args.out).write_text(
-        json.dumps({"wall_s": wall, "busy_cores": busy, "phases": [asdict(p) for p in timeline.phases]})
+        json.dumps(
+            {
+                "wall_s": wall,
+                "busy_cores": busy,
+                "phases": [asdict(p) for p in timeline.phases],
+                "cpu_by_process": {k: [v, len(sampler.census.processes[k])] for k, v in sampler.census.seconds.items()},
+            }
+        )
     )
     print(f"written: {args.out}")
     return int(status)
