@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mode_ray.ray_env.runtime import slow_log_folder_scan
+from mode_ray.ray_env.runtime import embedded_ray_environment
 
 # Explicit, so local clusters started by tests do not switch token auth on behind our back.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-slow_log_folder_scan()  # for the session's Ray and the `ray start` heads the tests launch alike
+embedded_ray_environment()  # the product's, for the session's Ray and the `ray start` heads tests launch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from mode_ray.demo import demo_data
 from mode_ray.run_root.layout import RunPaths
@@ -52,16 +51,42 @@ def _img2dataset_shards(out: Path, shards: int = 3, per_shard: int = 40) -> int:
     return shards * per_shard
 
 
-@pytest.mark.parametrize("caption_field", ["caption", "txt"])
-def test_img2dataset_output_goes_through_prep_with_nothing_lost(ray_session, tmp_path, caption_field):
+def test_img2dataset_output_goes_through_prep_with_nothing_lost(ray_session, tmp_path):
+    """img2dataset's webdataset output through the whole prep, captions from each KEY.json (`data.caption_field:
+    caption`): every sample in the manifest, none rejected. Its KEY.txt (`data.caption_field: txt`) is read by
+    validation alone, the one step of prep that looks at the field, so that variant goes through prep's own read
+    and validation (ShardDatasource, validate_batch, on Ray Data) instead of a second whole prep: every sample
+    valid, with the same keys and captions as the json's and the manifest's."""
+    import ray
+
+    from mode_ray.data.reader import ShardDatasource
+    from mode_ray.samples.validate import Limits, validate_batch
+
     shards = tmp_path / "laion-subset"
     n = _img2dataset_shards(shards)
-    cfg = demo_config(tmp_path / "run", shards, f"data.caption_field={caption_field}", "clustering.n_fine=8")
+    cfg = demo_config(tmp_path / "run", shards, "data.caption_field=caption", "clustering.n_fine=8")
     summary = run_prep(cfg)
     assert summary["samples_in"] == n and summary["in_manifest"] == n and summary["rejected_samples"] == 0
     manifest = pq.read_table(RunPaths(cfg.run_root).manifest, columns=["key", "caption"])
     assert manifest.num_rows == n and len(set(manifest["key"].to_pylist())) == n
     assert all(manifest["caption"].to_pylist())
+
+    def validated(field: str) -> dict[str, tuple[str, str | None]]:
+        urls = sorted(str(tar) for tar in shards.glob("*.tar"))
+        ds = ray.data.read_datasource(ShardDatasource(urls)).map_batches(
+            validate_batch, fn_kwargs={"limits": Limits(caption_field=field)}, batch_format="pyarrow"
+        )
+        return {
+            row["key"]: (row["caption"], row["reason"])
+            for row in ds.select_columns(["key", "caption", "reason"]).take_all()
+        }
+
+    by_txt = validated("txt")
+    assert len(by_txt) == n and all(caption and reason is None for caption, reason in by_txt.values())
+    assert by_txt == validated("caption")
+    assert {
+        k: (c, None) for k, c in zip(manifest["key"].to_pylist(), manifest["caption"].to_pylist(), strict=True)
+    } == by_txt
 
 
 def _label_only_shards(out: Path, n: int = 24) -> list[str]:

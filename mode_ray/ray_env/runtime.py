@@ -49,26 +49,21 @@ def ray_runtime(cfg: Config) -> Iterator[None]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     quiet_at_the_source()
-    # Keep idle worker processes (Ray's default keeps one per CPU): each training trial's read tasks then
-    # reuse processes that already imported their libraries instead of paying for it again (measured on 2
-    # cores: a trial's first steps ran 3x slower beside cold processes).
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
-    # Fractional-CPU actors and tasks are this workload's design, so more worker processes than CPUs start at
-    # once; tell the raylet (its default expects one per CPU and warns on the console at every multiple).
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(IDLE_WORKERS))
-    slow_log_folder_scan()
-    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    embedded_ray_environment()
     from mode_ray.console.progress import verbose
 
     # Worker output goes to Ray's log folder; streamed to the driver only when asked for (--verbose).
     kwargs: dict = {
-        "runtime_env": {"env_vars": env},
         "log_to_driver": verbose(),
         "logging_level": logging.INFO if verbose() else logging.WARNING,
     }
     address = cluster_address(cfg)
     if address:  # joining: the cluster's own resources apply; the `ray` section's local-start settings do not
         kwargs["address"] = address
+        # A cluster's workers do not inherit this process's environment; an embedded Ray's do (its raylet
+        # is our child), where a runtime environment would start every worker through Ray's setup_worker.py,
+        # one more Python process each.
+        kwargs["runtime_env"] = {"env_vars": {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}}
         ignored = [k for k in ("num_cpus", "object_store_memory_mb") if getattr(cfg.ray, k) is not None]
         if ignored:
             from mode_ray.console.progress import console
@@ -117,11 +112,20 @@ def _explicit_token_auth() -> None:
     Config.initialize("")
 
 
-def slow_log_folder_scan() -> None:
-    """Ray's log monitor (started by every local Ray, whatever `log_to_driver` says) globs the session's log
-    folder ten times a second until it holds 1,000 files; its own settings make that every 0.5 s from the
-    first file. A new worker's log is then picked up at most 0.5 s later; lines are never skipped (it reads
-    each file from its start). Measured on 2 cores with 400 log files: 1.1% → 0.5% of a core."""
+def embedded_ray_environment() -> None:
+    """What a Ray started on this machine (embedded, or a test's `ray start` head) reads from the environment
+    it inherits; set before it starts, never over a value the user set."""
+    # Keep idle worker processes (Ray's default keeps one per CPU and kills the rest after a second idle):
+    # each training trial's read tasks then reuse processes that already imported their libraries instead of
+    # paying for it again (measured on 2 cores: a trial's first steps ran 3x slower beside cold processes).
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
+    # Fractional-CPU actors and tasks are this workload's design, so more worker processes than CPUs start at
+    # once; tell the raylet (its default expects one per CPU and warns on the console at every multiple).
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(IDLE_WORKERS))
+    # Ray's log monitor (started by every local Ray, whatever `log_to_driver` says) globs the session's log
+    # folder ten times a second until it holds 1,000 files; this makes it every 0.5 s from the first file. A
+    # new worker's log is then picked up at most 0.5 s later; lines are never skipped (it reads each file from
+    # its start). Measured on 2 cores with 400 log files: 1.1% → 0.5% of a core.
     os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 
