@@ -19,6 +19,7 @@ import argparse
 import bisect
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ def process_kind(argv: list[str]) -> str:
     if not argv:
         return "?"
     if argv[0].startswith("ray::"):
-        return argv[0].split()[0].split(").")[0].split(".")[0] + (")" if ")." in argv[0] else "")
+        return re.sub(r"\.\w+$", "", argv[0].split()[0])  # without the method it runs: `.poll_status`
     program = os.path.basename(argv[0])
     if program.startswith("python"):
         if "-m" in argv[1:-1]:
@@ -98,17 +99,18 @@ class Sampler(threading.Thread):
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.every, self.samples, self.census = every, [cpu_counters()], Census()
+        self.times = [self.samples[0][0]]  # the samples' times, for bisect
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             self.samples.append(cpu_counters())
+            self.times.append(self.samples[-1][0])
             self.census.take()
 
     def busy_cores(self, start: float, end: float) -> float | None:
         """Mean busy cores between two times; None for a phase shorter than two samples."""
-        times = [s[0] for s in self.samples]
-        i, j = bisect.bisect_left(times, start), bisect.bisect_right(times, end) - 1
+        i, j = bisect.bisect_left(self.times, start), bisect.bisect_right(self.times, end) - 1
         if j <= i:
             return None
         (_, busy0, all0), (_, busy1, all1) = self.samples[i], self.samples[j]
