@@ -46,6 +46,15 @@ from mode_ray.train.transforms import tokenize
 assert tokenize(["a red circle"], "mode-tiny").shape == (1, input_spec("mode-tiny").context_length) == (1, 32)
 print("ok")
 """
+# The modules whose functions Ray Data's tasks run (a task worker imports a function's module): prep's row
+# filters and validation, eval's rows, the training reads.
+TASK_MODULES = """
+import sys
+import mode_ray.samples.rejects, mode_ray.samples.validate, mode_ray.eval.rows, mode_ray.data.train_data
+heavy = sorted(m for m in ("torch", "faiss", "open_clip", "sentence_transformers") if m in sys.modules)
+assert not heavy, heavy
+print("ok")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +62,7 @@ def fresh_processes() -> dict[str, subprocess.Popen]:
     """Each script in a new interpreter of its own (nothing imported yet, as a Ray worker starts), all started
     at once: each is mostly imports, one core's worth, so side by side they take the time of about one. Each
     prints "ok" when done."""
-    scripts = {"lean_import": LEAN_IMPORT, "input_spec": INPUT_SPEC, "tokenizer": TOKENIZER}
+    scripts = {"lean_import": LEAN_IMPORT, "input_spec": INPUT_SPEC, "tokenizer": TOKENIZER, "tasks": TASK_MODULES}
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}  # fmt: skip
     yield procs
@@ -102,3 +111,9 @@ def test_our_models_tokenizer_has_its_configs_context_length(fresh_processes) ->
     """In a fresh process (a read task's), the tokenizer of one of our configs pads to that config's context,
     not open_clip's default 77 for a name it does not know."""
     _passed(fresh_processes["tokenizer"])
+
+
+def test_ray_datas_task_functions_import_without_torch(fresh_processes) -> None:
+    """A Ray Data task worker that filters prep's rows, reads eval's images or a trial's rows never imports
+    torch, faiss or open_clip (~3-4 core-s a worker process on 2 cores): those functions live in light modules."""
+    _passed(fresh_processes["tasks"])

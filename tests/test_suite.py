@@ -211,7 +211,7 @@ def test_labels_that_do_not_index_classnames_are_a_clear_error():
     import pyarrow as pa
 
     from mode_ray.eval.assemble import task_data
-    from mode_ray.stages.evaluate import with_suite_labels
+    from mode_ray.eval.rows import with_suite_labels
 
     task = EvalTaskConfig(name="shapes", source="webdataset", location="x", label_field="cls", class_names=CLASSES)
     metas = [with_suite_labels(None, str(label).encode()) for label in (0, 3, 7, 9)]  # 7 and 9: no such class

@@ -1,8 +1,18 @@
-"""Why a sample was rejected: one vocabulary shared by the demo-data faults, data prep and training."""
+"""Why a sample was rejected: one vocabulary shared by the demo-data faults, data prep and training; and the
+row filters that split a validated table into what goes on and what goes to rejects/.
+
+Ray Data's tasks run these filters, and a task worker imports the module a function comes from: they live
+here, beside nothing heavier than pyarrow, so those workers do not import torch and faiss (~3 core-s each on
+2 cores) the way `mode_ray.stages.prep` would make them."""
 
 from __future__ import annotations
 
 from enum import Enum
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
 
 
 class Reason(str, Enum):
@@ -19,3 +29,13 @@ class Reason(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def only_valid(batch: pa.Table) -> pa.Table:
+    """The rows no step rejected (`reason` is null)."""
+    return batch.filter(pc.is_null(batch["reason"]))
+
+
+def only_rejects(batch: pa.Table) -> pa.Table:
+    """The rejected rows, in rejects/' columns."""
+    return batch.filter(pc.is_valid(batch["reason"])).select(REJECT_COLUMNS)

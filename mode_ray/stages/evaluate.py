@@ -14,8 +14,6 @@ expert usage on the images and class prompts counted on the way (mode_ray/eval/m
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Any
 
 import numpy as np
@@ -35,8 +33,9 @@ from mode_ray.eval.assemble import (
     task_inputs,
     write_results,
 )
+from mode_ray.eval.rows import folder_rows, webdataset_rows
 from mode_ray.eval.scoring import RETRIEVAL_TASK
-from mode_ray.eval.suite import LABEL_FIELD, MULTI_LABEL_FIELD, RETRIEVAL, Suite, resolve_benchmark
+from mode_ray.eval.suite import RETRIEVAL, Suite, resolve_benchmark
 from mode_ray.routing.router import TaskRouter
 from mode_ray.run_root.layout import MOE, RunPaths
 from mode_ray.run_root.names import GENERALIST, MATCHED, SEED, expert_ids
@@ -53,89 +52,11 @@ from mode_ray.run_root.storage import (
     settings_hash,
     stage_done,
 )
-from mode_ray.samples.rejects import Reason
 from mode_ray.samples.shards import list_shards
-from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits, Rejected, check_image, parse_caption
+from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits
 from mode_ray.stages.prep import embeddings_to_arrow, embeddings_to_numpy
 
-ROW_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("meta", pa.string()),  # the sample's json (webdataset) or {"class_dir": …} (folder)
-        ("caption", pa.string()),
-        ("txt", pa.string()),  # KEY.txt as text: a suite retrieval set's captions, one per line
-        ("image", pa.binary()),
-        ("reason", pa.string()),  # why the image cannot be used; null when it can
-    ]
-)
-
-
-# --------------------------------------------------------------------------- rows
-
-
-def webdataset_rows(batch: pa.Table, limits: Limits) -> pa.Table:
-    """Raw tar rows → eval rows: the json kept for labels, a caption when there is one, the image checked."""
-    rows = []
-    for row in batch.to_pylist():
-        out = {"key": f"{row['shard']}#{row['key']}", "meta": None, "caption": None, "image": None, "reason": None}
-        raw = row.get("json")
-        if raw is not None:
-            try:
-                out["meta"] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                out["meta"] = None
-        if row.get("cls") is not None or row.get("npy") is not None:  # the suite's labels, beside the json
-            out["meta"] = with_suite_labels(out["meta"], row.get("cls"), row.get("npy"))
-        out["txt"] = row["txt"].decode("utf-8", errors="replace") if row.get("txt") is not None else None
-        try:
-            out["caption"] = parse_caption(raw, row.get("txt"), row["key"] or "", limits) or None
-        except Rejected:
-            out["caption"] = None  # no caption: still a classification image, not a retrieval text
-        try:
-            if row.get("read_error"):
-                raise Rejected(Reason.UNREADABLE_SHARD, row["read_error"])
-            check_image(row.get("image"), limits)
-            out["image"] = row["image"]
-        except Rejected as rej:
-            out["reason"] = str(rej.reason)
-        rows.append(out)
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-
-
-def with_suite_labels(meta: str | None, cls: bytes | None, npy: bytes | None = None) -> str:
-    """The sample's metadata with its `.cls` label under `cls` (an int; anything else kept as text, which no
-    class matches, so it is counted as an unknown label) and its `.npy` multi-label vector under `npy` (a
-    list; an unreadable one as text, likewise counted)."""
-    try:
-        parsed = json.loads(meta) if meta else {}
-    except ValueError:
-        parsed = {}
-    out = parsed if isinstance(parsed, dict) else {}
-    if cls is not None:
-        text = cls.decode("utf-8", errors="replace").strip()
-        out[LABEL_FIELD] = int(text) if text.lstrip("-").isdigit() else text
-    if npy is not None:
-        try:
-            out[MULTI_LABEL_FIELD] = np.load(io.BytesIO(npy), allow_pickle=False).reshape(-1).tolist()
-        except (ValueError, OSError) as err:
-            out[MULTI_LABEL_FIELD] = f"unreadable .npy: {err}"
-    return json.dumps(out)
-
-
-def folder_rows(batch: pa.Table, limits: Limits, root: str) -> pa.Table:
-    """read_binary_files rows → eval rows; the class is the first folder under the task's root."""
-    rows = []
-    prefix = root.split("://", 1)[-1].rstrip("/") + "/"
-    for payload, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist(), strict=True):
-        rel = path.split("://", 1)[-1]
-        rel = rel[len(prefix) :] if rel.startswith(prefix) else rel
-        out = {"key": path, "meta": json.dumps({"class_dir": rel.split("/", 1)[0]}), "caption": None}
-        try:
-            check_image(payload, limits)
-            rows.append({**out, "image": payload, "reason": None})
-        except Rejected as rej:
-            rows.append({**out, "image": None, "reason": str(rej.reason)})
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+# --------------------------------------------------------------------------- Ray pieces
 
 
 class ImageFeaturizer:
@@ -177,9 +98,6 @@ class ImageFeaturizer:
             out = out.append_column(f"u:{name}", moe_usage.batch_column(counts, len(batch)))
         report_progress(self.board, f"images through {len(self.models)} models", advance=len(batch))
         return out
-
-
-# --------------------------------------------------------------------------- Ray pieces
 
 
 def featurize(cfg: Config, source: str, location: str | list[str], exports: dict[str, str]) -> pa.Table:

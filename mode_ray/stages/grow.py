@@ -59,8 +59,8 @@ from mode_ray.run_root.storage import (
 from mode_ray.runner.dag import job_done, train_stage
 from mode_ray.runner.plan_jobs import inputs_of, model_job
 from mode_ray.samples.hash_sample import HashSample
+from mode_ray.samples.rejects import only_valid
 from mode_ray.stages.prep import (
-    _only_valid,
     assign_stage,
     embed_stage,
     embeddings_to_numpy,
@@ -119,7 +119,7 @@ def uncovered_embeddings(
 
     fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
     ds = ray.data.read_parquet(paths.embeddings, columns=["key", "reason", "embedding"], filesystem=fs)
-    ds = ds.map_batches(_only_valid, batch_format="pyarrow").map_batches(
+    ds = ds.map_batches(only_valid, batch_format="pyarrow").map_batches(
         _score_rows, fn_kwargs={"fine": fine, "threshold": threshold, "geometry": geometry}, batch_format="pyarrow"
     )
     sample, valid, count = HashSample(cfg.clustering.seed, fine.shape[1], bound=cfg.clustering.max_sample), 0, 0

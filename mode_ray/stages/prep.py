@@ -45,10 +45,9 @@ from mode_ray.run_root.storage import (
     write_json,
 )
 from mode_ray.samples.hash_sample import HashSample
+from mode_ray.samples.rejects import REJECT_COLUMNS, only_rejects, only_valid
 from mode_ray.samples.shards import list_shards
 from mode_ray.samples.validate import Limits, validate_batch
-
-REJECT_COLUMNS = ["shard", "key", "stage", "reason", "detail"]
 
 
 def _marker_run_id(stage_dir: str, cfg: Config) -> str:
@@ -117,14 +116,6 @@ class CentroidAssigner:
         out = out.append_column("fine_id", pa.array(fine))
         out = out.append_column("coarse_id", pa.array(self.fine_to_coarse[fine].astype(np.int32)))
         return out.append_column("score", pa.array(scores[:, 0].astype(np.float32)))
-
-
-def _only_valid(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"]))
-
-
-def _only_rejects(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch["reason"])).select(REJECT_COLUMNS)
 
 
 # --------------------------------------------------------------------------- stages
@@ -197,7 +188,7 @@ def write_rejects(cfg: Config, paths: RunPaths, missing: list[tuple[str, str]]) 
 
     out_fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
     rejects = ray.data.read_parquet(paths.embeddings, columns=REJECT_COLUMNS, filesystem=out_fs).map_batches(
-        _only_rejects, batch_format="pyarrow"
+        only_rejects, batch_format="pyarrow"
     )
     rejects.write_datasink(OrderedParquet(paths.rejects, cfg.data.s3))
     listing = [
@@ -226,7 +217,7 @@ def load_cluster_sample(cfg: Config, paths: RunPaths) -> np.ndarray:
         paths.embeddings,
         columns=["key", "embedding", "reason"],
         filesystem=arrow_filesystem(paths.embeddings, cfg.data.s3),
-    ).map_batches(_only_valid, batch_format="pyarrow")
+    ).map_batches(only_valid, batch_format="pyarrow")
     sample: HashSample | None = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
         vectors = embeddings_to_numpy(batch["embedding"])
@@ -306,7 +297,7 @@ def assign_stage(cfg: Config, paths: RunPaths, upstream: str, force: bool) -> st
         cents = read_centroids(paths.centroids, cfg.data.s3)
         fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
         emb = cfg.embedding
-        ds = ray.data.read_parquet(paths.embeddings, filesystem=fs).map_batches(_only_valid, batch_format="pyarrow")
+        ds = ray.data.read_parquet(paths.embeddings, filesystem=fs).map_batches(only_valid, batch_format="pyarrow")
         ds = ds.map_batches(
             CentroidAssigner,
             fn_constructor_kwargs={
