@@ -173,7 +173,7 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
     import ray.train
 
     from mode_ray.data.data_backoff import quiet_training_data
-    from mode_ray.data.rank_data import RankStreams
+    from mode_ray.data.rank_data import with_ingest_options
     from mode_ray.train.ray_adapter import train_loop_per_worker
 
     job, t = spec.job, cfg.training
@@ -185,7 +185,12 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
     storage_path, filesystem = ray_storage(join(cfg.run_root, "train_runs"), cfg.data.s3)
     trainer = trainer_class(spec.embedded_ray)(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run": run, "progress_board": spec.progress_board},
+        train_loop_config={
+            "job": job,
+            "run": run,
+            "progress_board": spec.progress_board,
+            "datasets": with_ingest_options(datasets, ingest_options(t, datasets)),  # every rank reads its own
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.run.num_workers, use_gpu=t.run.use_gpu, resources_per_worker={"CPU": t.run.cpus_per_worker}
         ),
@@ -196,8 +201,6 @@ def fit_job(cfg: Config, spec: TrialSpec) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=t.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
-        dataset_config=RankStreams(ingest_options(t, datasets)),  # every rank reads its own, in order
     )
     fit_start = time.time()
     trainer.fit()

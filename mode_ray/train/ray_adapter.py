@@ -14,7 +14,7 @@ from mode_ray.train.batches import job_batches
 
 
 class RayTrainRuntime:
-    def __init__(self, board: str | None) -> None:
+    def __init__(self, board: str | None, datasets: dict[str, Any]) -> None:
         import ray.train
         import ray.train.torch
 
@@ -22,13 +22,17 @@ class RayTrainRuntime:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device: torch.device = ray.train.torch.get_device()
         self.board = board if self.rank == 0 else None
+        self.datasets = datasets  # this job's, by name (mode_ray.data.rank_data)
+        self.streams: dict[str, Any] = {}  # opened once: each pass over a stream is a new epoch of it
 
     def batches(
         self, dataset: str, batch_size: int, shuffle_buffer: int, seed: int
     ) -> Iterator[dict[str, torch.Tensor]]:
-        import ray.train
+        from mode_ray.data.rank_data import open_stream
 
-        shard = ray.train.get_dataset_shard(dataset)
+        if dataset not in self.streams:
+            self.streams[dataset] = open_stream(dataset, self.datasets[dataset])
+        shard = self.streams[dataset]
         drop_last = dataset != "holdout"  # training batches are whole; every held-out row counts
         return shard.iter_torch_batches(
             batch_size=batch_size,
@@ -60,11 +64,12 @@ class RayTrainRuntime:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker: `config` holds the job, how it runs and the progress board.
-    The trial and Train's controller unpickle it too, so this module imports no model library: the loop
-    (open_clip alone is ~3 s of a core) is imported here, on the worker, after its data stream has started."""
+    """Ray Train's entry point on every worker: `config` holds the job, how it runs, its datasets and the
+    progress board. The trial and Train's controller unpickle it too, so this module imports no model library:
+    the loop (open_clip alone is ~3 s of a core) is imported here, on the worker, after its data stream has
+    started."""
     started = time.time()
-    rt = RayTrainRuntime(config.get("progress_board"))
+    rt = RayTrainRuntime(config.get("progress_board"), config["datasets"])
     job = config["job"]
     batches = job_batches(job, rt)  # its first blocks are read while this worker imports the loop
     if job.start.identity is None:  # the run's own architecture throughout: open_clip without unused towers
