@@ -2,7 +2,7 @@
 row filters that split a validated table into what goes on and what goes to rejects/.
 
 Ray Data's tasks run these filters, and a task worker imports the module a function comes from: they live
-here, beside nothing heavier than pyarrow, so those workers do not import torch and faiss (~3 core-s each on
+here, beside nothing heavier than pyarrow, so those workers do not import torch and faiss (~2.5 core-s each on
 2 cores) the way `mode_ray.stages.prep` would make them."""
 
 from __future__ import annotations
