@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -133,15 +134,31 @@ def linked_run_root(source_root: str, root: Path, *more: str) -> Path:
     return Path(root)
 
 
+@functools.cache
+def serve_port() -> int:
+    """One Serve instance for the session, on this port (free when first asked for): each module deploys its
+    app and deletes it when done (`undeploy`), instead of starting and shutting down Serve's controller and
+    proxy in every module."""
+    return _free_port()
+
+
+def undeploy(cfg) -> None:
+    """Delete a test's app; Serve itself keeps running for the next module (the session's Ray ends it)."""
+    from ray import serve
+
+    serve.delete(cfg.serve.app_name)
+
+
 def served_config(eval_cfg, *overrides: str):
-    """The evaluated run's config for a Serve deployment on a free port, small replicas, plus `overrides`."""
+    """The evaluated run's config for a Serve deployment on the session's port, small replicas, plus
+    `overrides`."""
     return demo_config(
         eval_cfg.run_root,
         eval_cfg.data.shards,
         "clustering.n_coarse=2",
         f"eval.shards={eval_cfg.eval.shards}",
         "eval.demo_tasks=true",
-        f"serve.port={_free_port()}",
+        f"serve.port={serve_port()}",
         "serve.ingress.num_cpus=0.1",
         "serve.experts.num_cpus=0.1",
         *overrides,

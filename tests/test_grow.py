@@ -20,7 +20,7 @@ from PIL import Image
 
 from mode_ray.demo import demo_data
 from mode_ray.routing.router import TaskRouter
-from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, _free_port, demo_config
+from tests.conftest import TRAINED_RUN_SETTINGS, TWO_WORKERS, demo_config, serve_port, undeploy
 
 DISHES = ("ramen", "sushi", "pizza", "tacos", "curry", "dumplings")
 SIDES = ("with a fried egg", "on a wooden table", "in a paper box", "with chopsticks", "next to a glass of beer")
@@ -133,13 +133,11 @@ def test_a_new_domain_becomes_a_new_expert_trained_alone(ray_session, grown_run,
 def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_session, grown_run):
     import base64
 
-    from ray import serve
-
     from mode_ray.run_root.registry import set_active
     from mode_ray.stages.serve import deploy
 
     root, config = grown_run
-    cfg = config(f"serve.port={_free_port()}", "serve.experts.num_cpus=0.1")
+    cfg = config(f"serve.port={serve_port()}", "serve.experts.num_cpus=0.1")
     models = list(json.loads((root / "experts/summary.json").read_text())["models"])
     set_active(cfg, "expert-2", False, models)  # served without it first, as before add-data
     url = deploy(cfg)
@@ -178,7 +176,7 @@ def test_a_served_app_picks_up_an_added_expert_without_failing_requests(ray_sess
             assert "expert-2" not in served(client) and (root / "experts/expert-2/export").is_dir()
             assert client.post("/", json=body).status_code == 200
     finally:
-        serve.shutdown()
+        undeploy(cfg)
 
 
 def test_a_run_without_a_seed_is_refused_before_its_new_data_is_read(grown_run, tmp_path):

@@ -28,7 +28,7 @@ from mode_ray.run_root.storage import MARKER
 from mode_ray.samples.shards import iter_tar_rows
 from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits, Rejected, check_image
 from mode_ray.stages.evaluate import run_eval
-from tests.conftest import _free_port, demo_config
+from tests.conftest import demo_config, serve_port, undeploy
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]
 TOP_K = 1
@@ -161,7 +161,6 @@ def test_served_models_include_the_moe_when_the_run_has_one(moe_run):
 
 @pytest.fixture(scope="module")
 def served_moe(moe_run):
-    from ray import serve
 
     from mode_ray.stages.serve import deploy
 
@@ -172,7 +171,7 @@ def served_moe(moe_run):
         "clustering.n_coarse=2",
         f"eval.shards={moe_cfg.eval.shards}",
         "eval.demo_tasks=true",
-        f"serve.port={_free_port()}",
+        f"serve.port={serve_port()}",
         "serve.request_timeout_s=20",
         "serve.layout=single",
         "serve.ingress.num_cpus=0.1",
@@ -181,7 +180,7 @@ def served_moe(moe_run):
     url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield cfg, client
-    serve.shutdown()
+    undeploy(cfg)
 
 
 def test_moe_answers_over_http_and_is_listed(served_moe):

@@ -13,7 +13,7 @@ import pytest
 from bench.pages import CHROMEDRIVER, CHROMIUM, wait
 from bench.pages import browser as headless_chromium
 from mode_ray.samples.shards import iter_tar_rows
-from tests.conftest import served_config
+from tests.conftest import served_config, undeploy
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"
@@ -24,7 +24,6 @@ SHAPES = ["circle", "square", "triangle", "star"]
 
 @pytest.fixture(scope="module")
 def served_pages(evaluated_run):
-    from ray import serve
 
     from mode_ray.stages.serve import deploy
 
@@ -32,7 +31,7 @@ def served_pages(evaluated_run):
     cfg = served_config(eval_cfg, f"serve.max_labels={MAX_LABELS}", "serve.layout=single")
     url = deploy(cfg)
     yield cfg, url
-    serve.shutdown()
+    undeploy(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,11 @@ def test_a_dead_actors_placement_group_is_released_and_a_drivers_is_kept(ray_ses
     remove_placement_group(drivers)
 
 
-def test_an_embedded_rays_trainer_starts_no_placement_group_cleaner_and_keeps_every_other_callback(ray_session):
-    """The cleaner guards a worker group's placement group against a dead controller, which the check above
-    covers on an embedded Ray; started and awaited at every trial, it cost ~3 s of each. A cluster keeps it."""
+def test_the_runners_trainer_starts_no_dataset_manager_nor_on_an_embedded_ray_a_cleaner(ray_session):
+    """Ray Train starts a `DatasetManager` actor in every trial, datasets or none; the runner passes none (each
+    worker opens its own stream), so its trainer drops that callback. The placement-group cleaner guards a
+    worker group's placement group against a dead controller, which the check above covers on an embedded Ray;
+    started and awaited at every trial, it cost ~3 s of each. A cluster keeps it. Every other callback stays."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -45,7 +47,8 @@ def test_an_embedded_rays_trainer_starts_no_placement_group_cleaner_and_keeps_ev
         trainer = cls(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
         return sorted(type(c).__name__ for c in trainer._create_default_callbacks())
 
-    assert trainer_class(embedded_ray=False) is TorchTrainer
-    stock, embedded = kinds(TorchTrainer), kinds(trainer_class(embedded_ray=True))
-    assert "PlacementGroupCleanerCallback" in stock and len(stock) > 3
-    assert embedded == [k for k in stock if k != "PlacementGroupCleanerCallback"]
+    stock = kinds(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= set(stock) and len(stock) > 4
+    assert kinds(trainer_class(embedded_ray=False)) == [k for k in stock if k != "DatasetsCallback"]
+    unused = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+    assert kinds(trainer_class(embedded_ray=True)) == [k for k in stock if k not in unused]

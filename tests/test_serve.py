@@ -18,7 +18,7 @@ from PIL import Image
 
 from mode_ray.demo import demo_data
 from mode_ray.samples.shards import iter_tar_rows
-from tests.conftest import served_config
+from tests.conftest import served_config, undeploy
 
 MAX_REQUEST_BYTES = 300_000
 IMAGES_PER_TASK = 8
@@ -26,7 +26,6 @@ IMAGES_PER_TASK = 8
 
 @pytest.fixture(scope="module")
 def served(evaluated_run):
-    from ray import serve
 
     from mode_ray.stages.serve import deploy
 
@@ -38,11 +37,12 @@ def served(evaluated_run):
         "serve.max_labels=20",
         "serve.request_timeout_s=20",
         "serve.layout=per_expert",
+        "serve.body_timeout_s=3",  # the trickling body's bounded wait, short (the default is 10 s)
     )
     url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield cfg, url, client
-    serve.shutdown()
+    undeploy(cfg)
 
 
 def _b64(payload: bytes) -> str:

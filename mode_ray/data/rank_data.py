@@ -6,11 +6,11 @@ runs Ray Data's scheduling loop inside the training process — where it held th
 and halved its steps (measured: a seed model's 500 steps took 113 s of compute against 52 s). So each rank gets
 its own dataset, `train_rank{r}`, split into one: it runs in a coordinator actor of its own, in order.
 
-The datasets reach the workers in the loop's config, not through the trainer's `datasets`: that route makes
-Ray Train start a `DatasetManager` actor for every trial only to call `streaming_split` for the workers — one
-more process, ~4 core-s of a trial's fixed cost on 2 cores (a fresh process importing Ray Data), for what a
-worker does itself here. A worker's coordinator is its own, so a restarted worker starts a fresh one, as a
-restarted worker group got a fresh `DatasetManager`."""
+The datasets reach the workers in the loop's config, not through the trainer's `datasets`: Ray Train hands
+those out through a `DatasetManager` actor of every trial — one more process, a fresh one importing Ray Data —
+only to call `streaming_split` for the workers, which a worker does itself here (and the runner's trainer
+drops the callback that starts it: `runner.trial.trainer_class`). A worker's coordinator is its own, so a
+restarted worker starts a fresh one, as a restarted worker group got a fresh `DatasetManager`."""
 
 from __future__ import annotations
 

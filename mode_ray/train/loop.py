@@ -224,10 +224,12 @@ def train(
     log = StepLog(job, state, rt, lead)
     tracker = Tracker(run.tracking if lead else None, job.name, state["step"] if resumed else None, S3Config(**run.s3))
     assert job.end_step is not None
+    waited = state["seconds"]["data_wait"]
     while state["step"] < job.end_step:
         lr = job.schedule.lr(state["step"], job.stretch)
         loss, grad_norm = train_step(tr, batches, state, log, lr)
-        stamps.setdefault("first_batch", time.time())
+        # when the first step's data had arrived: its compute counts as compute, not as data_start
+        stamps.setdefault("first_batch", stamps["model_ready"] + state["seconds"]["data_wait"] - waited)
         maybe_fail(run, state["step"])
         if log.loss(loss, lr, run.log_every_steps, grad_norm, lambda: float(tr.logit_scale.detach().exp())):
             tracker.log(state["step"], curve_values(state["loss_history"][-1]))
