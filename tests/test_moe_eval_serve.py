@@ -161,7 +161,6 @@ def test_served_models_include_the_moe_when_the_run_has_one(moe_run):
 
 @pytest.fixture(scope="module")
 def served_moe(moe_run):
-
     from mode_ray.stages.serve import deploy
 
     _, moe_cfg, _, _ = moe_run

@@ -24,7 +24,6 @@ SHAPES = ["circle", "square", "triangle", "star"]
 
 @pytest.fixture(scope="module")
 def served_pages(evaluated_run):
-
     from mode_ray.stages.serve import deploy
 
     eval_cfg, _ = evaluated_run
