@@ -28,7 +28,7 @@ from mode_ray.run_root.storage import MARKER
 from mode_ray.samples.shards import iter_tar_rows
 from mode_ray.samples.validate import IMAGE_SUFFIXES, Limits, Rejected, check_image
 from mode_ray.stages.evaluate import run_eval
-from tests.conftest import demo_config, serve_port, undeploy
+from tests.conftest import served_config, undeploy
 
 TASKS = ["digit", "shape", "color", "texture", "letter", "folder-shapes"]
 TOP_K = 1
@@ -164,18 +164,7 @@ def served_moe(moe_run):
     from mode_ray.stages.serve import deploy
 
     _, moe_cfg, _, _ = moe_run
-    cfg = demo_config(
-        moe_cfg.run_root,
-        moe_cfg.data.shards,
-        "clustering.n_coarse=2",
-        f"eval.shards={moe_cfg.eval.shards}",
-        "eval.demo_tasks=true",
-        f"serve.port={serve_port()}",
-        "serve.request_timeout_s=20",
-        "serve.layout=single",
-        "serve.ingress.num_cpus=0.1",
-        "serve.experts.num_cpus=0.1",
-    )
+    cfg = served_config(moe_cfg, "serve.request_timeout_s=20", "serve.layout=single")
     url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield cfg, client

@@ -26,7 +26,6 @@ IMAGES_PER_TASK = 8
 
 @pytest.fixture(scope="module")
 def served(evaluated_run):
-
     from mode_ray.stages.serve import deploy
 
     eval_cfg, _ = evaluated_run
