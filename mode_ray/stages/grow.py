@@ -41,7 +41,6 @@ from mode_ray.run_root.ownership import claim, claim_run_root, remove_owned_tree
 from mode_ray.run_root.registry import in_service, last_refresh, pop_refresh, record_added, record_refreshed
 from mode_ray.run_root.storage import (
     MARKER,
-    arrow_filesystem,
     clear_marker,
     copy_tree,
     exists,
@@ -65,6 +64,7 @@ from mode_ray.stages.prep import (
     embed_stage,
     embeddings_to_numpy,
     print_summary,
+    read_embeddings,
     summarise,
 )
 from mode_ray.stages.train import experts_dir
@@ -115,10 +115,7 @@ def uncovered_embeddings(
 ) -> Uncovered:
     """Only uncovered rows reach the driver, and at most twice `clustering.max_sample` of them at a time (the
     smallest seeded key hashes, as prep samples)."""
-    import ray
-
-    fs = arrow_filesystem(paths.embeddings, cfg.data.s3)
-    ds = ray.data.read_parquet(paths.embeddings, columns=["key", "reason", "embedding"], filesystem=fs)
+    ds = read_embeddings(paths, cfg.data.s3, ["key", "reason", "embedding"])
     ds = ds.map_batches(only_valid, batch_format="pyarrow").map_batches(
         _score_rows, fn_kwargs={"fine": fine, "threshold": threshold, "geometry": geometry}, batch_format="pyarrow"
     )
