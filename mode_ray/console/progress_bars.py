@@ -5,6 +5,10 @@ counts to one small named actor with fire-and-forget calls; the driver polls it 
 draws rich bars. Only a name travels to the workers (it pickles and fits in a JSON trial config); a worker
 that finds no board (a library call without bars, a test) reports nothing. On a terminal the bars are
 live; in a file or a job log rich prints each bar once, in its final state, when the stage ends.
+
+One board serves every stage a driver runs on one Ray: each stage opens its own page on it (`BOARD/STAGE`)
+and closes it when done. A board per stage was one more process per stage (~1.5 core-s to start one on
+2 cores: 43 of them in a run of the test suite).
 """
 
 from __future__ import annotations
@@ -24,50 +28,79 @@ POLL_SECONDS = 0.5
 
 
 class Board:
-    """Ray actor (num_cpus=0): the latest count of every bar of one stage."""
+    """Ray actor (num_cpus=0): the latest count of every bar, by stage."""
 
     def __init__(self) -> None:
-        self.bars: dict[str, dict[str, Any]] = {}
+        self.stages: dict[str, dict[str, dict[str, Any]]] = {}
+        self.closed: set[str] = set()
+
+    def close(self, stage: str) -> None:
+        self.stages.pop(stage, None)
+        self.closed.add(stage)
 
     def update(
-        self, bar: str, advance: int = 0, completed: int | None = None, total: int | None = None, note: str = ""
+        self,
+        stage: str,
+        bar: str,
+        advance: int = 0,
+        completed: int | None = None,
+        total: int | None = None,
+        note: str = "",
     ) -> None:
-        entry = self.bars.setdefault(bar, {"completed": 0, "total": None, "note": ""})
+        if stage in self.closed:  # a late report from a stage that has ended
+            return
+        entry = self.stages.setdefault(stage, {}).setdefault(bar, {"completed": 0, "total": None, "note": ""})
         entry["completed"] = completed if completed is not None else entry["completed"] + advance
         if total is not None:
             entry["total"] = total
         if note:
             entry["note"] = note
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self.bars
+    def snapshot(self, stage: str) -> dict[str, dict[str, Any]]:
+        return self.stages.get(stage, {})
 
 
-_HANDLES: dict[str, Any] = {}  # per process: board name -> actor handle (None when there is no such board)
+_HANDLES: dict[str, Any] = {}  # per process: board actor name -> handle (None when there is no such board)
+_SESSION_BOARD: dict[tuple[str, str], tuple[str, Any]] = {}  # the driver's (node, job) -> its board's name, handle
 
 
 def report(board: str | None, bar: str, **update: Any) -> None:
-    """Advance or set one bar of `board` without waiting; a no-op without a board."""
+    """Advance or set one bar of a stage's page (`board`, "ACTOR/STAGE") without waiting; a no-op without one."""
     if not board:
         return
     import ray
 
-    if board not in _HANDLES:
+    name, stage = board.split("/", 1)
+    if name not in _HANDLES:
         try:
-            _HANDLES[board] = ray.get_actor(board, namespace=NAMESPACE)
-        except ValueError:  # the stage that made it has ended, or never made one
-            _HANDLES[board] = None
-    if _HANDLES[board] is not None:
-        _HANDLES[board].update.remote(bar, **update)
+            _HANDLES[name] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # the driver that made it has gone, or never made one
+            _HANDLES[name] = None
+    if _HANDLES[name] is not None:
+        _HANDLES[name].update.remote(stage, bar, **update)
+
+
+def _session_board() -> tuple[str, Any]:
+    """This driver's board on the running Ray, started on first use: a Ray started again (a new node, or a new
+    job on it) gets a new one."""
+    import ray
+
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())
+    if key not in _SESSION_BOARD:
+        _SESSION_BOARD.clear()
+        name = f"board-{uuid.uuid4().hex[:8]}"
+        _SESSION_BOARD[key] = name, ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
+    return _SESSION_BOARD[key]
 
 
 @contextmanager
 def progress_bars(title: str) -> Iterator[str]:
-    """A board for one stage and the bars drawn from it; yields the board's name for the workers."""
+    """A page of the board for one stage and the bars drawn from it; yields its name for the workers."""
     import ray
 
-    name = f"{title}-{uuid.uuid4().hex[:8]}"
-    actor = ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
+    name, actor = _session_board()
+    stage = f"{title}-{uuid.uuid4().hex[:8]}"
     columns = (
         TextColumn("  {task.description}"),
         BarColumn(bar_width=24),
@@ -81,7 +114,7 @@ def progress_bars(title: str) -> Iterator[str]:
 
     def draw() -> None:
         try:
-            snapshot = ray.get(actor.snapshot.remote(), timeout=10)
+            snapshot = ray.get(actor.snapshot.remote(stage), timeout=10)
         except Exception:  # noqa: BLE001 — a slow poll only delays a bar; the stage's own errors still raise
             return
         for bar, entry in snapshot.items():
@@ -97,10 +130,10 @@ def progress_bars(title: str) -> Iterator[str]:
     bars.start()
     thread.start()
     try:
-        yield name
+        yield f"{name}/{stage}"
     finally:
         stop.set()
         thread.join()
         draw()
         bars.stop()
-        ray.kill(actor)
+        actor.close.remote(stage)
