@@ -184,8 +184,9 @@ def read_embeddings(paths: RunPaths, s3: S3Config, columns: list[str] | None = N
     """embeddings/ as a Ray Dataset, through Ray Data's first Parquet reader (`use_datasource_v2` off for this
     read). Ray 2.60's default reader lists files on a pool of 32 `FooterReader` actors, each scheduled on a
     whole CPU, for every read: on a small machine that starts processes and holds its CPUs for seconds to
-    learn what a few footers of our own writing say (measured on 2 cores: a 500-pair prep 23 s → 17 s, the
-    same bytes). The first reader reads footers on the driver, or in tasks past a few dozen files."""
+    learn what a few footers of our own writing say (measured on 2 cores: a 500-pair prep 27–31 s → 21–22 s, the
+    same bytes). The first reader lists files on the driver and samples a few in tasks, which reuse idle
+    worker processes."""
     import ray
     from ray.data import DataContext
 
