@@ -145,7 +145,7 @@ def _wait(url: str, job: str, timeout: float) -> tuple[str, str]:
         status = client.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return str(status), client.get_job_logs(job)
-        time.sleep(0.5)  # the job API answers from memory: a short poll costs nothing
+        time.sleep(0.5)  # a status request costs the dashboard milliseconds
     client.stop_job(job)
     return "TIMEOUT", client.get_job_logs(job)
 

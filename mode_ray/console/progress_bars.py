@@ -62,6 +62,7 @@ class Board:
 
 _HANDLES: dict[str, Any] = {}  # per process: board actor name -> handle (None when there is no such board)
 _SESSION_BOARD: dict[tuple[str, str], tuple[str, Any]] = {}  # the driver's (node, job) -> its board's name, handle
+_SESSION_LOCK = threading.Lock()  # stages may start side by side: one board all the same
 
 
 def report(board: str | None, bar: str, **update: Any) -> None:
@@ -87,11 +88,13 @@ def _session_board() -> tuple[str, Any]:
 
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
-    if key not in _SESSION_BOARD:
-        _SESSION_BOARD.clear()
-        name = f"board-{uuid.uuid4().hex[:8]}"
-        _SESSION_BOARD[key] = name, ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
-    return _SESSION_BOARD[key]
+    with _SESSION_LOCK:
+        if key not in _SESSION_BOARD:
+            _SESSION_BOARD.clear()
+            name = f"board-{uuid.uuid4().hex[:8]}"
+            actor = ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
+            _SESSION_BOARD[key] = name, actor
+        return _SESSION_BOARD[key]
 
 
 @contextmanager
