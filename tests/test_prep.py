@@ -96,6 +96,19 @@ def test_every_sample_is_in_manifest_or_rejects(shards, local_run):
     assert sum(summary["per_expert"].values()) == len(manifest)
 
 
+def test_small_outputs_are_one_file_a_partition_whatever_embeddings_holds(local_run):
+    """Prep reads `embeddings/` (a file per written block) in blocks of Ray Data's target size, so the manifest
+    holds one file per coarse partition and rejects one file besides the listing while they fit a block: the
+    files and row groups training reads in order, which a read task per file would split (and so change every
+    model's data order)."""
+    cfg, _ = local_run
+    run = Path(cfg.run_root)
+    assert len(list((run / "embeddings").glob("*.parquet"))) > 1
+    partitions = [p for p in (run / "manifest").iterdir() if p.is_dir()]
+    assert partitions and all(len(list(p.glob("*.parquet"))) == 1 for p in partitions)
+    assert sorted(p.name for p in (run / "rejects").glob("*.parquet")) == ["listing.parquet", "part-000000.parquet"]
+
+
 def test_clusters_find_the_domains_and_are_balanced(shards, local_run):
     root, _ = shards
     cfg, summary = local_run
