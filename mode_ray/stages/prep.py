@@ -199,7 +199,7 @@ def read_embeddings(paths: RunPaths, s3: S3Config, columns: list[str] | None = N
     before = context.use_datasource_v2, context.enable_progress_bars
     context.use_datasource_v2 = context.enable_progress_bars = False  # and no bar for its sampling of files
     try:
-        return ray.data.read_parquet(
+        ds = ray.data.read_parquet(
             paths.embeddings,
             columns=columns,
             filesystem=arrow_filesystem(paths.embeddings, s3),
@@ -207,6 +207,8 @@ def read_embeddings(paths: RunPaths, s3: S3Config, columns: list[str] | None = N
         )
     finally:
         context.use_datasource_v2, context.enable_progress_bars = before
+    ds.context.enable_progress_bars = before[1]  # the dataset's own copy: its run as every other's
+    return ds
 
 
 def write_rejects(cfg: Config, paths: RunPaths, missing: list[tuple[str, str]]) -> None:
