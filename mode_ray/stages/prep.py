@@ -188,8 +188,9 @@ def read_embeddings(paths: RunPaths, s3: S3Config, columns: list[str] | None = N
     whole CPU, for every read: on a small machine that starts processes and holds its CPUs for seconds to
     learn what a few footers of our own writing say (measured on 2 cores: a 500-pair prep 17–19 s → 14–15 s).
     The first reader lists files on the driver and samples a few in tasks, which reuse idle worker processes.
-    Its read tasks take the files as the default reader packs them, into blocks of Ray Data's target size, so
-    the manifest and rejects keep their files and row groups (and training its data order): the same bytes."""
+    Its read tasks are as many as the files' bytes on disk fill blocks of Ray Data's target size, which groups
+    prep's files as the default reader did (checked at the demo's scale: one task there), so the manifest and
+    rejects keep their files and row groups (and training its data order): the same bytes."""
     import ray
     from ray.data import DataContext
 
