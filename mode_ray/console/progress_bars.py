@@ -61,7 +61,7 @@ class Board:
 
 
 _HANDLES: dict[str, Any] = {}  # per process: board actor name -> handle (None when there is no such board)
-_SESSION_BOARD: dict[tuple[str, str], tuple[str, Any]] = {}  # the driver's (node, job) -> its board's name, handle
+_SESSION_BOARD: tuple[tuple[str, str], str, Any] | None = None  # the driver's (node, job), its board's name, handle
 _SESSION_LOCK = threading.Lock()  # stages may start side by side: one board all the same
 
 
@@ -86,15 +86,14 @@ def _session_board() -> tuple[str, Any]:
     job on it) gets a new one."""
     import ray
 
+    global _SESSION_BOARD
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
     with _SESSION_LOCK:
-        if key not in _SESSION_BOARD:
-            _SESSION_BOARD.clear()
+        if _SESSION_BOARD is None or _SESSION_BOARD[0] != key:
             name = f"board-{uuid.uuid4().hex[:8]}"
-            actor = ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
-            _SESSION_BOARD[key] = name, actor
-        return _SESSION_BOARD[key]
+            _SESSION_BOARD = key, name, ray.remote(num_cpus=0)(Board).options(name=name, namespace=NAMESPACE).remote()
+        return _SESSION_BOARD[1:]
 
 
 @contextmanager
