@@ -1,5 +1,6 @@
 """open_clip imported for one model without the tower libraries that model does not use (a training worker's
-import): what is hidden, that the model still builds, and that the libraries import normally afterwards."""
+import): what is hidden, that the model still builds, and that the libraries import normally afterwards; and
+TorchDynamo deferred until torchvision's one helper from it is called, which then gets the real answers."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ assert "transformers" not in sys.modules and "timm" not in sys.modules
 from mode_ray.models.clip import build_clip
 model = build_clip("mode-tiny")[0]
 assert sum(p.numel() for p in model.parameters()) > 0
+assert "torch._dynamo" not in sys.modules  # deferred: torchvision's helper from it imports it when called
 import transformers, timm  # after the import, both load as usual (sentence-transformers, HF tokenizers)
+import torch, torchvision.ops
+assert torchvision.ops.roi_align(torch.ones(1, 1, 4, 4), torch.tensor([[0, 0, 0, 2, 2.0]]), (1, 1)).item() == 1.0
+roi = sys.modules["torchvision.ops.roi_align"]
+assert roi.is_compile_supported("cpu") is True and roi.is_compile_supported("meta") is False  # the real answers
+assert sys.modules["torch._dynamo.utils"].__file__.endswith("utils.py")  # and now the real module is loaded
 print("ok")
 """
 INPUT_SPEC = """
