@@ -30,6 +30,18 @@ assert roi.is_compile_supported("cpu") is True and roi.is_compile_supported("met
 assert sys.modules["torch._dynamo.utils"].__file__.endswith("utils.py")  # and now the real module is loaded
 print("ok")
 """
+WHOLE_IMPORT = """
+import sys
+from mode_ray.models.lean_import import import_open_clip_without
+import_open_clip_without([])  # whole: its tower libraries import TorchDynamo after torchvision, the real one
+import torch
+assert sys.modules["torch._dynamo.utils"].__file__.endswith("utils.py")
+layer = torch.nn.Linear(2, 2)
+optimizer = torch.optim.AdamW(layer.parameters())
+layer(torch.ones(1, 2)).sum().backward()
+optimizer.step()
+print("ok")
+"""
 INPUT_SPEC = """
 import sys
 from mode_ray.train.inputs import input_spec
@@ -69,7 +81,8 @@ def fresh_processes() -> dict[str, subprocess.Popen]:
     """Each script in a new interpreter of its own (nothing imported yet, as a Ray worker starts), all started
     at once: each is mostly imports, one core's worth, so side by side they take the time of about one. Each
     prints "ok" when done."""
-    scripts = {"lean_import": LEAN_IMPORT, "input_spec": INPUT_SPEC, "tokenizer": TOKENIZER, "tasks": TASK_MODULES}
+    scripts = {"lean_import": LEAN_IMPORT, "whole_import": WHOLE_IMPORT, "input_spec": INPUT_SPEC,
+               "tokenizer": TOKENIZER, "tasks": TASK_MODULES}  # fmt: skip
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}  # fmt: skip
     yield procs
@@ -97,6 +110,12 @@ def test_only_the_towers_no_config_names_are_left_out() -> None:
 
 def test_a_lean_import_builds_the_model_and_leaves_the_libraries_importable(fresh_processes) -> None:
     _passed(fresh_processes["lean_import"])
+
+
+def test_a_whole_import_leaves_torchdynamo_whole(fresh_processes) -> None:
+    """open_clip imported with its tower libraries (a model that uses one, an export that cannot be read):
+    they import TorchDynamo after torchvision, and it is the real one throughout (an optimizer steps)."""
+    _passed(fresh_processes["whole_import"])
 
 
 def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:

@@ -79,7 +79,7 @@ def unused_tower_libraries(configs: Iterable[dict[str, Any] | None]) -> list[str
 
 # torchvision imports all of TorchDynamo (`torch._dynamo`, ~1.4 s of a core of open_clip's lean ~2 s) for a helper
 # of `torch._dynamo.utils` that it calls only when its ops run under torch.compile (`torchvision.ops.roi_align`'s
-# `is_compile_supported`); open_clip imports torchvision. While open_clip imports, that module is a stand-in whose
+# `is_compile_supported`); open_clip imports torchvision. While torchvision imports, that module is a stand-in whose
 # functions import the real one when first called, so nothing behaves otherwise; TorchDynamo loads as usual when
 # something uses it (torch.compile; a torch optimizer's constructor, so a training worker still pays it). What it
 # saves is in the processes that only infer: the evaluation's and an MCL stage's embedders, Serve's replicas
@@ -105,23 +105,34 @@ def _deferred_module(name: str) -> types.ModuleType:
 
 
 def import_open_clip_without(libraries: list[str]) -> None:
-    """Import open_clip with `libraries` hidden and TorchDynamo deferred while it imports (see above and the
-    module's docstring)."""
+    """Import open_clip with `libraries` hidden while it imports (see the module's docstring), and torchvision
+    before it without TorchDynamo."""
     if "open_clip" in sys.modules:
         return
+    import_torchvision_without_dynamo()
     hidden = [lib for lib in libraries if lib not in sys.modules]
-    stand_ins = {DEFERRED_MODULE: _deferred_module(DEFERRED_MODULE)} if "torch._dynamo" not in sys.modules else {}
     for lib in hidden:
         sys.modules[lib] = None  # type: ignore[assignment]  # `import lib` now raises ImportError
-    sys.modules.update(stand_ins)
     try:
         import open_clip  # noqa: F401
     finally:
         for lib in hidden:
             del sys.modules[lib]
-        for name, stand_in in stand_ins.items():
-            if sys.modules.get(name) is stand_in:
-                del sys.modules[name]
+
+
+def import_torchvision_without_dynamo() -> None:
+    """Import torchvision with TorchDynamo deferred (see above). The stand-in is in place for torchvision's own
+    import only: a tower library imported after it (transformers, timm) may import the real TorchDynamo, whose
+    modules must then find the real `utils`."""
+    if "torchvision" in sys.modules or "torch._dynamo" in sys.modules:
+        return
+    stand_in = _deferred_module(DEFERRED_MODULE)
+    sys.modules[DEFERRED_MODULE] = stand_in
+    try:
+        import torchvision  # noqa: F401
+    finally:
+        if sys.modules.get(DEFERRED_MODULE) is stand_in:
+            del sys.modules[DEFERRED_MODULE]
 
 
 def import_open_clip_for(model_name: str) -> None:
