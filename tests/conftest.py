@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One /proc scan and one free-port probe for tests and benchmarks alike (re-exported for the tests).
 from bench.autoscale_local import _free_port, pids_naming  # noqa: E402, F401
+
+
+@pytest.hookimpl(trylast=True)  # after `-k` and `-m` have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/test_jobs.py's head — and its s3:// pipeline job where a test collected needs it — start now, at idle
+    priority beside the rest of the suite, and that module runs last (tests/bucket_job.py says why)."""
+    jobs = [item for item in items if item.path.name == "test_jobs.py"]
+    if not jobs or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != "test_jobs.py"] + jobs
+    from tests import bucket_job
+
+    bucket_job.start(pipeline=any("bucket_run" in item.fixturenames for item in jobs))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if "tests.bucket_job" in sys.modules:
+        sys.modules["tests.bucket_job"].close()
+
+
+def session_workers(title: str) -> list[int]:
+    """This session's Ray workers titled `ray::{title}`, not a test head's (tests/bucket_job.py), whose
+    processes carry its mark in their environment."""
+    from tests.bucket_job import TEST_HEAD_MARK
+
+    def of_a_test_head(pid: int) -> bool:
+        try:
+            return f"{TEST_HEAD_MARK}=".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return True  # gone, or not ours to read
+
+    return [pid for pid in pids_naming(title, prefix="ray::") if not of_a_test_head(pid)]
 
 
 @pytest.fixture(scope="session")

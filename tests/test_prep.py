@@ -18,7 +18,7 @@ from mode_ray.demo import demo_data
 from mode_ray.run_root.layout import RunPaths, read_centroids
 from mode_ray.run_root.ownership import STAMP, claim
 from mode_ray.stages.prep import run_prep
-from tests.conftest import demo_config, pids_naming
+from tests.conftest import demo_config, session_workers
 
 
 def _tar_samples(root: Path) -> dict[str, dict]:
@@ -305,7 +305,7 @@ def test_two_actors_each_killed_once_write_the_bytes_of_one_undisturbed_actor(ra
     def kill_each_once() -> None:
         for actor in ("CaptionEmbedder", "CentroidAssigner"):
             while not stop.is_set():
-                pids = pids_naming(actor, prefix="ray::")
+                pids = session_workers(actor)
                 if pids and mid_way(actor):
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(actor)
