@@ -1,16 +1,16 @@
 """tests/test_jobs.py's `ray job submit` head and its `s3://` pipeline job, run beside the rest of the suite.
 
 That module's work is the suite's longest by far — the whole pipeline as a job on an s3:// run root, stopped
-once prep is done and resubmitted, then `add-data` as a second job: ~5 minutes on a machine of its own — and a
-trial's processes leave cores idle between them, while the rest of the suite keeps ~1.6 of the 2 cores busy. So
-when a session collects a test that needs it, conftest starts it at once and runs that module last
+once prep is done and resubmitted, then `add-data` as a second job: ~4.5 minutes alone — while the rest of the
+suite leaves part of the 2 cores idle (it keeps ~1.6 busy: a trial's processes wait on each other). So when a
+session collects a test that needs it, conftest starts it at once and runs that module last
 (`pytest_collection_modifyitems`), and its fixtures wait here for what it did. Every process it starts — the
 head (and so every Ray worker and job driver on it), the `ray job submit` CLI, its S3 server — runs under
-Linux's SCHED_IDLE policy: it gets a core only when nothing else wants it, so the suite's own tests, some with
-timing windows, keep the cores. `nice -n 19` is not enough: Ray runs its workers at nice 15, so the suite's own
-trials would still share a busy core with the head's at 36 : 15 (measured: the shared trained run's setup
-took 128 s beside a nice-19 head against 76 s alone at a slower hour). What it did is asserted by the tests,
-not here.
+Linux's SCHED_IDLE policy (nice 19 where that cannot be set): it gets a core when nothing else wants one, and
+the suite's own tests, some with timing windows, keep the cores. nice 19 alone is not enough: Ray runs its
+workers at nice 15, so the suite's trials would still share a busy core with the head's at 36 : 15 (measured:
+the shared trained run's setup took 128 s beside a nice-19 head, 89 s beside this one). What it did is
+asserted by the tests, not here.
 
 Its S3 server is moto's in a process of its own: the session's (tests/conftest.py) is stopped and started again
 by the outage tests, which would be an outage for this job too. The head's processes carry TEST_HEAD_MARK in
@@ -21,6 +21,7 @@ their environment, so a test that kills the session's Ray workers by title leave
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -40,7 +41,6 @@ from bench.autoscale_local import _free_port, pids_naming
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-LOW_PRIORITY = ("chrt", "--idle", "0") if shutil.which("chrt") else ("nice", "-n", "19")
 BUCKET = "mode-test"
 TEST_HEAD_MARK = "MODE_RAY_TEST_HEAD"
 # Wall-clock limits: beside a busy suite the job gets only what is left over, so these are far above its ~5
@@ -100,6 +100,15 @@ class BucketRun:
     grow: JobResult  # then add-data on new data in the bucket (s3://…/<run>-food)
 
 
+@functools.cache
+def low_priority() -> tuple[str, ...]:
+    """The command prefix for SCHED_IDLE where this machine lets us set it (util-linux's chrt), else nice 19."""
+    idle = ("chrt", "--idle", "0")
+    if shutil.which("chrt") and subprocess.run([*idle, "true"], capture_output=True).returncode == 0:
+        return idle
+    return ("nice", "-n", "19")
+
+
 def env(temp: str | None = None) -> dict[str, str]:
     """This venv first on PATH: the head, and so every job's `python`, run this project's interpreter; with
     `temp`, the head's processes keep their temp files and home inside it, and carry the test-head mark."""
@@ -131,7 +140,7 @@ def start_head(temp: str) -> str:
         os.makedirs(os.path.join(temp, folder))
     port, dashboard = _free_port(), _free_port()
     start = [
-        *LOW_PRIORITY, RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+        *low_priority(), RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--temp-dir={temp}", "--object-store-memory=300000000", "--disable-usage-stats",
         # its own agent ports: another Ray on this machine (the test session's) holds the default ones, and a
@@ -153,7 +162,7 @@ def kill_processes_mentioning(marker: str) -> None:
 
 def submit(url: str, *args: str) -> str:
     job = f"mode-ray-test-{uuid.uuid4().hex[:12]}"
-    command = [*LOW_PRIORITY, RAY, "job", "submit", "--address", url, "--submission-id", job, "--working-dir",
+    command = [*low_priority(), RAY, "job", "submit", "--address", url, "--submission-id", job, "--working-dir",
                str(REPO), "--no-wait", "--", *args]  # fmt: skip
     for _ in range(30):  # a fresh head's job agent takes a while to come up ("No available agent")
         out = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -174,7 +183,7 @@ def wait(url: str, job: str, timeout: float) -> JobResult:
         status = client.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return JobResult(str(status), client.get_job_logs(job))
-        time.sleep(0.5)  # a status request costs the dashboard milliseconds
+        time.sleep(1)  # a status request costs the dashboard milliseconds
     client.stop_job(job)
     return JobResult("TIMEOUT", client.get_job_logs(job))
 
@@ -208,7 +217,7 @@ class S3Process:
         self.endpoint = f"http://127.0.0.1:{_free_port()}"
         port = self.endpoint.rsplit(":", 1)[1]
         self.process = subprocess.Popen(
-            [*LOW_PRIORITY, sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            [*low_priority(), sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
