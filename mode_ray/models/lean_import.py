@@ -18,7 +18,8 @@ import importlib.util
 import json
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -120,19 +121,30 @@ def import_open_clip_without(libraries: list[str]) -> None:
             del sys.modules[lib]
 
 
+@contextmanager
+def deferred(name: str) -> Iterator[None]:
+    """Module `name` is a stand-in (`_deferred_module`) for the block's imports, unless it is loaded already.
+    Only for the block: a library imported after it that imports `name`'s package for real must then find the
+    real module."""
+    if name in sys.modules:
+        yield
+        return
+    stand_in = sys.modules[name] = _deferred_module(name)
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+
+
 def import_torchvision_without_dynamo() -> None:
     """Import torchvision with TorchDynamo deferred (see above). The stand-in is in place for torchvision's own
     import only: a tower library imported after it (transformers, timm) may import the real TorchDynamo, whose
     modules must then find the real `utils`."""
     if "torchvision" in sys.modules or "torch._dynamo" in sys.modules:
         return
-    stand_in = _deferred_module(DEFERRED_MODULE)
-    sys.modules[DEFERRED_MODULE] = stand_in
-    try:
+    with deferred(DEFERRED_MODULE):
         import torchvision  # noqa: F401
-    finally:
-        if sys.modules.get(DEFERRED_MODULE) is stand_in:
-            del sys.modules[DEFERRED_MODULE]
 
 
 def import_open_clip_for(model_name: str) -> None:
