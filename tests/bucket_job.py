@@ -1,27 +1,19 @@
 """tests/test_jobs.py's `ray job submit` head and its `s3://` pipeline job, run beside the rest of the suite.
 
 That module's work is the suite's longest by far — the whole pipeline as a job on an s3:// run root, stopped
-once prep is done and resubmitted, then `add-data` as a second job: ~4.5 minutes alone — while the rest of the
-suite leaves part of the 2 cores idle (it keeps ~1.6 busy: a trial's processes wait on each other). So when a
-session collects a test that needs it, conftest starts it at once and runs that module last
-(`pytest_collection_modifyitems`), and its fixtures wait here for what it did. Every process it starts — the
-head (and so every Ray worker and job driver on it), the `ray job submit` CLI, its S3 server — runs under
-Linux's SCHED_IDLE policy (nice 19 where that cannot be set): it gets a core when nothing else wants one, and
-the suite's own tests, some with timing windows, keep the cores. nice 19 alone is not enough: Ray runs its
-workers at nice 15, so the suite's trials would still share a busy core with the head's at 36 : 15 (measured:
-the shared trained run's setup took 128 s beside a nice-19 head, 89 s beside this one). What it did is
+once prep is done and resubmitted, then `add-data` as a second job: ~4.5 minutes alone. So when a session
+collects a test that needs it, conftest starts it at once, at idle priority (tests/background.py), and runs
+that module last; its fixtures wait here for what it did. Every process it starts runs at that priority: the
+head (and so every Ray worker and job driver on it), the `ray job submit` CLI, its S3 server. What it did is
 asserted by the tests, not here.
 
 Its S3 server is moto's in a process of its own: the session's (tests/conftest.py) is stopped and started again
-by the outage tests, which would be an outage for this job too. The head's processes carry TEST_HEAD_MARK in
-their environment, so a test that kills the session's Ray workers by title leaves this head's alone
-(tests/conftest.py:session_workers).
+by the outage tests, which would be an outage for this job too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -38,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.autoscale_local import _free_port, pids_naming
+from tests.background import BACKGROUND_MARK, STARVED_WAITS, low_priority
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 BUCKET = "mode-test"
-TEST_HEAD_MARK = "MODE_RAY_TEST_HEAD"
 # Wall-clock limits: beside a busy suite the job gets only what is left over, so these are far above its ~5
 # minutes alone; they only bound a job that hangs.
 MANIFEST_TIMEOUT_S, PIPELINE_TIMEOUT_S, GROW_TIMEOUT_S = 1200, 1800, 900
@@ -74,9 +66,6 @@ TINY = (
     "moe.router_epochs=0.25",
     "eval.retrieval=false",
 )
-# Ray's waits for a process to come up, which a head that only gets idle cores can outlast while the suite keeps
-# both busy: a worker's registration with its raylet (60 s), a Train worker group's start (60 s).
-STARVED_WAITS = {"RAY_worker_register_timeout_seconds": "600", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 FOOD = ("continual.name=food", "continual.min_expert_samples=40")  # add-data's new domain (tests/test_grow.py's)
 
 
@@ -100,22 +89,14 @@ class BucketRun:
     grow: JobResult  # then add-data on new data in the bucket (s3://…/<run>-food)
 
 
-@functools.cache
-def low_priority() -> tuple[str, ...]:
-    """The command prefix for SCHED_IDLE where this machine lets us set it (util-linux's chrt), else nice 19."""
-    idle = ("chrt", "--idle", "0")
-    if shutil.which("chrt") and subprocess.run([*idle, "true"], capture_output=True).returncode == 0:
-        return idle
-    return ("nice", "-n", "19")
-
-
 def env(temp: str | None = None) -> dict[str, str]:
     """This venv first on PATH: the head, and so every job's `python`, run this project's interpreter; with
-    `temp`, the head's processes keep their temp files and home inside it, and carry the test-head mark."""
+    `temp`, the head's processes keep their temp files and home inside it, carry the background's mark and wait
+    longer for processes to start."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     out = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     if temp:
-        out.update(TMPDIR=os.path.join(temp, "tmp"), HOME=os.path.join(temp, "home"), **{TEST_HEAD_MARK: temp})
+        out.update(TMPDIR=os.path.join(temp, "tmp"), HOME=os.path.join(temp, "home"), **{BACKGROUND_MARK: temp})
         out.update(STARVED_WAITS)
     return out
 

@@ -33,34 +33,41 @@ from bench.autoscale_local import _free_port, pids_naming  # noqa: E402, F401
 
 @pytest.hookimpl(trylast=True)  # after `-k` and `-m` have deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """tests/test_jobs.py's head — and its s3:// pipeline job where a test collected needs it — start now, at idle
-    priority beside the rest of the suite, and that module runs last (tests/bucket_job.py says why)."""
-    jobs = [item for item in items if item.path.name == "test_jobs.py"]
-    if not jobs or config.option.collectonly:
+    """Self-contained work the collected tests need starts now, beside the other tests at idle priority
+    (tests/background.py), and the modules that assert it run last: the benchmarks', then the jobs' (whose
+    head also serves a test of its own)."""
+    if config.option.collectonly:
         return
-    items[:] = [item for item in items if item.path.name != "test_jobs.py"] + jobs
-    from tests import bucket_job
+    for module in ("test_bench_quality.py", "test_jobs.py"):
+        items[:] = [item for item in items if item.path.name != module] + [i for i in items if i.path.name == module]
+    if any("bench_runs" in item.fixturenames for item in items):
+        from tests import bench_in_background
 
-    bucket_job.start(pipeline=any("bucket_run" in item.fixturenames for item in jobs))
+        bench_in_background.start()
+    if jobs := [item for item in items if item.path.name == "test_jobs.py"]:
+        from tests import bucket_job
+
+        bucket_job.start(pipeline=any("bucket_run" in item.fixturenames for item in jobs))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if "tests.bucket_job" in sys.modules:
-        sys.modules["tests.bucket_job"].close()
+    for module in ("tests.bench_in_background", "tests.bucket_job"):
+        if module in sys.modules:
+            sys.modules[module].close()
 
 
 def session_workers(title: str) -> list[int]:
-    """This session's Ray workers titled `ray::{title}`, not a test head's (tests/bucket_job.py), whose
-    processes carry its mark in their environment."""
-    from tests.bucket_job import TEST_HEAD_MARK
+    """This session's Ray workers titled `ray::{title}`, not those of a Ray running beside it
+    (tests/background.py), whose processes carry its mark in their environment."""
+    from tests.background import BACKGROUND_MARK
 
-    def of_a_test_head(pid: int) -> bool:
+    def in_the_background(pid: int) -> bool:
         try:
-            return f"{TEST_HEAD_MARK}=".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+            return f"{BACKGROUND_MARK}=".encode() in Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             return True  # gone, or not ours to read
 
-    return [pid for pid in pids_naming(title, prefix="ray::") if not of_a_test_head(pid)]
+    return [pid for pid in pids_naming(title, prefix="ray::") if not in_the_background(pid)]
 
 
 @pytest.fixture(scope="session")
