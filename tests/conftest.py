@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.option.collectonly:
         return
     for module in ("test_bench_quality.py", "test_jobs.py"):
-        items[:] = [item for item in items if item.path.name != module] + [i for i in items if i.path.name == module]
+        last = [item for item in items if item.path.name == module]
+        items[:] = [item for item in items if item.path.name != module] + last
     if any("bench_runs" in item.fixturenames for item in items):
         from tests import bench_in_background
 
