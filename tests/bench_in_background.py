@@ -1,19 +1,20 @@
 """tests/test_bench_quality.py's runs — the quality benchmark, then the stability benchmark on its prep — in a
-process of their own beside the rest of the suite, at idle priority (tests/background.py says why); the tests
-assert what they printed and wrote. `python -m tests.bench_in_background ROOT` is that process: one Ray for
-both benchmarks, as the session's was when they ran inside it.
+process of their own beside the rest of the suite, at idle priority once its Ray is up (tests/background.py
+says why); the tests assert what they printed and wrote. `python -m tests.bench_in_background ROOT` is that
+process: one Ray for both benchmarks, as the session's was when they ran inside it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from tests.background import IdleProcess
+from tests.background import BACKGROUND_MARK, MarkedProcess, demote, started
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -54,6 +55,7 @@ def run(root: Path) -> None:
 
     ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
              configure_logging=False)  # fmt: skip
+    demote(os.environ[BACKGROUND_MARK])  # this process and its Ray, now that it is up (tests/background.py)
     try:
         # Two training seeds of every model the quality benchmark compares, from scratch.
         args = ["--seeds", "2", "--root", str(root), *sets(*TINY, "training.use_seed=false")]
@@ -71,7 +73,7 @@ def run(root: Path) -> None:
 class BenchRuns:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-        self.process = IdleProcess([sys.executable, "-m", "tests.bench_in_background", str(self.root)], REPO)
+        self.process = MarkedProcess([sys.executable, "-m", "tests.bench_in_background", str(self.root)], REPO)
 
     def result(self) -> tuple[Path, str]:
         """ROOT and what the process printed, once it has ended well."""
@@ -84,22 +86,9 @@ class BenchRuns:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-_started: BenchRuns | None = None
-
-
 def start() -> BenchRuns:
     """Start them for this session (once)."""
-    global _started
-    if _started is None:
-        _started = BenchRuns()
-    return _started
-
-
-def close() -> None:
-    global _started
-    if _started is not None:
-        _started.close()
-        _started = None
+    return started("benchmarks", BenchRuns)
 
 
 if __name__ == "__main__":

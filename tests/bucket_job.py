@@ -4,8 +4,8 @@ That module's work is the suite's longest by far — the whole pipeline as a job
 once prep is done and resubmitted, then `add-data` as a second job: ~4.5 minutes alone. So when a session
 collects a test that needs it, conftest starts it at once, at idle priority (tests/background.py), and runs
 that module last; its fixtures wait here for what it did. Every process it starts runs at that priority: the
-head (and so every Ray worker and job driver on it), the `ray job submit` CLI, its S3 server. What it did is
-asserted by the tests, not here.
+head once it is up (and so every Ray worker and job driver on it), the `ray job submit` CLI, its S3 server.
+What it did is asserted by the tests, not here.
 
 Its S3 server is moto's in a process of its own: the session's (tests/conftest.py) is stopped and started again
 by the outage tests, which would be an outage for this job too.
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.autoscale_local import _free_port, pids_naming
-from tests.background import BACKGROUND_MARK, STARVED_WAITS, low_priority
+from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, low_priority, started
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -116,21 +116,28 @@ def read_object(client: Any, key: str) -> dict:
 
 
 def start_head(temp: str) -> str:
-    """`ray start --head` at idle priority with everything in `temp`; returns the job API's URL."""
+    """`ray start --head` with everything in `temp`, then at idle priority; returns the job API's URL. Its ports
+    are probed free, but a Ray starting at the same time (the session's, the benchmarks') can take one first: a
+    start that fails is tried again on fresh ports, twice."""
     for folder in ("tmp", "home"):
-        os.makedirs(os.path.join(temp, folder))
-    port, dashboard = _free_port(), _free_port()
-    start = [
-        *low_priority(), RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--temp-dir={temp}", "--object-store-memory=300000000", "--disable-usage-stats",
-        # its own agent ports: another Ray on this machine (the test session's) holds the default ones, and a
-        # job agent that cannot bind leaves "No available agent to submit job"
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, env=env(temp), capture_output=True, timeout=300)
-    return f"http://127.0.0.1:{dashboard}"
+        os.makedirs(os.path.join(temp, folder), exist_ok=True)
+    for _ in range(3):
+        port, dashboard = _free_port(), _free_port()
+        start = [
+            RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}", "--object-store-memory=300000000", "--disable-usage-stats",
+            # its own agent ports: another Ray on this machine (the test session's) holds the default ones, and
+            # a job agent that cannot bind leaves "No available agent to submit job"
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        ]  # fmt: skip
+        out = subprocess.run(start, env=env(temp), capture_output=True, text=True, timeout=300)
+        if out.returncode == 0:
+            demote(temp)  # its processes carry `temp` as their mark (env)
+            return f"http://127.0.0.1:{dashboard}"
+        kill_processes_mentioning(temp)  # what the failed start left
+    raise RuntimeError(f"`ray start --head` failed three times:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
 def kill_processes_mentioning(marker: str) -> None:
@@ -296,7 +303,7 @@ class BucketJob:
         settings = (*TINY, f"run_root=s3://{BUCKET}/{run}", f"data.s3.endpoint_url={s3.endpoint}",
                     f"serve.port={_free_port()}")  # fmt: skip
         args = ("python", "-m", "jobs.run", "--config", "configs/demo.yaml", *sets(*settings))
-        started = time.time()
+        began = time.time()
         first = submit(url, *args)
         done = wait_for(client, f"{run}/manifest/", "/_SUCCESS", timeout=MANIFEST_TIMEOUT_S)
         if done is None:
@@ -312,7 +319,7 @@ class BucketJob:
             food = (f"continual.shards=s3://{BUCKET}/{run}-food", *FOOD)
             command = ("python", "-m", "jobs.add_data", "--config", "configs/demo.yaml", *sets(*settings, *food))
             grow = wait(url, submit(url, *command), timeout=GROW_TIMEOUT_S)
-        return BucketRun(url, Path(self.temp), client, run, settings, started, done, prep_finished, pipeline, grow)
+        return BucketRun(url, Path(self.temp), client, run, settings, began, done, prep_finished, pipeline, grow)
 
     @staticmethod
     def _upload_food_shard(client: Any, key: str) -> None:
@@ -327,20 +334,6 @@ class BucketJob:
             shutil.rmtree(local)
 
 
-_started: BucketJob | None = None
-
-
 def start(pipeline: bool) -> BucketJob:
     """Start it for this session (once)."""
-    global _started
-    if _started is None:
-        _started = BucketJob(pipeline)
-    return _started
-
-
-def close() -> None:
-    """Kill what it started, at the session's end."""
-    global _started
-    if _started is not None:
-        _started.close()
-        _started = None
+    return started("bucket job", lambda: BucketJob(pipeline))

@@ -52,9 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    for module in ("tests.bench_in_background", "tests.bucket_job"):
-        if module in sys.modules:
-            sys.modules[module].close()
+    if "tests.background" in sys.modules:
+        sys.modules["tests.background"].close_all()
 
 
 def session_workers(title: str) -> list[int]:
