@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -45,28 +46,41 @@ def low_priority() -> tuple[str, ...]:
     return ("nice", "-n", "19")
 
 
-def demote(mark: str) -> None:
-    """Every thread of every process whose environment holds BACKGROUND_MARK=`mark`, and of their descendants
-    (Ray starts its agents with an environment of their own), to idle priority; what they start later inherits
-    it (Linux sets a policy per thread, and a thread's children take its own)."""
+def marked(mark: str) -> set[int]:
+    """The processes whose environment holds BACKGROUND_MARK=`mark`, and their descendants (Ray starts its
+    agents with an environment of their own)."""
     entry = f"{BACKGROUND_MARK}={mark}".encode()
+    parents, ours = {}, set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if entry in (proc / "environ").read_bytes().split(b"\0"):
+                    ours.add(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    while grown := {pid for pid, parent in parents.items() if parent in ours} - ours:
+        ours |= grown
+    return ours
+
+
+def demote(mark: str) -> None:
+    """Every thread of the `marked` processes to idle priority; what they start later inherits it (Linux sets a
+    policy per thread, and a thread's children take its own)."""
     for _ in range(2):  # again, for a process forked while the first pass ran
-        parents, ours = {}, set()
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit():
-                    parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    if entry in (proc / "environ").read_bytes().split(b"\0"):
-                        ours.add(int(proc.name))
-            except OSError:  # gone, or not ours to read
-                continue
-        while grown := {pid for pid, parent in parents.items() if parent in ours} - ours:
-            ours |= grown
-        for pid in ours:
+        for pid in marked(mark):
             with contextlib.suppress(OSError):
                 for thread in Path(f"/proc/{pid}/task").iterdir():
                     with contextlib.suppress(OSError):
                         _to_idle(int(thread.name))
+
+
+def kill_marked(mark: str) -> None:
+    """Kill the `marked` processes: a background Ray's workers outlive a driver that is killed (and, once, a
+    Train controller outlived its Ray's shutdown)."""
+    for pid in marked(mark):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _to_idle(tid: int) -> None:
@@ -95,6 +109,7 @@ class MarkedProcess:
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
+        kill_marked(str(self.folder))
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.autoscale_local import _free_port, pids_naming
-from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, low_priority, started
+from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, kill_marked, low_priority, started
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -259,6 +259,7 @@ class BucketJob:
 
     def close(self) -> None:
         kill_processes_mentioning(self.temp)
+        kill_marked(self.temp)
         if self.s3 is not None:
             self.s3.close()
         shutil.rmtree(self.temp, ignore_errors=True)
