@@ -46,6 +46,11 @@ def low_priority() -> tuple[str, ...]:
     return ("nice", "-n", "19")
 
 
+def sets(*settings: str) -> list[str]:
+    """Config overrides as a CLI's `--set k=v` arguments."""
+    return [x for s in settings for x in ("--set", s)]
+
+
 def marked(mark: str) -> set[int]:
     """The processes whose environment holds BACKGROUND_MARK=`mark`, and their descendants (Ray starts its
     agents with an environment of their own)."""
@@ -76,8 +81,8 @@ def demote(mark: str) -> None:
 
 
 def kill_marked(mark: str) -> None:
-    """Kill the `marked` processes: a background Ray's workers outlive a driver that is killed (and, once, a
-    Train controller outlived its Ray's shutdown)."""
+    """Kill the `marked` processes — never `ray stop`, which would stop the test session's Ray too: a background
+    Ray's workers outlive a driver that is killed (and, once, a Train controller outlived its Ray's shutdown)."""
     for pid in marked(mark):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from tests.background import BACKGROUND_MARK, MarkedProcess, demote, started
+from tests.background import BACKGROUND_MARK, MarkedProcess, demote, sets, started
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -43,10 +43,6 @@ def bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def sets(*settings: str) -> list[str]:
-    return [x for s in settings for x in ("--set", s)]
 
 
 def run(root: Path) -> None:

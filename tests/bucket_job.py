@@ -13,11 +13,9 @@ by the outage tests, which would be an outage for this job too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.autoscale_local import _free_port, pids_naming
-from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, kill_marked, low_priority, started
+from bench.autoscale_local import _free_port
+from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, kill_marked, low_priority, sets, started
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -101,10 +99,6 @@ def env(temp: str | None = None) -> dict[str, str]:
     return out
 
 
-def sets(*settings: str) -> list[str]:
-    return [x for s in settings for x in ("--set", s)]
-
-
 def keys(client: Any, prefix: str) -> dict[str, str]:
     """Every object under `prefix`: key → ETag."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
@@ -136,16 +130,8 @@ def start_head(temp: str) -> str:
         if out.returncode == 0:
             demote(temp)  # its processes carry `temp` as their mark (env)
             return f"http://127.0.0.1:{dashboard}"
-        kill_processes_mentioning(temp)  # what the failed start left
+        kill_marked(temp)  # what the failed start left
     raise RuntimeError(f"`ray start --head` failed three times:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
-def kill_processes_mentioning(marker: str) -> None:
-    """Kill every process whose command line holds `marker` (a head's temp dir): never `ray stop`, which would
-    stop the test session's own Ray too."""
-    for pid in pids_naming(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def submit(url: str, *args: str) -> str:
@@ -258,7 +244,6 @@ class BucketJob:
         return self.bucket
 
     def close(self) -> None:
-        kill_processes_mentioning(self.temp)
         kill_marked(self.temp)
         if self.s3 is not None:
             self.s3.close()
@@ -291,7 +276,7 @@ class BucketJob:
             result = wait(url, submit(url, "python", "-c", "print('ready')"), timeout=180)
             if result.status == "SUCCEEDED" or attempt == 1:
                 break
-            kill_processes_mentioning(self.temp)
+            kill_marked(self.temp)
             shutil.rmtree(self.temp, ignore_errors=True)
             os.makedirs(self.temp)
         assert result.status == "SUCCEEDED", f"a fresh head ran no job: {result.status}\n{result.logs[-2000:]}"

@@ -3,7 +3,7 @@ reference preset, the MoE included (killed, resubmitted, resumed from the bucket
 the bucket), and a job that must fail clearly.
 
 The head is this module's own (`ray start --head` on 127.0.0.1 with the dashboard and its own temp dir), so
-the test session's Ray is never touched: it is stopped by killing the processes that carry its temp dir. Its
+the test session's Ray is never touched: it is stopped by killing the processes that carry its mark. Its
 processes get TMPDIR and HOME inside that temp dir too, so every file a job writes on this machine is there
 to be listed. The head and the pipeline's jobs run at idle priority beside the rest of the suite from the
 session's start, and this module runs last (tests/bucket_job.py says why); its tests assert what they did.
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from tests import bucket_job
-from tests.bucket_job import BucketRun, keys, read_object, sets, submit, wait
+from tests.background import sets
+from tests.bucket_job import BucketRun, keys, read_object, submit, wait
 from tests.conftest import REPO
 
 # What Ray itself keeps on a node's disk while a job runs on an s3:// run root, none of it run output: its logs,
