@@ -31,9 +31,16 @@ T = TypeVar("T")
 # In the environment of every process the background starts (and so of its Ray's workers): a test that kills
 # the session's workers by title leaves theirs alone (tests/conftest.py:session_workers).
 BACKGROUND_MARK = "MODE_RAY_BACKGROUND"
-# Ray's waits for a process to come up, which a Ray that only gets idle cores can outlast while the suite keeps
-# both busy: a worker's registration with its raylet (60 s), a Train worker group's start (60 s).
-STARVED_WAITS = {"RAY_worker_register_timeout_seconds": "600", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+# Ray's waits for a process to come up or answer, which a Ray that only gets idle cores can outlast while the
+# suite keeps both busy: a worker's registration with its raylet (60 s), a Train worker group's start (60 s), and
+# Serve's checks of its HTTP proxy, whose controller kills a proxy that misses three in a row (ready: 5 s, which a
+# starting proxy missed in CI at 17:01 of a run, so `serve.start` failed; healthy: 10 s).
+STARVED_WAITS = {
+    "RAY_worker_register_timeout_seconds": "600",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "300",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "300",
+}
 
 
 @functools.cache
