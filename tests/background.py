@@ -34,7 +34,7 @@ BACKGROUND_MARK = "MODE_RAY_BACKGROUND"
 # Ray's waits for a process to come up or answer, which a Ray that only gets idle cores can outlast while the
 # suite keeps both busy: a worker's registration with its raylet (60 s), a Train worker group's start (60 s), and
 # Serve's checks of its HTTP proxy, whose controller kills a proxy that misses three in a row (ready: 5 s, which a
-# starting proxy missed in CI at 17:01 of a run, so `serve.start` failed; healthy: 10 s).
+# starting proxy missed in one CI run, and `serve.start` failed with it; healthy: 10 s).
 STARVED_WAITS = {
     "RAY_worker_register_timeout_seconds": "600",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
