@@ -43,6 +43,11 @@ STARVED_WAITS = {
 }
 
 
+def background_env(mark: str) -> dict[str, str]:
+    """What every background process's environment adds: its mark and Ray's longer waits."""
+    return {**STARVED_WAITS, BACKGROUND_MARK: mark}
+
+
 @functools.cache
 def low_priority() -> tuple[str, ...]:
     """The command prefix for SCHED_IDLE where this machine lets us set it (util-linux's chrt), else nice 19: for
@@ -110,7 +115,7 @@ class MarkedProcess:
         self.folder = Path(tempfile.mkdtemp(prefix="mr-idle-"))
         self.stdout, self.stderr = self.folder / "stdout", self.folder / "stderr"
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
-            env = {**os.environ, **STARVED_WAITS, BACKGROUND_MARK: str(self.folder)}
+            env = {**os.environ, **background_env(str(self.folder))}
             self.process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd, env=env)
 
     def result(self, timeout: float) -> tuple[int, str, str]:

@@ -39,6 +39,7 @@ TIMEOUT_S = 1800  # beside a busy suite it gets only idle cores: far above its ~
 
 
 def bench(name: str) -> ModuleType:
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

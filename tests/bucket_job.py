@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.autoscale_local import _free_port
-from tests.background import BACKGROUND_MARK, STARVED_WAITS, demote, kill_marked, low_priority, sets, started
+from tests.background import background_env, demote, kill_marked, low_priority, sets, started
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -94,8 +94,7 @@ def env(temp: str | None = None) -> dict[str, str]:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     out = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     if temp:
-        out.update(TMPDIR=os.path.join(temp, "tmp"), HOME=os.path.join(temp, "home"), **{BACKGROUND_MARK: temp})
-        out.update(STARVED_WAITS)
+        out.update(TMPDIR=os.path.join(temp, "tmp"), HOME=os.path.join(temp, "home"), **background_env(temp))
     return out
 
 

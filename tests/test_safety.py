@@ -145,11 +145,9 @@ def test_only_stamped_or_empty_folders_are_deleted(tmp_path):
 
 
 def test_bench_quality_refuses_a_users_data_untouched(tmp_path):
-    import importlib.util
+    from tests.bench_in_background import bench as bench_module
 
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("quality")
     user = _user_dataset(tmp_path / "held-out")
     before = _tree_digest(user)
     with pytest.raises(ValueError, match="did not write"):
